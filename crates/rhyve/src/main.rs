@@ -1,1 +1,120 @@
-fn main() {}
+//! rhyve: bhyve's userland hypervisor, on Linux KVM.
+
+mod boot;
+mod cli;
+mod config;
+mod console;
+mod emulations;
+mod logger;
+mod machine;
+mod signals;
+mod terminal;
+mod vcpu;
+
+use std::time::Instant;
+
+use cli::Command;
+
+const HELP: &str = "\
+NAME
+     rhyve - run a guest operating system inside a virtual machine (bhyve on Linux/KVM)
+
+SYNOPSIS
+     rhyve [-AaCDeHhPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+           [-k config_file] [-l lpcdev[,conf]] [-m memsize[K|k|M|m|G|g|T|t]]
+           [-o var=value] [-p vcpu:hostcpu] [-s slot,emulation[,conf]] [-U uuid]
+           [--kernel path] [--initrd path] [--append cmdline] vmname
+     rhyve -l help
+     rhyve -s help
+
+DESCRIPTION
+     rhyve runs the virtual machine vmname. The guest's Linux kernel is booted directly
+     (bzImage or ELF vmlinux with a PVH note), no firmware involved.
+
+     -c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]
+             Number of guest vCPUs (default 1); if a topology is given, cpus must equal
+             sockets * cores * threads.
+     -m memsize[K|k|M|m|G|g|T|t]
+             Guest memory; no suffix means megabytes. Default 256M.
+     -s slot,emulation[,conf]
+             Attach a PCI emulation; slot is slot, slot:function or bus:slot:function.
+             rhyve -s help lists emulations.
+     -l lpcdev[,conf]
+             Configure an LPC device: com1..com4 with a backend (stdio or a device path),
+             or pc-testdev. rhyve -l help lists them.
+     -k config_file
+             Read key=value configuration lines (bhyve_config(5)).
+     -o var=value
+             Set a configuration key. Keys: boot.kernel, boot.initrd, boot.cmdline, cpus,
+             memory.size, lpc.comN.path, lpc.pc-testdev, pci.B.S.F.device, vcpu.N.cpuset, ...
+     --kernel path, --initrd path, --append cmdline
+             Same as -o boot.kernel=, -o boot.initrd=, -o boot.cmdline=.
+     -p vcpu:hostcpu
+             Pin a vCPU to a host CPU (may repeat).
+     -e      Exit on unhandled I/O port or MMIO accesses.
+     -D      Destroy the VM on guest power-off.
+     -A      Generate ACPI tables (not implemented yet; warned).
+     -H, -P  Yield the vCPU on HLT / PAUSE (KVM always does; accepted for compatibility).
+     -a, -x, -w, -u, -W, -Y, -S, -C
+             Accepted for compatibility; recorded as configuration keys.
+     -U uuid Set the system UUID.
+     -h      This help.
+
+ENVIRONMENT
+     RHYVE_KVM_DEV   KVM device (default /dev/kvm).
+     RHYVE_RUNDIR    Runtime directory base (default /run/rhyve); the VM lives in
+                     RUNDIR/vmname with its guest RAM file `memory` and its `pid`.
+     RHYVE_LOG       Log level on stderr: error, warn (default), info, debug.
+
+EXIT STATUS
+     0  rebooted      1  powered off (also on SIGTERM)      2  halted
+     3  triple fault  4  error (bad arguments, KVM failure, emulation failure)
+     With pc-testdev, a guest write of N to port 0xf4 exits with (N << 1) | 1.
+
+EXAMPLE
+     rhyve -c 2 -m 512M -s 0,hostbridge -s 31,lpc -l com1,stdio \\
+           --kernel bzImage --initrd initrd.img --append console=ttyS0 vm0
+";
+
+fn main() {
+    let start = Instant::now();
+    logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match cli::parse(&args) {
+        Ok(Command::Help) => {
+            print!("{HELP}");
+            0
+        }
+        Ok(Command::Version) => {
+            println!("rhyve {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        Ok(Command::EmulationHelp) => {
+            print!("{}", emulations::help());
+            0
+        }
+        Ok(Command::LpcHelp) => {
+            print!("{}", emulations::lpc_help());
+            0
+        }
+        Ok(Command::Run(tree)) => match config::VmConfig::from_tree(&tree) {
+            Ok(cfg) => match machine::run(cfg, start) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("rhyve: {e:#}");
+                    4
+                }
+            },
+            Err(e) => {
+                eprintln!("rhyve: {e}");
+                4
+            }
+        },
+        Err(e) => {
+            eprintln!("rhyve: {e}");
+            4
+        }
+    };
+    terminal::restore();
+    std::process::exit(code);
+}

@@ -1,0 +1,168 @@
+//! ACPI PM1a event/control blocks and the 0xCF9 reset register, at bhyve's addresses.
+//! The control block's S5 request (SLP_EN with SLP_TYP 5) powers the VM off.
+
+use std::sync::Arc;
+
+use crate::{BusDevice, StopReason, VmControl};
+
+/// PM1a event block: status (2 bytes) + enable (2 bytes).
+pub const PM1A_EVT_PORT: u16 = 0x400;
+pub const PM1A_EVT_LEN: u64 = 4;
+/// PM1a control block (2 bytes).
+pub const PM1A_CNT_PORT: u16 = 0x404;
+pub const PM1A_CNT_LEN: u64 = 2;
+/// Reset control register.
+pub const RESET_PORT: u16 = 0xcf9;
+
+const SLP_EN: u16 = 1 << 13;
+const SLP_TYP_SHIFT: u16 = 10;
+const SLP_TYP_MASK: u16 = 7;
+/// The SLP_TYP our _S5 object announces.
+pub const SLP_TYP_S5: u16 = 5;
+const SCI_EN: u16 = 1;
+
+/// Byte `i` of an access at `offset` within `regs`, if it lands inside.
+fn reg_index(offset: u64, i: usize) -> Option<usize> {
+    usize::try_from(offset).ok()?.checked_add(i)
+}
+
+/// PM1 event block: status bits are write-one-to-clear.
+#[derive(Default)]
+pub struct Pm1Event {
+    status: u16,
+    enable: u16,
+}
+
+impl BusDevice for Pm1Event {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let regs = [self.status.to_le_bytes(), self.enable.to_le_bytes()].concat();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = reg_index(offset, i)
+                .and_then(|j| regs.get(j))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            match reg_index(offset, i).unwrap_or(usize::MAX) {
+                0 => self.status &= !u16::from(b),
+                1 => self.status &= !(u16::from(b) << 8),
+                2 => self.enable = (self.enable & 0xff00) | u16::from(b),
+                3 => self.enable = (self.enable & 0x00ff) | (u16::from(b) << 8),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// PM1 control block.
+pub struct Pm1Control {
+    value: u16,
+    control: Arc<VmControl>,
+}
+
+impl Pm1Control {
+    /// A control block that reports S5 to `control`.
+    pub fn new(control: Arc<VmControl>) -> Self {
+        // SCI_EN set: we boot in ACPI mode, there is no SMM to hand over from.
+        Self {
+            value: SCI_EN,
+            control,
+        }
+    }
+}
+
+impl BusDevice for Pm1Control {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let bytes = self.value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = reg_index(offset, i)
+                .and_then(|j| bytes.get(j))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = self.value.to_le_bytes();
+        for (i, &b) in data.iter().enumerate() {
+            if let Some(slot) = reg_index(offset, i).and_then(|j| bytes.get_mut(j)) {
+                *slot = b;
+            }
+        }
+        let v = u16::from_le_bytes(bytes);
+        // SLP_EN is write-only: it triggers the transition and never reads back set.
+        self.value = (v & !SLP_EN) | SCI_EN;
+        if v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & SLP_TYP_MASK == SLP_TYP_S5 {
+            self.control.request_stop(StopReason::PowerOff);
+        }
+    }
+}
+
+/// 0xCF9: bit 2 (RST_CPU) resets the machine.
+pub struct ResetControl {
+    value: u8,
+    control: Arc<VmControl>,
+}
+
+impl ResetControl {
+    /// A reset register reporting to `control`.
+    pub fn new(control: Arc<VmControl>) -> Self {
+        Self { value: 0, control }
+    }
+}
+
+impl BusDevice for ResetControl {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = self.value;
+        }
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        self.value = v & 0x0a; // keep SYS_RST and FULL_RST, as chipsets do
+        if v & 0x04 != 0 {
+            self.control.request_stop(StopReason::Reset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s5_powers_off_other_states_do_not() {
+        let c = Arc::new(VmControl::new());
+        let mut cnt = Pm1Control::new(c.clone());
+        cnt.write(0, &(SLP_EN | (1 << SLP_TYP_SHIFT)).to_le_bytes()); // S1: ignored
+        assert!(!c.stopping());
+        cnt.write(0, &((SLP_TYP_S5 << SLP_TYP_SHIFT) | SCI_EN).to_le_bytes()); // no SLP_EN
+        assert!(!c.stopping());
+        let mut b = [0u8; 2];
+        cnt.read(0, &mut b);
+        assert_eq!(u16::from_le_bytes(b) >> SLP_TYP_SHIFT, SLP_TYP_S5);
+        cnt.write(0, &(SLP_EN | (SLP_TYP_S5 << SLP_TYP_SHIFT)).to_le_bytes());
+        assert_eq!(c.stop_reason(), Some(StopReason::PowerOff));
+    }
+
+    #[test]
+    fn cf9_reset_and_event_block() {
+        let c = Arc::new(VmControl::new());
+        let mut r = ResetControl::new(c.clone());
+        r.write(0, &[0x02]);
+        assert!(!c.stopping());
+        r.write(0, &[0x06]);
+        assert_eq!(c.stop_reason(), Some(StopReason::Reset));
+        let mut evt = Pm1Event::default();
+        evt.write(2, &[0x01, 0x01]);
+        let mut b = [0u8; 4];
+        evt.read(0, &mut b);
+        assert_eq!(b, [0, 0, 1, 1]);
+        evt.read(u64::MAX - 1, &mut b);
+    }
+}

@@ -1,0 +1,385 @@
+//! The configuration tree (bhyve_config(5)): dotted keys filled by `-o`, `-k` and every
+//! other option, validated against the keys rhyve knows, then read into a typed [`VmConfig`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::emulations;
+
+/// A configuration error, already phrased for the user (names the key or argument).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Keys that take a value from a fixed set of flags/options. `*` matches one path segment.
+const KNOWN_KEYS: &[&str] = &[
+    "name",
+    "cpus",
+    "sockets",
+    "cores",
+    "threads",
+    "memory.size",
+    "memory.wired",
+    "memory.guest_in_core",
+    "acpi_tables",
+    "destroy_on_poweroff",
+    "uuid",
+    "rtc.use_localtime",
+    "virtio_msix",
+    "x86.x2apic",
+    "x86.strictio",
+    "x86.strictmsr",
+    "x86.vmexit_on_hlt",
+    "x86.vmexit_on_pause",
+    "x86.mptable",
+    "lpc.com1.path",
+    "lpc.com2.path",
+    "lpc.com3.path",
+    "lpc.com4.path",
+    "lpc.pc-testdev",
+    "boot.kernel",
+    "boot.initrd",
+    "boot.cmdline",
+    "vcpu.*.cpuset",
+    "pci.*.*.*.device",
+];
+
+fn matches(pattern: &str, key: &str) -> bool {
+    let (p, k): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), key.split('.').collect());
+    p.len() == k.len() && p.iter().zip(&k).all(|(p, k)| *p == "*" || p == k)
+}
+
+/// The raw key/value tree.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigTree {
+    values: BTreeMap<String, String>,
+}
+
+impl ConfigTree {
+    /// Sets `key` (later settings override earlier ones, as in bhyve).
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.values.insert(key.to_string(), value.to_string());
+    }
+
+    /// Looks a key up.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// Parses `key=value` (from `-o` or a config file line).
+    pub fn set_assignment(&mut self, what: &str, assignment: &str) -> Result<(), ConfigError> {
+        match assignment.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                self.set(k.trim(), v.trim());
+                Ok(())
+            }
+            _ => err(format!("{what} {assignment:?}: expected key=value")),
+        }
+    }
+
+    /// Reads a bhyve_config(5)-style file: `key=value` lines, `#` comments.
+    pub fn load_file(&mut self, path: &str) -> Result<(), ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError(format!("-k {path}: {e}")))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            self.set_assignment(&format!("-k {path}, line {}:", n + 1), line)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses keys rhyve does not know, so typos are not silently ignored.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for key in self.values.keys() {
+            if KNOWN_KEYS.iter().any(|p| matches(p, key)) {
+                continue;
+            }
+            // Device keys: pci.B.S.F.<key> must be a key of the device in that slot.
+            let parts: Vec<&str> = key.split('.').collect();
+            if let ["pci", b, s, f, rest @ ..] = parts.as_slice() {
+                let dev_key = format!("pci.{b}.{s}.{f}.device");
+                if let Some(emu) = self.get(&dev_key).and_then(emulations::find) {
+                    if emu.keys.contains(&rest.join(".").as_str()) {
+                        continue;
+                    }
+                    return err(format!(
+                        "unknown configuration key '{key}' ({} takes: {})",
+                        emu.name,
+                        describe(emu.keys)
+                    ));
+                }
+            }
+            return err(format!("unknown configuration key '{key}'"));
+        }
+        Ok(())
+    }
+
+    /// All keys below `prefix.`.
+    pub fn children(&self, prefix: &str) -> impl Iterator<Item = (&str, &str)> {
+        let p = format!("{prefix}.");
+        self.values
+            .iter()
+            .filter(move |(k, _)| k.starts_with(&p))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+fn describe(keys: &[&str]) -> String {
+    if keys.is_empty() {
+        "no options".to_string()
+    } else {
+        keys.join(", ")
+    }
+}
+
+/// Parses a boolean the way bhyve_config(5) does.
+pub fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => err(format!("{key}={v}: expected true or false")),
+    }
+}
+
+/// Parses `-m` sizes: a number with an optional K/M/G/T suffix; no suffix means MiB.
+pub fn parse_size(v: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError(format!("-m {v}: invalid memory size (use e.g. 512M, 2G)"));
+    let v = v.trim();
+    let (num, mult) = match v.chars().last().ok_or_else(bad)? {
+        'k' | 'K' => (&v[..v.len() - 1], 1u64 << 10),
+        'm' | 'M' => (&v[..v.len() - 1], 1 << 20),
+        'g' | 'G' => (&v[..v.len() - 1], 1 << 30),
+        't' | 'T' => (&v[..v.len() - 1], 1 << 40),
+        c if c.is_ascii_digit() => (v, 1 << 20),
+        _ => return Err(bad()),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let bytes = n.checked_mul(mult).ok_or_else(bad)?;
+    if bytes == 0 {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
+
+/// Smallest and largest RAM rhyve accepts.
+pub const MIN_MEMORY: u64 = 16 << 20;
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// A console backend for a COM port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleBackend {
+    /// The terminal rhyve runs in.
+    Stdio,
+    /// A host device or file opened read/write (bhyve: a tty path).
+    Path(PathBuf),
+}
+
+/// The typed machine description every later stage reads.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    pub cpus: u32,
+    pub memory: u64,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// (port name, index 0..4, backend)
+    pub com: Vec<(usize, ConsoleBackend)>,
+    pub pc_testdev: bool,
+    pub strict_io: bool,
+    pub destroy_on_poweroff: bool,
+    pub acpi: bool,
+    /// vCPU → host CPUs.
+    pub pins: Vec<(u32, Vec<usize>)>,
+    /// (bus, slot, function, emulation name)
+    pub pci: Vec<(u8, u8, u8, &'static emulations::Emulation)>,
+}
+
+impl VmConfig {
+    /// Validates the tree and extracts the typed config.
+    pub fn from_tree(t: &ConfigTree) -> Result<Self, ConfigError> {
+        t.validate()?;
+        let name = t
+            .get("name")
+            .ok_or_else(|| ConfigError("missing VM name (the last argument)".into()))?;
+        if !vmmapi::valid_vm_name(name) {
+            return err(format!(
+                "invalid VM name {name:?}: use letters, digits, '-', '_', '.'"
+            ));
+        }
+        let num =
+            |key: &str, default: u32| -> Result<u32, ConfigError> {
+                match t.get(key) {
+                    None => Ok(default),
+                    Some(v) => v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        ConfigError(format!("{key}={v}: expected a positive number"))
+                    }),
+                }
+            };
+        let cpus = num("cpus", 1)?;
+        let (sockets, cores, threads) = (num("sockets", 1)?, num("cores", 1)?, num("threads", 1)?);
+        let topology_given = ["sockets", "cores", "threads"]
+            .iter()
+            .any(|k| t.get(k).is_some());
+        if topology_given
+            && sockets
+                .checked_mul(cores)
+                .and_then(|n| n.checked_mul(threads))
+                != Some(cpus)
+        {
+            return err(format!(
+                "-c: cpus={cpus} must equal sockets*cores*threads ({sockets}*{cores}*{threads})"
+            ));
+        }
+        if cpus > 255 {
+            return err(format!("-c {cpus}: at most 255 vCPUs"));
+        }
+        let memory = match t.get("memory.size") {
+            None => 256 << 20,
+            Some(v) => parse_size(v)?,
+        };
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
+            return err(format!(
+                "-m: memory size {memory} bytes is outside {}M..{}T",
+                MIN_MEMORY >> 20,
+                MAX_MEMORY >> 40
+            ));
+        }
+        let flag = |key: &str, default: bool| {
+            t.get(key)
+                .map(|v| parse_bool(key, v))
+                .unwrap_or(Ok(default))
+        };
+        let mut com = Vec::new();
+        for i in 0..4 {
+            let key = format!("lpc.com{}.path", i + 1);
+            if let Some(v) = t.get(&key) {
+                let backend =
+                    match v {
+                        "stdio" => ConsoleBackend::Stdio,
+                        "" => return err(format!("{key}: empty backend")),
+                        p if p.starts_with('/') => ConsoleBackend::Path(PathBuf::from(p)),
+                        other => return err(format!(
+                            "-l com{},{other}: unsupported backend (use stdio or a device path)",
+                            i + 1
+                        )),
+                    };
+                com.push((i, backend));
+            }
+        }
+        if com
+            .iter()
+            .filter(|(_, b)| *b == ConsoleBackend::Stdio)
+            .count()
+            > 1
+        {
+            return err("-l: only one COM port can use stdio");
+        }
+        let mut pins = Vec::new();
+        for (k, v) in t.children("vcpu") {
+            let vcpu: u32 = k
+                .split('.')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ConfigError(format!("{k}: bad vCPU number")))?;
+            if vcpu >= cpus {
+                return err(format!(
+                    "-p {vcpu}:{v}: vCPU {vcpu} does not exist (-c {cpus})"
+                ));
+            }
+            let host: Vec<usize> = v
+                .split(',')
+                .map(|c| c.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|_| ConfigError(format!("{k}={v}: bad host CPU list")))?;
+            pins.push((vcpu, host));
+        }
+        let mut pci = Vec::new();
+        for (k, v) in t.children("pci") {
+            let parts: Vec<&str> = k.split('.').collect();
+            if let ["pci", b, s, f, "device"] = parts.as_slice() {
+                let emu = emulations::find(v).ok_or_else(|| {
+                    ConfigError(format!(
+                        "-s {s}: unknown emulation '{v}' (rhyve -s help lists them)"
+                    ))
+                })?;
+                let n = |x: &str| {
+                    x.parse::<u8>()
+                        .map_err(|_| ConfigError(format!("{k}: bad PCI address")))
+                };
+                pci.push((n(b)?, n(s)?, n(f)?, emu));
+            }
+        }
+        Ok(Self {
+            name: name.to_string(),
+            cpus,
+            memory,
+            kernel: t.get("boot.kernel").map(PathBuf::from),
+            initrd: t.get("boot.initrd").map(PathBuf::from),
+            cmdline: t.get("boot.cmdline").unwrap_or("").to_string(),
+            com,
+            pc_testdev: flag("lpc.pc-testdev", false)?,
+            strict_io: flag("x86.strictio", false)?,
+            destroy_on_poweroff: flag("destroy_on_poweroff", false)?,
+            acpi: flag("acpi_tables", false)?,
+            pins,
+            pci,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512 << 20);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1024k").unwrap(), 1 << 20);
+        for bad in ["", "M", "12Q", "-1G", "0", "99999999999999T", "1.5G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("memory.size", "64M");
+        assert!(t.validate().is_ok());
+        t.set("memory.sise", "1");
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.contains("memory.sise"), "{e}");
+    }
+
+    #[test]
+    fn device_keys_follow_the_emulation() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("pci.0.0.0.device", "hostbridge");
+        assert!(t.validate().is_ok());
+        t.set("pci.0.0.0.path", "x");
+        assert!(t.validate().unwrap_err().to_string().contains("hostbridge"));
+    }
+
+    #[test]
+    fn topology_must_multiply_out() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("cpus", "4");
+        t.set("sockets", "2");
+        t.set("cores", "2");
+        assert_eq!(VmConfig::from_tree(&t).unwrap().cpus, 4);
+        t.set("cores", "3");
+        assert!(VmConfig::from_tree(&t).is_err());
+    }
+}

@@ -1,0 +1,264 @@
+//! Machine assembly: VM + RAM + irqchip, devices on the buses, the kernel, vCPU threads,
+//! then wait for a stop and turn it into bhyve's exit status.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use devices::{acpi_pm, i8042, pc_testdev, post, uart, Bus, BusDevice, StopReason, VmControl};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmmapi::{Hypervisor, Vm};
+
+use crate::config::{ConsoleBackend, VmConfig};
+use crate::vcpu::{VcpuContext, VcpuStats};
+use crate::{boot, console, signals, terminal};
+
+fn shared(d: impl BusDevice + 'static) -> Arc<Mutex<dyn BusDevice>> {
+    Arc::new(Mutex::new(d))
+}
+
+/// The devices every machine has, plus those `-l` asks for.
+struct Buses {
+    pio: Bus,
+    mmio: Bus,
+}
+
+fn build_buses(
+    vm: &Arc<Vm>,
+    cfg: &VmConfig,
+    control: &Arc<VmControl>,
+    start: Instant,
+) -> Result<Buses> {
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    pio.insert(
+        "i8042",
+        u64::from(i8042::I8042_BASE),
+        i8042::I8042_LEN,
+        shared(i8042::I8042::new(control.clone())),
+    )?;
+    pio.insert(
+        "post",
+        u64::from(post::POST_PORT),
+        1,
+        shared(post::PostCodes::new(start)),
+    )?;
+    pio.insert(
+        "pm1a-evt",
+        u64::from(acpi_pm::PM1A_EVT_PORT),
+        acpi_pm::PM1A_EVT_LEN,
+        shared(acpi_pm::Pm1Event::default()),
+    )?;
+    pio.insert(
+        "pm1a-cnt",
+        u64::from(acpi_pm::PM1A_CNT_PORT),
+        acpi_pm::PM1A_CNT_LEN,
+        shared(acpi_pm::Pm1Control::new(control.clone())),
+    )?;
+    pio.insert(
+        "reset",
+        u64::from(acpi_pm::RESET_PORT),
+        1,
+        shared(acpi_pm::ResetControl::new(control.clone())),
+    )?;
+
+    for (index, backend) in &cfg.com {
+        let (name, port, irq) = uart::COM_PORTS[*index];
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+        vm.register_irqfd(&irqfd, irq)?;
+        let (out, input): (
+            Box<dyn std::io::Write + Send>,
+            Box<dyn std::io::Read + Send>,
+        ) = match backend {
+            ConsoleBackend::Stdio => (Box::new(console::Stdout), Box::new(std::io::stdin())),
+            ConsoleBackend::Path(p) => {
+                let (r, w) =
+                    console::open_path(p).with_context(|| format!("-l {name},{}", p.display()))?;
+                (Box::new(w), Box::new(r))
+            }
+        };
+        let dev = Arc::new(Mutex::new(uart::Uart::new(
+            irqfd,
+            Box::new(console::ConsoleOut::new(name, out, start)),
+        )));
+        pio.insert(name, u64::from(port), uart::UART_REGS, dev.clone())?;
+        console::spawn_reader(name, input, dev).context("console thread")?;
+    }
+
+    if cfg.pc_testdev {
+        use pc_testdev::*;
+        pio.insert(
+            "pc-testdev exit",
+            u64::from(DEBUGEXIT_PORT),
+            DEBUGEXIT_LEN,
+            shared(DebugExit(control.clone())),
+        )?;
+        pio.insert(
+            "pc-testdev ioport",
+            u64::from(IOPORT_BASE),
+            IOPORT_LEN,
+            shared(Scratch::new(IOPORT_LEN)),
+        )?;
+        pio.insert("pc-testdev irq", u64::from(IRQ_BASE), IRQ_LEN, {
+            let vm = vm.clone();
+            shared(IrqLines::new(Box::new(move |gsi, level| {
+                if let Err(e) = vm.set_irq_line(gsi, level) {
+                    log::warn!("pc-testdev: irq {gsi}: {e}");
+                }
+            })))
+        })?;
+        mmio.insert(
+            "pc-testdev iomem",
+            IOMEM_BASE,
+            IOMEM_LEN,
+            shared(Scratch::new(IOMEM_LEN)),
+        )?;
+    }
+    Ok(Buses { pio, mmio })
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn pin_current_thread(cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data, manipulated with libc's macros' function forms.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            log::warn!(
+                "cannot pin to host CPUs {cpus:?}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Builds and runs the VM; returns bhyve's exit status.
+pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
+    let kernel = cfg
+        .kernel
+        .clone()
+        .ok_or_else(|| anyhow!("no guest to boot: give --kernel PATH (or -o boot.kernel=PATH)"))?;
+    for (b, s, f, emu) in &cfg.pci {
+        log::info!(
+            "pci {b}:{s}:{f}: {} (accepted; the PCI bus arrives with the PCI issue)",
+            emu.name
+        );
+    }
+    if cfg.destroy_on_poweroff {
+        log::debug!("-D: the VM object is removed on every exit for now");
+    }
+    if cfg.acpi {
+        log::warn!("-A: ACPI tables are not generated yet; the guest boots without them");
+    }
+    let hv = Hypervisor::open()?;
+    let vm = Arc::new(Vm::create(
+        &hv,
+        &cfg.name,
+        &loader::layout::ram_regions(cfg.memory),
+    )?);
+    let loaded = loader::load(
+        vm.ram().memory(),
+        &loader::BootConfig {
+            kernel: &kernel,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: &cfg.cmdline,
+            ram_bytes: cfg.memory,
+            rsdp_addr: None,
+        },
+    )?;
+    log::info!(
+        "loaded {:?} kernel at {:#x}..{:#x}, entry {:#x}",
+        loaded.format,
+        loaded.kernel_range.0,
+        loaded.kernel_range.1,
+        loaded.entry.rip
+    );
+
+    let control = Arc::new(VmControl::new());
+    // Block termination signals before any thread exists, so only the signal thread sees them.
+    signals::block_termination_signals()?;
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| anyhow!("kick signal handler: {e}"))?;
+
+    let stdio_console = cfg.com.iter().any(|(_, b)| *b == ConsoleBackend::Stdio);
+    if stdio_console && terminal::stdin_is_tty() {
+        terminal::enter_raw().context("stdin terminal")?;
+    }
+    let result = run_vcpus(&vm, &cfg, &loaded, &control, start);
+    terminal::restore();
+    let reason = result?;
+    if let StopReason::Error(msg) = &reason {
+        return Err(anyhow!("{msg}"));
+    }
+    log::info!(
+        "VM {} stopped: {reason:?} after {:.3} s",
+        cfg.name,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(reason.exit_code())
+}
+
+fn run_vcpus(
+    vm: &Arc<Vm>,
+    cfg: &VmConfig,
+    loaded: &loader::LoadedKernel,
+    control: &Arc<VmControl>,
+    start: Instant,
+) -> Result<StopReason> {
+    let buses = build_buses(vm, cfg, control, start)?;
+    let pio = Arc::new(buses.pio);
+    let mmio = Arc::new(buses.mmio);
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.cpus {
+        let vcpu = vm.create_vcpu(id, cfg.cpus)?;
+        if id == 0 {
+            boot::set_entry_state(&vcpu, &loaded.entry)?;
+        }
+        vcpus.push(vcpu);
+    }
+    signals::spawn_signal_thread(control.clone())?;
+
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for vcpu in vcpus {
+        let id = vcpu.id();
+        let pins = cfg
+            .pins
+            .iter()
+            .find(|(v, _)| *v == id)
+            .map(|(_, c)| c.clone());
+        let ctx = VcpuContext {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            control: control.clone(),
+            stats: Arc::new(VcpuStats::default()),
+            strict_io: cfg.strict_io,
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu {id}"))
+            .spawn(move || {
+                if let Some(cpus) = pins {
+                    pin_current_thread(&cpus);
+                }
+                crate::vcpu::run(vcpu, ctx)
+            })?;
+        threads.push(handle);
+    }
+    let reason = control.wait();
+    // Kick every vCPU out of KVM_RUN until its thread has seen the stop; a signal that lands
+    // just before the thread enters KVM_RUN is lost, hence the retries.
+    for t in &threads {
+        while !t.is_finished() {
+            let _ = t.kill(SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(reason)
+}
