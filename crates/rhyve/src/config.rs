@@ -196,6 +196,8 @@ pub struct VmConfig {
     pub strict_io: bool,
     pub destroy_on_poweroff: bool,
     pub acpi: bool,
+    /// Write an MP table (bhyve's default; -Y turns it off).
+    pub mptable: bool,
     /// vCPU → host CPUs.
     pub pins: Vec<(u32, Vec<usize>)>,
     /// (bus, slot, function, emulation name)
@@ -261,16 +263,17 @@ impl VmConfig {
         for i in 0..4 {
             let key = format!("lpc.com{}.path", i + 1);
             if let Some(v) = t.get(&key) {
-                let backend =
-                    match v {
-                        "stdio" => ConsoleBackend::Stdio,
-                        "" => return err(format!("{key}: empty backend")),
-                        p if p.starts_with('/') => ConsoleBackend::Path(PathBuf::from(p)),
-                        other => return err(format!(
+                let backend = match v {
+                    "stdio" => ConsoleBackend::Stdio,
+                    "" => return err(format!("{key}: empty backend")),
+                    p if p.starts_with('/') => ConsoleBackend::Path(PathBuf::from(p)),
+                    other => {
+                        return err(format!(
                             "-l com{},{other}: unsupported backend (use stdio or a device path)",
                             i + 1
-                        )),
-                    };
+                        ))
+                    }
+                };
                 com.push((i, backend));
             }
         }
@@ -329,6 +332,7 @@ impl VmConfig {
             strict_io: flag("x86.strictio", false)?,
             destroy_on_poweroff: flag("destroy_on_poweroff", false)?,
             acpi: flag("acpi_tables", false)?,
+            mptable: flag("x86.mptable", true)?,
             pins,
             pci,
         })

@@ -171,6 +171,9 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
             rsdp_addr: None,
         },
     )?;
+    if cfg.mptable {
+        loader::mptable::write_mptable(vm.ram().memory(), cfg.cpus)?;
+    }
     log::info!(
         "loaded {:?} kernel at {:#x}..{:#x}, entry {:#x}",
         loaded.format,

@@ -1,0 +1,173 @@
+//! Port I/O, control registers and the COM1 console.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+pub fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O has no memory effects; the ports used here are the test's subject.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+pub fn pause() {
+    // SAFETY: `pause` is a hint with no architectural effect.
+    unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) }
+}
+
+/// Stop for good: interrupts off, then `hlt` (a VMM sees a halt exit).
+pub fn halt() -> ! {
+    loop {
+        // SAFETY: disabling interrupts and halting only stops this CPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
+pub fn cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects (we run at CPL 0).
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+const COM1: u16 = 0x3f8;
+const THR: u16 = COM1;
+const RBR: u16 = COM1;
+const IER: u16 = COM1 + 1;
+const FCR_IIR: u16 = COM1 + 2;
+const LCR: u16 = COM1 + 3;
+const MCR: u16 = COM1 + 4;
+const LSR: u16 = COM1 + 5;
+const LSR_DR: u8 = 1 << 0;
+const LSR_THRE: u8 = 1 << 5;
+
+/// Bytes we may still write before polling THRE again. With a 16550A FIFO, THRE means the
+/// 16-byte FIFO is empty, so one poll covers 16 bytes: half the exits of a poll per byte.
+static TX_ROOM: AtomicU8 = AtomicU8::new(0);
+static TX_BURST: AtomicU8 = AtomicU8::new(1);
+
+/// 115200 8N1, FIFO on, interrupts off (we poll).
+pub fn uart_init() {
+    outb(IER, 0);
+    outb(LCR, 0x80); // DLAB: the next two registers are the divisor
+    outb(COM1, 1); // divisor 1 = 115200 baud
+    outb(COM1 + 1, 0);
+    outb(LCR, 0x03); // 8 data bits, no parity, 1 stop bit
+    outb(FCR_IIR, 0x07); // enable + clear both FIFOs
+    outb(MCR, 0x03); // DTR, RTS
+    let fifo = inb(FCR_IIR) & 0xc0 == 0xc0;
+    TX_BURST.store(if fifo { 16 } else { 1 }, Ordering::Relaxed);
+}
+
+pub fn putc(b: u8) {
+    let room = TX_ROOM.load(Ordering::Relaxed);
+    let room = if room == 0 {
+        // Bounded so that a UART model that never reports THRE still gets our output.
+        for _ in 0..100_000 {
+            if inb(LSR) & LSR_THRE != 0 {
+                break;
+            }
+            pause();
+        }
+        TX_BURST.load(Ordering::Relaxed)
+    } else {
+        room
+    };
+    outb(THR, b);
+    TX_ROOM.store(room - 1, Ordering::Relaxed);
+}
+
+pub fn getc() -> u8 {
+    while inb(LSR) & LSR_DR == 0 {
+        pause();
+    }
+    inb(RBR)
+}
+
+/// A piece of a report line.
+pub enum P<'a> {
+    S(&'a str),
+    /// Raw bytes; anything outside printable ASCII is shown as `\xNN` so a line stays a line.
+    B(&'a [u8]),
+    /// `0x` + minimal hex digits.
+    X(u64),
+    /// 16 hex digits, no prefix.
+    X16(u64),
+    /// Decimal.
+    D(u64),
+}
+
+pub fn put(p: &P) {
+    match *p {
+        P::S(s) => s.bytes().for_each(putc),
+        P::B(b) => {
+            for &c in b {
+                if (0x20..0x7f).contains(&c) && c != b'\\' {
+                    putc(c);
+                } else {
+                    putc(b'\\');
+                    putc(b'x');
+                    hex(c as u64, 2);
+                }
+            }
+        }
+        P::X(v) => {
+            putc(b'0');
+            putc(b'x');
+            let digits = (64 - v.leading_zeros()).div_ceil(4).max(1);
+            hex(v, digits);
+        }
+        P::X16(v) => hex(v, 16),
+        P::D(v) => {
+            let mut buf = [0u8; 20];
+            let mut i = buf.len();
+            let mut v = v;
+            loop {
+                i -= 1;
+                buf[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            buf[i..].iter().copied().for_each(putc);
+        }
+    }
+}
+
+fn hex(v: u64, digits: u32) {
+    for i in (0..digits).rev() {
+        let d = ((v >> (i * 4)) & 0xf) as u8;
+        putc(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+    }
+}
+
+/// One report line: `rhyve-guest: ` + parts + `\n`.
+pub fn line(parts: &[P]) {
+    put(&P::S("rhyve-guest: "));
+    parts.iter().for_each(put);
+    putc(b'\n');
+}

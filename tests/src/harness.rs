@@ -1,0 +1,358 @@
+//! Running a VMM (or QEMU) with a deadline and reading the test guest's report.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What a finished (or killed) run produced.
+#[derive(Debug)]
+pub struct Output {
+    /// None when the process was killed (timeout) or died by a signal.
+    pub status: Option<ExitStatus>,
+    pub timed_out: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    pub fn report(&self) -> Report {
+        Report::parse(&self.stdout)
+    }
+}
+
+/// Options for [`run`].
+pub struct Run {
+    pub timeout: Duration,
+    /// Once stdout contains the first string, write the bytes to stdin (the echo test waits for
+    /// "rhyve-guest: type a line"; bytes sent earlier may be dropped by the UART's FIFO reset).
+    pub input: Option<(String, Vec<u8>)>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            timeout: Duration::from_secs(30),
+            input: None,
+        }
+    }
+}
+
+/// The pc-testdev convention: `out` N to port 0xf4 ends the VMM with status (N << 1) | 1.
+pub const fn testdev_status(n: u32) -> i32 {
+    ((n << 1) | 1) as i32
+}
+
+/// Run `cmd` to completion or until `opts.timeout`, then kill its whole process group.
+/// Never hangs: output read so far is returned either way.
+pub fn run(cmd: &mut Command, opts: Run) -> std::io::Result<Output> {
+    let start = Instant::now();
+    cmd.stdin(if opts.input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
+    let mut child = cmd.spawn()?;
+    let pid = child.id() as libc::pid_t;
+
+    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+    let pipe_reader = |mut r: Box<dyn Read + Send>, is_stdout: bool| {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 || tx.send((is_stdout, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let out_thread = pipe_reader(Box::new(child.stdout.take().unwrap()), true);
+    let err_thread = pipe_reader(Box::new(child.stderr.take().unwrap()), false);
+    drop(tx);
+
+    let mut stdin = child.stdin.take();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut timed_out = false;
+    let status = loop {
+        // One chunk per round, so a guest that never stops printing still meets its deadline.
+        if let Ok((is_stdout, chunk)) = rx.recv_timeout(Duration::from_millis(10)) {
+            if is_stdout { &mut stdout } else { &mut stderr }.extend_from_slice(&chunk);
+        }
+        if let (Some((pattern, bytes)), Some(pipe)) = (&opts.input, stdin.as_mut()) {
+            if String::from_utf8_lossy(&stdout).contains(pattern.as_str()) {
+                let _ = pipe.write_all(bytes).and_then(|_| pipe.flush());
+                stdin = None;
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if start.elapsed() >= opts.timeout {
+            timed_out = true;
+            // SAFETY: kill(2) on the process group we created for this child.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+    };
+    // The group is dead or exited; anything a straggler still holds open is abandoned after a
+    // grace period rather than waited for.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while let Ok((is_stdout, chunk)) =
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        if is_stdout { &mut stdout } else { &mut stderr }.extend_from_slice(&chunk);
+    }
+    if out_thread.is_finished() && err_thread.is_finished() {
+        let _ = (out_thread.join(), err_thread.join());
+    }
+    Ok(Output {
+        status: status.filter(|s| s.code().is_some()),
+        timed_out,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// One `e820 <addr> <size> <type>` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820 {
+    pub addr: u64,
+    pub size: u64,
+    pub typ: u32,
+}
+
+/// The `initrd addr=… size=… fnv1a64=…` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Initrd {
+    pub addr: u64,
+    pub size: u64,
+    pub fnv1a64: Option<u64>,
+}
+
+/// The test guest's `rhyve-guest: ` lines, parsed. See guests/README.md.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Every `rhyve-guest: ` line, prefix removed, in order.
+    pub lines: Vec<String>,
+    /// "bzimage" or "pvh".
+    pub boot: Option<String>,
+    pub cmdline: Option<String>,
+    pub e820: Vec<E820>,
+    /// None: no initrd line; Some(None): `initrd none`.
+    pub initrd: Option<Option<Initrd>>,
+    /// Text after `FAIL `.
+    pub fails: Vec<String>,
+    /// Text after `FAULT `.
+    pub faults: Vec<String>,
+    /// `report done` was seen.
+    pub done: bool,
+}
+
+fn num(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+impl Report {
+    pub fn parse(output: &str) -> Report {
+        let mut r = Report::default();
+        for raw in output.lines() {
+            let Some(l) = raw
+                .trim_end_matches('\r')
+                .split_once("rhyve-guest: ")
+                .map(|x| x.1)
+            else {
+                continue;
+            };
+            r.lines.push(l.to_string());
+            if let Some(b) = l.strip_prefix("boot=") {
+                r.boot = Some(b.to_string());
+            } else if let Some(c) = l.strip_prefix("cmdline=") {
+                r.cmdline = Some(c.to_string());
+            } else if let Some(e) = l.strip_prefix("e820 ") {
+                let f: Vec<&str> = e.split(' ').collect();
+                if let [a, s, t] = f[..] {
+                    if let (Ok(addr), Ok(size), Ok(typ)) = (
+                        u64::from_str_radix(a, 16),
+                        u64::from_str_radix(s, 16),
+                        t.parse(),
+                    ) {
+                        r.e820.push(E820 { addr, size, typ });
+                    }
+                }
+            } else if l == "initrd none" {
+                r.initrd = Some(None);
+            } else if l.starts_with("initrd ") {
+                let v = |k| kv(l, k).and_then(num);
+                if let (Some(addr), Some(size)) = (v("addr"), v("size")) {
+                    r.initrd = Some(Some(Initrd {
+                        addr,
+                        size,
+                        fnv1a64: v("fnv1a64"),
+                    }));
+                }
+            } else if let Some(f) = l.strip_prefix("FAIL ") {
+                r.fails.push(f.to_string());
+            } else if let Some(f) = l.strip_prefix("FAULT ") {
+                r.faults.push(f.to_string());
+            } else if l == "report done" {
+                r.done = true;
+            }
+        }
+        r
+    }
+
+    /// The first line starting with `word` (e.g. "cpu", "gdt", "segs", "entry32").
+    pub fn line(&self, word: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .find(|l| l.split(' ').next() == Some(word))
+            .map(String::as_str)
+    }
+
+    /// `key=value` from the line starting with `word`: `r.value("cpu", "lm") == Some("1")`.
+    pub fn value(&self, word: &str, key: &str) -> Option<&str> {
+        kv(self.line(word)?, key)
+    }
+}
+
+fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(' ')
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_report() {
+        let out = "noise\nrhyve-guest: boot=bzimage\r\nrhyve-guest: entry64\n\
+            rhyve-guest: cmdline=rhyve.test=report  a=b\n\
+            rhyve-guest: e820 0000000000000000 000000000009fc00 1\n\
+            rhyve-guest: initrd addr=0x7000000 size=4096 fnv1a64=0x00000000000000ff\n\
+            rhyve-guest: cpu lm=1 pg=1 pae=1 pe=1\n\
+            rhyve-guest: FAIL something broke\nrhyve-guest: report done\n";
+        let r = Report::parse(out);
+        assert_eq!(r.boot.as_deref(), Some("bzimage"));
+        assert_eq!(r.cmdline.as_deref(), Some("rhyve.test=report  a=b"));
+        assert_eq!(
+            r.e820,
+            [E820 {
+                addr: 0,
+                size: 0x9fc00,
+                typ: 1
+            }]
+        );
+        let i = Initrd {
+            addr: 0x700_0000,
+            size: 4096,
+            fnv1a64: Some(0xff),
+        };
+        assert_eq!(r.initrd, Some(Some(i)));
+        assert_eq!(r.value("cpu", "pae"), Some("1"));
+        assert_eq!(r.fails, ["something broke"]);
+        assert!(r.done);
+    }
+
+    #[test]
+    fn timeout_kills() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo started; sleep 30"]);
+        let o = run(
+            &mut cmd,
+            Run {
+                timeout: Duration::from_millis(300),
+                input: None,
+            },
+        )
+        .unwrap();
+        assert!(o.timed_out);
+        assert!(o.status.is_none());
+        assert_eq!(o.stdout, "started\n");
+        assert!(o.elapsed < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn input_after_prompt() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo 'rhyve-guest: type a line'; read l; echo \"got $l\"; exit 3",
+        ]);
+        let input = Some(("type a line".to_string(), b"hello\n".to_vec()));
+        let o = run(
+            &mut cmd,
+            Run {
+                timeout: Duration::from_secs(10),
+                input,
+            },
+        )
+        .unwrap();
+        assert_eq!(o.code(), Some(3));
+        assert!(o.stdout.contains("got hello"), "{}", o.stdout);
+    }
+}
+
+/// The rhyve binary under test: `$RHYVE_BIN`, else `rhyve` next to the test's target dir
+/// (target/<profile>/rhyve). Build it first: `cargo build --release --workspace`.
+pub fn rhyve_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("RHYVE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/rhyve
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("rhyve"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release --workspace) or set RHYVE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Fails loudly (never skips) when KVM is missing: every boot test needs it.
+pub fn require_kvm() {
+    let dev = std::env::var("RHYVE_KVM_DEV").unwrap_or_else(|_| "/dev/kvm".into());
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+    {
+        panic!("these tests boot real guests and need {dev}: {e}");
+    }
+}
+
+/// A `rhyve` command with a private runtime directory and info logging.
+pub fn rhyve_cmd(rundir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(rhyve_bin());
+    cmd.env("RHYVE_RUNDIR", rundir).env("RHYVE_LOG", "info");
+    cmd
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rhyve-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}

@@ -1,0 +1,110 @@
+# testbed.sh: helpers for a scenario's l1.sh (busybox ash, sourced before l1.sh runs in L1).
+#
+# Environment provided by the harness (see /testbed/env):
+#   TESTBED_VMM        rhyve | qemu
+#   TESTBED_VMM_BIN    the VMM binary inside L1
+#   TESTBED_SCENARIO   scenario name
+#   L2_VMLINUZ L2_VMLINUX L2_INITRD L2_KERNEL_VERSION
+#
+# Lines starting with "TESTBED: " are results the harness and bench/ read; L2's serial output
+# is echoed as "L2| <line>", the VMM's stderr as "vmm-err| <line>" after the VMM exits.
+
+# L1 uptime in ms (10 ms resolution, no fork).
+testbed_now_ms() {
+    local up rest
+    read -r up rest </proc/uptime
+    echo $(( ${up%.*} * 1000 + 10#${up#*.} * 10 ))
+}
+
+testbed_say() { echo "TESTBED: $*"; }
+
+# testbed_boot [options] [-- extra VMM args]
+#   --kernel PATH      L2 kernel (bzImage or PVH vmlinux)       (default $L2_VMLINUZ)
+#   --initrd PATH      L2 initramfs                             (default $L2_INITRD)
+#   --append STR       L2 command line                          (default "console=ttyS0 quiet")
+#   --mem SIZE         guest memory, e.g. 512M                  (default 512M)
+#   --name NAME        VM name for rhyve                        (default vm0)
+#   --marker STR       line printed by L2's /init: its arrival time from VMM start is reported
+#                      as "TESTBED: l2-init-ms=N"               (default L2-INIT-REACHED)
+#   --timeout SECS     SIGKILL the VMM's process group after SECS (default 120)
+#   --tag TAG          suffix for result keys: vmm-exit.TAG=... (default none)
+# Prints: TESTBED: vmm-cmd=..., TESTBED: l2-init-ms=N (if the marker was seen),
+#         TESTBED: vmm-exit=N, TESTBED: vmm-ms=N (VMM start to exit), TESTBED: vmm-timeout
+# Returns the VMM's exit status.
+testbed_boot() {
+    local kernel="$L2_VMLINUZ" initrd="$L2_INITRD" append="console=ttyS0 quiet" mem=512M
+    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag=""
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --kernel) kernel="$2"; shift 2 ;;
+            --initrd) initrd="$2"; shift 2 ;;
+            --append) append="$2"; shift 2 ;;
+            --mem) mem="$2"; shift 2 ;;
+            --name) name="$2"; shift 2 ;;
+            --marker) marker="$2"; shift 2 ;;
+            --timeout) tmo="$2"; shift 2 ;;
+            --tag) tag=".$2"; shift 2 ;;
+            --) shift; break ;;
+            *) echo "testbed_boot: unknown option $1" >&2; return 2 ;;
+        esac
+    done
+    # Build the VMM command line in "$@": extra args go last, except that rhyve's
+    # VM name must stay the final argument.
+    case "$TESTBED_VMM" in
+        qemu)
+            set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none -no-reboot \
+                -nic none -kernel "$kernel" -initrd "$initrd" -append "$append" "$@" ;;
+        rhyve)
+            set -- "$TESTBED_VMM_BIN" -m "$mem" -l com1,stdio --kernel "$kernel" \
+                --initrd "$initrd" --append "$append" "$@" "$name" ;;
+        *) echo "testbed_boot: unknown TESTBED_VMM=$TESTBED_VMM" >&2; return 2 ;;
+    esac
+    local q="" a
+    for a in "$@"; do
+        case "$a" in *[[:space:]]*|"") q="$q '$a'" ;; *) q="$q $a" ;; esac
+    done
+    testbed_say "vmm-cmd$tag=${q# }"
+    rm -f /tmp/testbed.rc /tmp/testbed.err /tmp/testbed.timeout
+    local t0 t1 rc
+    t0=$(testbed_now_ms)
+    # The VMM runs in its own session/process group (setsid execs in place: pid = pgid), so the
+    # watchdog can SIGKILL it with every child that could hold the output pipe open.
+    {
+        setsid "$@" </dev/null 2>/tmp/testbed.err &
+        local vpid=$! wpid
+        setsid sh -c 'sleep "$1"; : >/tmp/testbed.timeout; kill -KILL -- "-$2"' watchdog \
+            "$tmo" "$vpid" </dev/null >/dev/null 2>&1 &
+        wpid=$!
+        wait "$vpid"
+        echo $? >/tmp/testbed.rc
+        kill -KILL -- "-$wpid" 2>/dev/null
+    } | testbed__reader "$marker" "$t0" "$tag"
+    t1=$(testbed_now_ms)
+    rc=$(cat /tmp/testbed.rc 2>/dev/null || echo 255)
+    if [ -s /tmp/testbed.err ]; then
+        sed 's/^/vmm-err| /' /tmp/testbed.err
+    fi
+    [ -e /tmp/testbed.timeout ] && testbed_say "vmm-timeout$tag after ${tmo}s"
+    testbed_say "vmm-exit$tag=$rc"
+    testbed_say "vmm-ms$tag=$((t1 - t0))"
+    return "$rc"
+}
+
+# Echo the VMM's stdout (L2's serial console) prefixed, and time the marker.
+testbed__reader() {
+    local marker="$1" t0="$2" tag="$3" seen=0 line now cr
+    cr=$(printf '\r')
+    while IFS= read -r line || [ -n "$line" ]; do
+        line=${line%"$cr"}
+        if [ "$seen" = 0 ]; then
+            case "$line" in
+                *"$marker"*)
+                    now=$(testbed_now_ms); seen=1
+                    echo "L2| $line"
+                    testbed_say "l2-init-ms$tag=$((now - t0))"
+                    continue ;;
+            esac
+        fi
+        echo "L2| $line"
+    done
+}

@@ -1,0 +1,30 @@
+//! The real-KVM test bed (QEMU TCG machine with an emulated AMD SVM CPU, kvm_amd inside):
+//! rhyve boots stock Debian Linux there to its /init. See tests/testbed/README.md.
+
+use std::path::Path;
+use std::process::Command;
+
+fn scenario(name: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed");
+    let bin = rhyve_tests::harness::rhyve_bin();
+    let status = Command::new(root.join("run-scenario"))
+        .arg(root.join("scenarios").join(name))
+        .args(["--vmm", "rhyve"])
+        .env("RHYVE_BIN", &bin)
+        .status()
+        .expect("run tests/testbed/run-scenario (needs python3, qemu-system-x86; .ci/run installs them)");
+    assert!(
+        status.success(),
+        "test-bed scenario {name} failed (log under target/testbed/)"
+    );
+}
+
+#[test]
+fn stock_linux_boots_to_init_bzimage() {
+    scenario("boot-bzimage");
+}
+
+#[test]
+fn stock_linux_boots_to_init_pvh() {
+    scenario("boot-pvh");
+}
