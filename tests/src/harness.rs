@@ -236,6 +236,54 @@ fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The rhyve binary under test: `$RHYVE_BIN`, else `rhyve` next to the test's target dir
+/// (target/<profile>/rhyve). Build it first: `cargo build --release --workspace`.
+pub fn rhyve_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("RHYVE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/rhyve
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("rhyve"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release --workspace) or set RHYVE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Fails loudly (never skips) when KVM is missing: every boot test needs it.
+pub fn require_kvm() {
+    let dev = std::env::var("RHYVE_KVM_DEV").unwrap_or_else(|_| "/dev/kvm".into());
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+    {
+        panic!("these tests boot real guests and need {dev}: {e}");
+    }
+}
+
+/// A `rhyve` command with a private runtime directory and info logging.
+pub fn rhyve_cmd(rundir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(rhyve_bin());
+    cmd.env("RHYVE_RUNDIR", rundir).env("RHYVE_LOG", "info");
+    cmd
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rhyve-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,52 +355,4 @@ mod tests {
         assert_eq!(o.code(), Some(3));
         assert!(o.stdout.contains("got hello"), "{}", o.stdout);
     }
-}
-
-/// The rhyve binary under test: `$RHYVE_BIN`, else `rhyve` next to the test's target dir
-/// (target/<profile>/rhyve). Build it first: `cargo build --release --workspace`.
-pub fn rhyve_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("RHYVE_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/rhyve
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("rhyve"))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (cargo build --release --workspace) or set RHYVE_BIN",
-        bin.display()
-    );
-    bin
-}
-
-/// Fails loudly (never skips) when KVM is missing: every boot test needs it.
-pub fn require_kvm() {
-    let dev = std::env::var("RHYVE_KVM_DEV").unwrap_or_else(|_| "/dev/kvm".into());
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev)
-    {
-        panic!("these tests boot real guests and need {dev}: {e}");
-    }
-}
-
-/// A `rhyve` command with a private runtime directory and info logging.
-pub fn rhyve_cmd(rundir: &std::path::Path) -> Command {
-    let mut cmd = Command::new(rhyve_bin());
-    cmd.env("RHYVE_RUNDIR", rundir).env("RHYVE_LOG", "info");
-    cmd
-}
-
-/// A fresh scratch directory under the system temp dir.
-pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("rhyve-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
 }

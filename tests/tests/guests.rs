@@ -85,7 +85,7 @@ fn check_report(out: &Output, kind: &str, initrd: &[u8], cmdline: &str) {
         .collect();
     let got: Vec<(u64, u64, u32)> = r.e820.iter().map(|e| (e.addr, e.size, e.typ)).collect();
     assert_eq!(got, want, "memory map differs from the one rhyve built");
-    let rd = r.initrd.clone().flatten().expect("guest saw no initrd");
+    let rd = r.initrd.flatten().expect("guest saw no initrd");
     assert_eq!(rd.size, initrd.len() as u64);
     assert_eq!(rd.fnv1a64, Some(fnv1a64(initrd)), "initrd bytes differ");
     assert_eq!(rd.addr % 4096, 0, "initrd not page aligned");
@@ -249,14 +249,16 @@ fn sigterm_powers_off_with_exit_1() {
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     // Wait until the guest is up and waiting for input, then terminate rhyve.
-    let pidfile = dir.join("tg-term").join("pid");
+    let memory = dir.join("tg-term").join("memory");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !pidfile.exists() && std::time::Instant::now() < deadline {
+    let ram_file_ready = || std::fs::metadata(&memory).is_ok_and(|m| m.len() == MEM_BYTES);
+    while !ram_file_ready() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(pidfile.exists(), "VM object never appeared");
-    let memory = std::fs::metadata(dir.join("tg-term").join("memory")).unwrap();
-    assert_eq!(memory.len(), MEM_BYTES, "guest RAM file has the wrong size");
+    assert!(
+        ram_file_ready(),
+        "VM object with its guest RAM file never appeared"
+    );
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -33,11 +33,20 @@ fn build_buses(
 ) -> Result<Buses> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.register_irqfd(&kbd_irq, 1)?;
     pio.insert(
         "i8042",
         u64::from(i8042::I8042_BASE),
         i8042::I8042_LEN,
-        shared(i8042::I8042::new(control.clone())),
+        shared(i8042::I8042::new(
+            control.clone(),
+            Box::new(move || {
+                if let Err(e) = kbd_irq.write(1) {
+                    log::warn!("i8042: irq 1: {e}");
+                }
+            }),
+        )),
     )?;
     pio.insert(
         "post",

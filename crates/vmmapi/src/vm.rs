@@ -3,8 +3,9 @@
 use std::path::Path;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_pit_config, kvm_userspace_memory_region,
+    CpuId, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -15,6 +16,41 @@ use crate::{cpuid, kvm_err, GuestRam, Hypervisor, Result, RunDir, Vcpu};
 /// just under the 4 GiB boundary, in the PCI hole, where no RAM lives.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// One GSI → irqchip pin route.
+fn route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip = kvm_irq_routing_irqchip { irqchip, pin };
+    e
+}
+
+/// The PC's wiring, as firmware tables (MP table, MADT) describe it: ISA IRQs 0–15 reach the
+/// 8259 pair and the IOAPIC, except that the PIT's IRQ 0 arrives on IOAPIC pin 2 (the
+/// interrupt source override every PC has); GSIs 16–23 are IOAPIC-only. KVM's default routing
+/// sends GSI 0 to pin 0, which would leave a guest that follows the tables without a timer.
+fn pc_gsi_routing() -> Result<KvmIrqRouting> {
+    let mut entries = Vec::new();
+    for irq in 0..16 {
+        if irq != 2 {
+            let (chip, pin) = if irq < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, irq)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, irq - 8)
+            };
+            entries.push(route(irq, chip, pin));
+        }
+    }
+    entries.push(route(0, KVM_IRQCHIP_IOAPIC, 2));
+    for gsi in (1..24).filter(|g| *g != 2) {
+        entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+    }
+    KvmIrqRouting::from_entries(&entries)
+        .map_err(|_| crate::Error::Memory("GSI routing table too large".into()))
+}
 
 /// A virtual machine (bhyve: `vm_create` + `vm_setup_memory`).
 pub struct Vm {
@@ -45,6 +81,8 @@ impl Vm {
         }
         fd.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.set_gsi_routing(&pc_gsi_routing()?)
+            .map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
