@@ -236,6 +236,18 @@ fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// Kills (and reaps) a child process when dropped, so a failing test leaks no VM.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The rhyve binary under test: `$RHYVE_BIN`, else `rhyve` next to the test's target dir
 /// (target/<profile>/rhyve). Build it first: `cargo build --release --workspace`.
 pub fn rhyve_bin() -> std::path::PathBuf {

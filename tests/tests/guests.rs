@@ -247,7 +247,8 @@ fn sigterm_powers_off_with_exit_1() {
     cmd.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+    let mut guard = harness::KillOnDrop(cmd.spawn().unwrap());
+    let child = &mut guard.0;
     // Wait until the guest is up and waiting for input, then terminate rhyve.
     let memory = dir.join("tg-term").join("memory");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -296,7 +297,8 @@ fn two_vms_with_one_name_are_refused() {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let mut child = first.spawn().unwrap();
+    let mut guard = harness::KillOnDrop(first.spawn().unwrap());
+    let child = &mut guard.0;
     let pidfile = dir.join("dupvm").join("pid");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !pidfile.exists() && std::time::Instant::now() < deadline {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+pub mod acpi;
 mod bzimage;
 pub mod entry;
 pub mod layout;
@@ -153,6 +154,12 @@ pub enum Error {
     /// MP table: the table would end at END, beyond the BIOS area (0x100000)
     #[error("MP table: the table would end at {0:#x}, beyond the BIOS area (0x100000)")]
     MpTableTooBig(u64),
+    /// ACPI: N vCPUs is out of range (1 to 254)
+    #[error("ACPI: {0} vCPUs is out of range (1 to 254)")]
+    AcpiBadCpuCount(u32),
+    /// ACPI: the tables would end at END, beyond the BIOS area (0x100000)
+    #[error("ACPI: the tables would end at {0:#x}, beyond the BIOS area (0x100000)")]
+    AcpiTooBig(u64),
 }
 
 /// Kernel image formats the loader understands.

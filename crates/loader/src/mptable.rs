@@ -197,7 +197,11 @@ pub fn write_mptable<M: GuestMemoryBackend>(mem: &M, nr_cpus: u32) -> Result<(),
     }
     let table = config_table(nr_cpus);
     debug_assert_eq!((MPC_TABLE_ADDR + table.len() as u64), end);
-    write_guest(mem, MPTABLE_START, &floating_pointer(MPC_TABLE_ADDR as u32))?;
+    let pointer = floating_pointer(MPC_TABLE_ADDR as u32);
+    write_guest(mem, MPTABLE_START, &pointer)?;
+    // A second copy in the first KiB of the EBDA, the first place the MP spec (and Linux)
+    // looks; Firecracker's tables live there too.
+    write_guest(mem, layout::EBDA_START, &pointer)?;
     write_guest(mem, MPC_TABLE_ADDR, &table)
 }
 

@@ -158,11 +158,11 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
             emu.name
         );
     }
+    if cfg.acpi {
+        log::debug!("-A: ACPI tables are always generated (accepted for compatibility)");
+    }
     if cfg.destroy_on_poweroff {
         log::debug!("-D: the VM object is removed on every exit for now");
-    }
-    if cfg.acpi {
-        log::warn!("-A: ACPI tables are not generated yet; the guest boots without them");
     }
     let hv = Hypervisor::open()?;
     let vm = Arc::new(Vm::create(
@@ -170,6 +170,15 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         &cfg.name,
         &loader::layout::ram_regions(cfg.memory),
     )?);
+    // Boot tables first: the loader hands the RSDP address to the kernel. ACPI tables are
+    // always generated, as bhyve does on amd64 (-A is accepted for compatibility).
+    if cfg.mptable {
+        loader::mptable::write_mptable(vm.ram().memory(), cfg.cpus)?;
+    }
+    let rsdp = loader::acpi::write_acpi_tables(
+        vm.ram().memory(),
+        &loader::acpi::AcpiConfig { nr_cpus: cfg.cpus },
+    )?;
     let loaded = loader::load(
         vm.ram().memory(),
         &loader::BootConfig {
@@ -177,12 +186,9 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
             initrd: cfg.initrd.as_deref(),
             cmdline: &cfg.cmdline,
             ram_bytes: cfg.memory,
-            rsdp_addr: None,
+            rsdp_addr: Some(rsdp),
         },
     )?;
-    if cfg.mptable {
-        loader::mptable::write_mptable(vm.ram().memory(), cfg.cpus)?;
-    }
     log::info!(
         "loaded {:?} kernel at {:#x}..{:#x}, entry {:#x}",
         loaded.format,

@@ -53,7 +53,7 @@ DESCRIPTION
              Pin a vCPU to a host CPU (may repeat).
      -e      Exit on unhandled I/O port or MMIO accesses.
      -D      Destroy the VM on guest power-off.
-     -A      Generate ACPI tables (not implemented yet; warned).
+     -A      ACPI tables are always generated (accepted for compatibility).
      -H, -P  Yield the vCPU on HLT / PAUSE (KVM always does; accepted for compatibility).
      -a, -x, -w, -u, -W, -Y, -S, -C
              Accepted for compatibility; recorded as configuration keys.

@@ -1,0 +1,481 @@
+//! ACPI tables, as bhyve always builds them on amd64: RSDP → XSDT → {FADT → {FACS, DSDT},
+//! MADT}. A guest kernel without an MP-table parser (Debian's cloud kernels) finds its CPUs,
+//! the I/O APIC and the ISA interrupt overrides in the MADT, and the PM1 blocks, the reset
+//! register and the S5 sleep type in the FADT/DSDT.
+//!
+//! Layout, inside the e820 reserved BIOS area `[0xF0000, 0x100000)` after the MP table
+//! (which starts at 0xF0000), each table 16-byte aligned so the RSDP is found by Linux's
+//! legacy scan of 0xE0000–0xFFFFF as well as through `boot_params.acpi_rsdp_addr` / PVH
+//! `rsdp_paddr`:
+//!
+//! | address      | contents                                                        |
+//! |--------------|-----------------------------------------------------------------|
+//! | 0xF2000      | RSDP "RSD PTR " revision 2 (36 bytes)                            |
+//! | 0xF2030      | XSDT: FADT, MADT (52 bytes)                                      |
+//! | 0xF2080      | FACS (64 bytes, 64-byte aligned)                                 |
+//! | 0xF20C0      | FADT "FACP" revision 6.5 (276 bytes)                             |
+//! | 0xF21E0      | DSDT: `\_S5_`, `\_SB.COM1`                                       |
+//! | after DSDT   | MADT "APIC": one local APIC per vCPU, I/O APIC, overrides, NMI  |
+//!
+//! FADT/FACS/RSDP/XSDT come from the `acpi_tables` crate; the MADT (the crate has no
+//! interrupt source override or local APIC NMI entries) is encoded byte by byte.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::{facs::FACS, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, Aml, AmlSink};
+use vm_memory::GuestMemoryBackend;
+
+use crate::{layout, write_guest, Error};
+
+/// Where the ACPI tables start (the RSDP), past the MP table at 0xF0000.
+pub const ACPI_START: u64 = 0xF_2000;
+/// End of the BIOS area the tables must fit in.
+pub const ACPI_LIMIT: u64 = layout::HIGH_MEMORY_START;
+/// Most vCPUs the MADT describes (APIC ids 0..=253; the I/O APIC takes the next id).
+pub const MAX_CPUS: u32 = 254;
+
+const OEM_ID: [u8; 6] = *b"RHYVE ";
+const OEM_TABLE_ID: [u8; 8] = *b"RHYVE VM";
+const OEM_REVISION: u32 = 1;
+
+const LAPIC_ADDR: u32 = 0xFEE0_0000;
+const IOAPIC_ADDR: u32 = 0xFEC0_0000;
+
+/// PM1a event block (status + enable), PM1a control block and the reset register, at the
+/// ports `devices::acpi_pm` decodes.
+const PM1A_EVT_PORT: u16 = 0x400;
+const PM1A_EVT_LEN: u8 = 4;
+const PM1A_CNT_PORT: u16 = 0x404;
+const PM1A_CNT_LEN: u8 = 2;
+const RESET_PORT: u16 = 0xCF9;
+const RESET_VALUE: u8 = 0x06;
+/// SCI on ISA IRQ 9 (= GSI 9).
+const SCI_IRQ: u8 = 9;
+/// `\_S5_` sleep type, as `devices::acpi_pm` powers off on it.
+const SLP_TYP_S5: u8 = 5;
+/// IAPC_BOOT_ARCH: LEGACY_DEVICES (bit 0) | 8042 (bit 1).
+const IAPC_BOOT_ARCH: u16 = 0x3;
+
+/// MADT flags: PCAT_COMPAT (dual 8259s present).
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_REVISION: u8 = 5;
+const MADT_LAPIC: u8 = 0;
+const MADT_IOAPIC: u8 = 1;
+const MADT_ISO: u8 = 2;
+const MADT_LAPIC_NMI: u8 = 4;
+const LAPIC_ENABLED: u32 = 1;
+/// MPS INTI flags: active high (01) | level triggered (11 << 2).
+const ISO_LEVEL_HIGH: u16 = 0x000d;
+const ALL_PROCESSORS: u8 = 0xFF;
+
+const SDT_HEADER_LEN: usize = 36;
+const MADT_HEADER_LEN: usize = SDT_HEADER_LEN + 8;
+
+/// What the tables describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiConfig {
+    /// Number of vCPUs (APIC ids 0..nr_cpus).
+    pub nr_cpus: u32,
+}
+
+/// Guest-physical addresses of each table, as [`write_acpi_tables`] places them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiLayout {
+    /// Root System Description Pointer.
+    pub rsdp: u64,
+    /// Extended System Description Table.
+    pub xsdt: u64,
+    /// Firmware ACPI Control Structure.
+    pub facs: u64,
+    /// Fixed ACPI Description Table.
+    pub fadt: u64,
+    /// Differentiated System Description Table.
+    pub dsdt: u64,
+    /// Multiple APIC Description Table.
+    pub madt: u64,
+    /// End (exclusive) of the last table.
+    pub end: u64,
+}
+
+fn align_up(addr: u64, align: u64) -> u64 {
+    (addr + align - 1) & !(align - 1)
+}
+
+/// Value that makes `data` sum to zero (mod 256) when stored in its checksum byte.
+fn checksum(data: &[u8]) -> u8 {
+    data.iter().fold(0u8, |a, b| a.wrapping_sub(*b))
+}
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// `IRQNoFlags () {irq}`: the small IRQ descriptor without its information byte.
+struct IrqNoFlags(u8);
+
+impl Aml for IrqNoFlags {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.byte(0x22);
+        sink.word(1 << self.0);
+    }
+}
+
+/// The DSDT: `\_S5_` and the COM1 UART.
+fn dsdt() -> Vec<u8> {
+    let (s5, zero) = (SLP_TYP_S5, 0u8);
+    let s5_pkg = aml::Package::new(vec![&s5, &s5, &zero, &zero]);
+    let s5_name = aml::Name::new("_S5_".into(), &s5_pkg);
+
+    let hid = aml::EISAName::new("PNP0501");
+    let uid = 1u8;
+    let io = aml::IO::new(0x3F8, 0x3F8, 1, 8);
+    let irq = IrqNoFlags(4);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid_name = aml::Name::new("_UID".into(), &uid);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+
+    let mut body = to_bytes(&s5_name);
+    sb.to_aml_bytes(&mut body);
+
+    // Revision 2: 64-bit AML integers.
+    let mut sdt = Sdt::new(
+        *b"DSDT",
+        SDT_HEADER_LEN as u32,
+        2,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+/// Length of the MADT for `nr_cpus` processors.
+fn madt_len(nr_cpus: u32) -> usize {
+    MADT_HEADER_LEN + 8 * nr_cpus as usize + 12 + 2 * 10 + 6
+}
+
+/// The MADT, encoded by hand.
+fn madt(nr_cpus: u32) -> Vec<u8> {
+    let mut t = Vec::with_capacity(madt_len(nr_cpus));
+    t.extend_from_slice(b"APIC");
+    t.extend_from_slice(&(madt_len(nr_cpus) as u32).to_le_bytes());
+    t.push(MADT_REVISION);
+    t.push(0); // checksum
+    t.extend_from_slice(&OEM_ID);
+    t.extend_from_slice(&OEM_TABLE_ID);
+    t.extend_from_slice(&OEM_REVISION.to_le_bytes());
+    t.extend_from_slice(&acpi_tables::CREATOR_ID);
+    t.extend_from_slice(&acpi_tables::CREATOR_REVISION);
+    t.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
+    t.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    for cpu in 0..nr_cpus as u8 {
+        t.extend_from_slice(&[MADT_LAPIC, 8, cpu, cpu]);
+        t.extend_from_slice(&LAPIC_ENABLED.to_le_bytes());
+    }
+    // The I/O APIC takes the id after the last local APIC, as in the MP table.
+    t.extend_from_slice(&[MADT_IOAPIC, 12, nr_cpus as u8, 0]);
+    t.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    t.extend_from_slice(&0u32.to_le_bytes());
+    // ISA IRQ 0 (the PIT) → GSI 2; the SCI is level triggered, active high.
+    for (irq, gsi, flags) in [
+        (0u8, 2u32, 0u16),
+        (SCI_IRQ, u32::from(SCI_IRQ), ISO_LEVEL_HIGH),
+    ] {
+        t.extend_from_slice(&[MADT_ISO, 10, 0, irq]);
+        t.extend_from_slice(&gsi.to_le_bytes());
+        t.extend_from_slice(&flags.to_le_bytes());
+    }
+    // NMI on LINT1 of every local APIC.
+    t.extend_from_slice(&[MADT_LAPIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);
+    debug_assert_eq!(t.len(), madt_len(nr_cpus));
+    t[9] = checksum(&t);
+    t
+}
+
+fn io_gas(bytes: u8, access: AccessSize, port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        bytes * 8,
+        0,
+        access,
+        u64::from(port),
+    )
+}
+
+/// The FADT (revision 6.5) pointing at the FACS and DSDT.
+fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
+    // FACS: only the 32-bit FIRMWARE_CTRL (the spec wants X_FIRMWARE_CTRL zero when it is
+    // set; with both, Linux installs the FACS twice). DSDT: both, equal, as ACPICA accepts.
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .firmware_ctrl_32(facs as u32)
+        .dsdt_64(dsdt)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        // No fixed-feature power or sleep button.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    // All of this lives below 1 MiB.
+    f.dsdt = (dsdt as u32).into();
+    f.sci_int = u16::from(SCI_IRQ).into();
+    // SMI_CMD 0: no SMM, the hardware is in ACPI mode from reset (SCI_EN reads 1).
+    f.smi_cmd = 0.into();
+    f.pm1a_evt_blk = u32::from(PM1A_EVT_PORT).into();
+    f.pm1_evt_len = PM1A_EVT_LEN;
+    f.pm1a_cnt_blk = u32::from(PM1A_CNT_PORT).into();
+    f.pm1_cnt_len = PM1A_CNT_LEN;
+    f.x_pm1a_evt_blk = io_gas(PM1A_EVT_LEN, AccessSize::Undefined, PM1A_EVT_PORT);
+    f.x_pm1a_cnt_blk = io_gas(PM1A_CNT_LEN, AccessSize::Undefined, PM1A_CNT_PORT);
+    // No PM timer (PM_TMR_BLK 0, length 0).
+    f.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    f.reset_reg = io_gas(1, AccessSize::ByteAccess, RESET_PORT);
+    f.reset_value = RESET_VALUE;
+    to_bytes(&f.finalize())
+}
+
+/// Where each table goes for `nr_cpus` vCPUs (no writes, no range check).
+pub fn acpi_layout(nr_cpus: u32) -> AcpiLayout {
+    let rsdp = ACPI_START;
+    let xsdt = align_up(rsdp + Rsdp::len() as u64, 16);
+    let facs = align_up(xsdt + SDT_HEADER_LEN as u64 + 2 * 8, 64);
+    let fadt = align_up(facs + FACS::len() as u64, 16);
+    let dsdt = align_up(fadt + acpi_tables::fadt::FADT::len() as u64, 16);
+    let madt = align_up(dsdt + dsdt_len() as u64, 16);
+    let end = madt + madt_len(nr_cpus) as u64;
+    AcpiLayout {
+        rsdp,
+        xsdt,
+        facs,
+        fadt,
+        dsdt,
+        madt,
+        end,
+    }
+}
+
+fn dsdt_len() -> usize {
+    dsdt().len()
+}
+
+/// Writes RSDP + XSDT + FADT + FACS + DSDT + MADT into guest memory; returns the RSDP
+/// address.
+pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cfg: &AcpiConfig) -> Result<u64, Error> {
+    if !(1..=MAX_CPUS).contains(&cfg.nr_cpus) {
+        return Err(Error::AcpiBadCpuCount(cfg.nr_cpus));
+    }
+    let l = acpi_layout(cfg.nr_cpus);
+    if l.end > ACPI_LIMIT {
+        return Err(Error::AcpiTooBig(l.end));
+    }
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(l.fadt);
+    xsdt.add_entry(l.madt);
+
+    let tables: [(u64, Vec<u8>); 6] = [
+        (l.rsdp, to_bytes(&Rsdp::new(OEM_ID, l.xsdt))),
+        (l.xsdt, to_bytes(&xsdt)),
+        (l.facs, to_bytes(&FACS::new())),
+        (l.fadt, fadt(l.facs, l.dsdt)),
+        (l.dsdt, dsdt()),
+        (l.madt, madt(cfg.nr_cpus)),
+    ];
+    for (addr, bytes) in &tables {
+        write_guest(mem, *addr, bytes)?;
+    }
+    Ok(l.rsdp)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::mptable::{mptable_size, MPTABLE_START};
+    use crate::testutil::guest;
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    /// Reads a whole SDT at `addr`, checking the length stays in the BIOS area and the
+    /// checksum.
+    fn table(mem: &GuestMemoryMmap, addr: u64, used: &mut Vec<(u64, u64)>) -> Vec<u8> {
+        let hdr = read(mem, addr, SDT_HEADER_LEN);
+        let len = u32_at(&hdr, 4) as usize;
+        assert!(len >= SDT_HEADER_LEN);
+        assert!(
+            addr + len as u64 <= ACPI_LIMIT,
+            "table at {addr:#x} too long"
+        );
+        let t = read(mem, addr, len);
+        assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(&t[..4]));
+        assert_eq!(&t[10..16], b"RHYVE ");
+        used.push((addr, addr + len as u64));
+        t
+    }
+
+    fn check(nr_cpus: u32) {
+        let mem = guest(64 << 20);
+        let rsdp = write_acpi_tables(&mem, &AcpiConfig { nr_cpus }).unwrap();
+        let mut used = Vec::new();
+
+        assert_eq!(rsdp % 16, 0);
+        assert!((0xE0000..0x10_0000).contains(&rsdp));
+        let r = read(&mem, rsdp, 36);
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert_eq!(sum(&r[..20]), 0);
+        assert_eq!(sum(&r), 0);
+        assert_eq!(r[15], 2, "revision");
+        assert_eq!(&r[9..15], b"RHYVE ");
+        assert_eq!(u32_at(&r, 20), 36);
+        used.push((rsdp, rsdp + 36));
+
+        let xsdt = table(&mem, u64_at(&r, 24), &mut used);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
+        assert_eq!(entries.len(), 2);
+        let fadt = table(&mem, entries[0], &mut used);
+        let madt = table(&mem, entries[1], &mut used);
+        assert_eq!(&fadt[..4], b"FACP");
+        assert_eq!(&madt[..4], b"APIC");
+
+        // FADT.
+        assert_eq!(fadt.len(), 276);
+        let facs = u64::from(u32_at(&fadt, 36));
+        assert_eq!(u64_at(&fadt, 132), 0, "X_FIRMWARE_CTRL");
+        assert_eq!(facs % 64, 0);
+        let f = read(&mem, facs, 64);
+        assert_eq!(&f[..4], b"FACS");
+        assert_eq!(u32_at(&f, 4), 64);
+        used.push((facs, facs + 64));
+        let dsdt_addr = u64_at(&fadt, 140);
+        assert_eq!(u64::from(u32_at(&fadt, 40)), dsdt_addr);
+        let dsdt = table(&mem, dsdt_addr, &mut used);
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9, "SCI_INT");
+        assert_eq!(u32_at(&fadt, 48), 0, "SMI_CMD");
+        assert_eq!(u32_at(&fadt, 56), 0x400, "PM1a_EVT_BLK");
+        assert_eq!(u32_at(&fadt, 64), 0x404, "PM1a_CNT_BLK");
+        assert_eq!(u32_at(&fadt, 76), 0, "PM_TMR_BLK");
+        assert_eq!((fadt[88], fadt[89], fadt[91]), (4, 2, 0));
+        assert_eq!(
+            u16::from_le_bytes([fadt[109], fadt[110]]),
+            3,
+            "IAPC_BOOT_ARCH"
+        );
+        let flags = u32_at(&fadt, 112);
+        assert_eq!(flags, 1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 10);
+        assert_eq!(&fadt[116..120], &[1, 8, 0, 1], "RESET_REG: I/O, 8 bits");
+        assert_eq!(u64_at(&fadt, 120), 0xCF9);
+        assert_eq!(fadt[128], 6, "RESET_VALUE");
+        assert_eq!(&fadt[148..152], &[1, 32, 0, 0], "X_PM1a_EVT_BLK");
+        assert_eq!(u64_at(&fadt, 152), 0x400);
+        assert_eq!(&fadt[172..176], &[1, 16, 0, 0], "X_PM1a_CNT_BLK");
+        assert_eq!(u64_at(&fadt, 176), 0x404);
+
+        // MADT.
+        assert_eq!(u32_at(&madt, 36), 0xFEE0_0000);
+        assert_eq!(u32_at(&madt, 40), 1, "PCAT_COMPAT");
+        let (mut lapics, mut ioapics, mut isos, mut nmis) = (0, 0, Vec::new(), 0);
+        let mut off = 44;
+        while off < madt.len() {
+            let (ty, len) = (madt[off], madt[off + 1] as usize);
+            let e = &madt[off..off + len];
+            match ty {
+                0 => {
+                    assert_eq!(len, 8);
+                    assert_eq!((e[2], e[3]), (lapics as u8, lapics as u8));
+                    assert_eq!(u32_at(e, 4), 1);
+                    lapics += 1;
+                }
+                1 => {
+                    assert_eq!(len, 12);
+                    assert_eq!(u32::from(e[2]), nr_cpus);
+                    assert_eq!(u32_at(e, 4), 0xFEC0_0000);
+                    assert_eq!(u32_at(e, 8), 0);
+                    ioapics += 1;
+                }
+                2 => {
+                    assert_eq!(len, 10);
+                    isos.push((e[3], u32_at(e, 4), u16::from_le_bytes([e[8], e[9]])));
+                }
+                4 => {
+                    assert_eq!(e, &[4, 6, 0xFF, 0, 0, 1]);
+                    nmis += 1;
+                }
+                _ => panic!("unexpected MADT entry type {ty}"),
+            }
+            off += len;
+        }
+        assert_eq!(off, madt.len());
+        assert_eq!(lapics, nr_cpus);
+        assert_eq!(ioapics, 1);
+        assert_eq!(nmis, 1);
+        assert_eq!(isos, vec![(0, 2, 0), (9, 9, 0xd)]);
+
+        // Nothing overlaps another table or the MP table, all below 1 MiB.
+        used.push((MPTABLE_START, MPTABLE_START + mptable_size(MAX_CPUS)));
+        used.sort();
+        for w in used.windows(2) {
+            assert!(w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
+        }
+        assert!(used
+            .iter()
+            .all(|&(s, e)| s >= layout::BIOS_START && e <= ACPI_LIMIT));
+        assert_eq!(acpi_layout(nr_cpus).end, used.last().unwrap().1);
+    }
+
+    #[test]
+    fn tables_parse_back() {
+        for n in [1, 2, 4, 64, MAX_CPUS] {
+            check(n);
+        }
+    }
+
+    #[test]
+    fn bad_cpu_counts() {
+        let mem = guest(64 << 20);
+        for n in [0, MAX_CPUS + 1] {
+            let e = write_acpi_tables(&mem, &AcpiConfig { nr_cpus: n }).unwrap_err();
+            assert!(matches!(e, Error::AcpiBadCpuCount(m) if m == n), "{e}");
+        }
+    }
+
+    #[test]
+    fn dsdt_aml_bytes() {
+        let d = dsdt();
+        let body = &d[SDT_HEADER_LEN..];
+        // Name (_S5_, Package (4) {5, 5, 0, 0})
+        assert_eq!(
+            &body[..14],
+            &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 4, 0x0A, 5, 0x0A, 5, 0, 0]
+        );
+        // IO (Decode16, 0x3F8, 0x3F8, 1, 8) and IRQNoFlags () {4}
+        let io = [0x47, 1, 0xF8, 3, 0xF8, 3, 1, 8, 0x22, 0x10, 0x00, 0x79, 0];
+        assert!(d.windows(io.len()).any(|w| w == io));
+    }
+}
