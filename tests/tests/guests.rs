@@ -228,31 +228,19 @@ fn guest_exceptions_reach_the_guest_idt() {
     );
 }
 
-#[test]
-fn sigterm_powers_off_with_exit_1() {
+/// Starts a guest that waits for console input, once its VM object (RAM file) exists.
+fn start_waiting_guest(dir: &Path, name: &str) -> harness::KillOnDrop {
     require_kvm();
-    let dir = scratch_dir("tg-term");
-    let mut cmd = rhyve_cmd(&dir);
-    cmd.args([
-        "-m",
-        MEM,
-        "-l",
-        "com1,stdio",
-        "--kernel",
-        TESTGUEST_BZIMAGE,
-        "--append",
-        "rhyve.test=echo",
-        "tg-term",
-    ]);
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut guard = harness::KillOnDrop(cmd.spawn().unwrap());
-    let child = &mut guard.0;
-    // Wait until the guest is up and waiting for input, then terminate rhyve.
-    let memory = dir.join("tg-term").join("memory");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut cmd = rhyve_cmd(dir);
+    cmd.args(["-m", MEM, "-l", "com1,stdio", "--kernel", TESTGUEST_BZIMAGE])
+        .args(["--append", "rhyve.test=echo", name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let guard = harness::KillOnDrop(cmd.spawn().expect("spawn rhyve"));
+    let memory = dir.join(name).join("memory");
     let ram_file_ready = || std::fs::metadata(&memory).is_ok_and(|m| m.len() == MEM_BYTES);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !ram_file_ready() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -260,56 +248,43 @@ fn sigterm_powers_off_with_exit_1() {
         ram_file_ready(),
         "VM object with its guest RAM file never appeared"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the guest reach its input loop.
+    std::thread::sleep(Duration::from_millis(300));
+    guard
+}
+
+#[test]
+fn sigterm_powers_off_with_exit_1() {
+    let dir = scratch_dir("tg-term");
+    let mut guard = start_waiting_guest(&dir, "tg-term");
+    let child = &mut guard.0;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("rhyve ignored SIGTERM");
-        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rhyve ignored SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(1));
-    assert!(!dir.join("tg-term").exists());
+    assert!(
+        !dir.join("tg-term").exists(),
+        "runtime directory left behind"
+    );
 }
 
 #[test]
 fn two_vms_with_one_name_are_refused() {
-    require_kvm();
     let dir = scratch_dir("tg-dup");
-    let mut first = rhyve_cmd(&dir);
-    first.args([
-        "-m",
-        MEM,
-        "-l",
-        "com1,stdio",
-        "--kernel",
-        TESTGUEST_BZIMAGE,
-        "--append",
-        "rhyve.test=echo",
-        "dupvm",
-    ]);
-    first
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut guard = harness::KillOnDrop(first.spawn().unwrap());
-    let child = &mut guard.0;
-    let pidfile = dir.join("dupvm").join("pid");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !pidfile.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    let _first = start_waiting_guest(&dir, "dupvm");
     let mut second = rhyve_cmd(&dir);
     second.args(["-m", MEM, "--kernel", TESTGUEST_BZIMAGE, "dupvm"]);
     let out = harness::run(&mut second, Run::default()).unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
     assert_eq!(out.code(), Some(4));
     assert!(out.stderr.contains("already exists"), "{}", out.stderr);
 }
