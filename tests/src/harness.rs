@@ -288,9 +288,12 @@ pub fn rhyve_cmd(rundir: &std::path::Path) -> Command {
     cmd
 }
 
-/// A fresh scratch directory under the system temp dir.
+/// A fresh scratch directory under the system temp dir, unique per call (tests run in
+/// parallel threads of one process).
 pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("rhyve-test-{tag}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("rhyve-test-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d

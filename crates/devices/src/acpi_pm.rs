@@ -13,6 +13,11 @@ pub const PM1A_CNT_PORT: u16 = 0x404;
 pub const PM1A_CNT_LEN: u64 = 2;
 /// Reset control register.
 pub const RESET_PORT: u16 = 0xcf9;
+/// ACPI PM timer (bhyve's address), a 32-bit counter (FADT TMR_VAL_EXT).
+pub const PM_TIMER_PORT: u16 = 0x408;
+pub const PM_TIMER_LEN: u64 = 4;
+/// The PM timer runs at 3.579545 MHz.
+pub const PM_TIMER_HZ: u128 = 3_579_545;
 
 const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
@@ -131,6 +136,45 @@ impl BusDevice for ResetControl {
     }
 }
 
+/// The ACPI PM timer: a free-running 32-bit count of 3.579545 MHz ticks since VM start.
+pub struct PmTimer {
+    start: std::time::Instant,
+}
+
+impl PmTimer {
+    /// A timer counting from now.
+    pub fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn ticks(&self) -> u32 {
+        (self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) as u32
+    }
+}
+
+impl Default for PmTimer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BusDevice for PmTimer {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let bytes = self.ticks().to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = reg_index(offset, i)
+                .and_then(|j| bytes.get(j))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// The counter is read-only.
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +208,22 @@ mod tests {
         evt.read(0, &mut b);
         assert_eq!(b, [0, 0, 1, 1]);
         evt.read(u64::MAX - 1, &mut b);
+    }
+
+    #[test]
+    fn pm_timer_counts_at_its_rate() {
+        let mut t = PmTimer::new();
+        let mut a = [0u8; 4];
+        t.read(0, &mut a);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut b = [0u8; 4];
+        t.read(0, &mut b);
+        let delta = u32::from_le_bytes(b).wrapping_sub(u32::from_le_bytes(a));
+        // 20 ms is 71 591 ticks; allow for a slow scheduler but not for a wrong rate.
+        assert!((71_000..72_000 * 5).contains(&delta), "{delta}");
+        t.write(0, &[1, 2, 3, 4]);
+        let mut odd = [0u8; 2];
+        t.read(u64::MAX, &mut odd);
+        assert_eq!(odd, [0, 0]);
     }
 }

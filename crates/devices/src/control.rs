@@ -1,5 +1,6 @@
 //! How devices, vCPUs and signals ask the VM to stop, and how the main thread waits for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// Why the VM stopped; maps onto bhyve(8)'s exit statuses.
@@ -38,6 +39,8 @@ impl StopReason {
 pub struct VmControl {
     reason: Mutex<Option<StopReason>>,
     changed: Condvar,
+    /// Mirrors `reason.is_some()` so the vCPU loop checks it without a lock on every exit.
+    stopping: AtomicBool,
 }
 
 impl VmControl {
@@ -53,6 +56,7 @@ impl VmControl {
             return false;
         }
         *guard = Some(reason);
+        self.stopping.store(true, Ordering::Release);
         self.changed.notify_all();
         true
     }
@@ -67,7 +71,7 @@ impl VmControl {
 
     /// Whether a stop was requested.
     pub fn stopping(&self) -> bool {
-        self.stop_reason().is_some()
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// Blocks until a stop is requested.

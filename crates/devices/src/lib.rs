@@ -10,6 +10,7 @@ pub mod control;
 pub mod i8042;
 pub mod pc_testdev;
 pub mod post;
+pub mod rtc;
 pub mod uart;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -49,6 +49,11 @@ const PM1A_EVT_LEN: u8 = 4;
 const PM1A_CNT_PORT: u16 = 0x404;
 const PM1A_CNT_LEN: u8 = 2;
 const RESET_PORT: u16 = 0xCF9;
+/// ACPI PM timer (32-bit, `devices::acpi_pm::PmTimer`).
+const PM_TIMER_PORT: u16 = 0x408;
+const PM_TIMER_LEN: u8 = 4;
+/// CMOS register holding the century (`devices::rtc::CENTURY_REG`).
+const RTC_CENTURY_REG: u8 = 0x32;
 const RESET_VALUE: u8 = 0x06;
 /// SCI on ISA IRQ 9 (= GSI 9).
 const SCI_IRQ: u8 = 9;
@@ -221,7 +226,8 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
         // No fixed-feature power or sleep button.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
-        .flag(Flags::ResetRegSup);
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::TmrValExt);
     // All of this lives below 1 MiB.
     f.dsdt = (dsdt as u32).into();
     f.sci_int = u16::from(SCI_IRQ).into();
@@ -233,7 +239,10 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     f.pm1_cnt_len = PM1A_CNT_LEN;
     f.x_pm1a_evt_blk = io_gas(PM1A_EVT_LEN, AccessSize::Undefined, PM1A_EVT_PORT);
     f.x_pm1a_cnt_blk = io_gas(PM1A_CNT_LEN, AccessSize::Undefined, PM1A_CNT_PORT);
-    // No PM timer (PM_TMR_BLK 0, length 0).
+    f.pm_tmr_blk = u32::from(PM_TIMER_PORT).into();
+    f.pm_tmr_len = PM_TIMER_LEN;
+    f.x_pm_tmr_blk = io_gas(PM_TIMER_LEN, AccessSize::DwordAccess, PM_TIMER_PORT);
+    f.century = RTC_CENTURY_REG;
     f.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     f.reset_reg = io_gas(1, AccessSize::ByteAccess, RESET_PORT);
     f.reset_value = RESET_VALUE;
@@ -380,15 +389,24 @@ mod tests {
         assert_eq!(u32_at(&fadt, 48), 0, "SMI_CMD");
         assert_eq!(u32_at(&fadt, 56), 0x400, "PM1a_EVT_BLK");
         assert_eq!(u32_at(&fadt, 64), 0x404, "PM1a_CNT_BLK");
-        assert_eq!(u32_at(&fadt, 76), 0, "PM_TMR_BLK");
-        assert_eq!((fadt[88], fadt[89], fadt[91]), (4, 2, 0));
+        assert_eq!(u32_at(&fadt, 76), 0x408, "PM_TMR_BLK");
+        assert_eq!(
+            (fadt[88], fadt[89], fadt[91]),
+            (4, 2, 4),
+            "PM1_EVT_LEN, PM1_CNT_LEN, PM_TMR_LEN"
+        );
+        assert_eq!(fadt[108], 0x32, "CENTURY");
         assert_eq!(
             u16::from_le_bytes([fadt[109], fadt[110]]),
             3,
             "IAPC_BOOT_ARCH"
         );
         let flags = u32_at(&fadt, 112);
-        assert_eq!(flags, 1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 10);
+        assert_eq!(
+            flags,
+            1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 10,
+            "WBINVD PROC_C1 PWR_BUTTON SLP_BUTTON TMR_VAL_EXT RESET_REG_SUP"
+        );
         assert_eq!(&fadt[116..120], &[1, 8, 0, 1], "RESET_REG: I/O, 8 bits");
         assert_eq!(u64_at(&fadt, 120), 0xCF9);
         assert_eq!(fadt[128], 6, "RESET_VALUE");

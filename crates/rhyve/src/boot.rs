@@ -1,6 +1,6 @@
 //! Puts the loader's entry state into vCPU 0's registers.
 
-use kvm_bindings::kvm_segment;
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use loader::{EntryState, Segment};
 use vmmapi::Vcpu;
 
@@ -22,9 +22,9 @@ fn segment(s: &Segment) -> kvm_segment {
     }
 }
 
-/// Loads `entry` into the boot vCPU.
-pub fn set_entry_state(vcpu: &Vcpu, entry: &EntryState) -> vmmapi::Result<()> {
-    let mut sregs = vcpu.sregs()?;
+/// Writes `entry` into register sets read from a vCPU (so fields it does not cover, such as
+/// the APIC base, keep KVM's values).
+pub fn apply_entry_state(entry: &EntryState, regs: &mut kvm_regs, sregs: &mut kvm_sregs) {
     sregs.cs = segment(&entry.cs);
     let data = segment(&entry.data);
     sregs.ds = data;
@@ -42,17 +42,21 @@ pub fn set_entry_state(vcpu: &Vcpu, entry: &EntryState) -> vmmapi::Result<()> {
     sregs.cr3 = entry.cr3;
     sregs.cr4 = entry.cr4;
     sregs.efer = entry.efer;
-    vcpu.set_sregs(&sregs)?;
-
-    let mut regs = vcpu.regs()?;
     regs.rip = entry.rip;
     regs.rsp = entry.rsp;
     regs.rbp = entry.rsp;
     regs.rsi = entry.rsi;
     regs.rbx = entry.rbx;
     regs.rflags = entry.rflags;
-    vcpu.set_regs(&regs)?;
+}
 
+/// Loads `entry` into the boot vCPU.
+pub fn set_entry_state(vcpu: &Vcpu, entry: &EntryState) -> vmmapi::Result<()> {
+    let mut sregs = vcpu.sregs()?;
+    let mut regs = vcpu.regs()?;
+    apply_entry_state(entry, &mut regs, &mut sregs);
+    vcpu.set_sregs(&sregs)?;
+    vcpu.set_regs(&regs)?;
     // x87 control word and MXCSR as after FINIT/reset, which SSE code relies on.
     let mut fpu = vcpu.fpu()?;
     fpu.fcw = 0x37f;

@@ -198,6 +198,8 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Write an MP table (bhyve's default; -Y turns it off).
     pub mptable: bool,
+    /// RTC in local time (bhyve's default); -u makes it UTC.
+    pub rtc_localtime: bool,
     /// vCPU → host CPUs.
     pub pins: Vec<(u32, Vec<usize>)>,
     /// (bus, slot, function, emulation name)
@@ -333,6 +335,7 @@ impl VmConfig {
             destroy_on_poweroff: flag("destroy_on_poweroff", false)?,
             acpi: flag("acpi_tables", false)?,
             mptable: flag("x86.mptable", true)?,
+            rtc_localtime: flag("rtc.use_localtime", true)?,
             pins,
             pci,
         })

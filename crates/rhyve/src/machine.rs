@@ -6,14 +6,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use devices::{acpi_pm, i8042, pc_testdev, post, uart, Bus, BusDevice, StopReason, VmControl};
+use devices::{acpi_pm, i8042, pc_testdev, post, rtc, uart, Bus, BusDevice, StopReason, VmControl};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use vmmapi::{Hypervisor, Vm};
 
 use crate::config::{ConsoleBackend, VmConfig};
 use crate::vcpu::{VcpuContext, VcpuStats};
-use crate::{boot, console, signals, terminal};
+use crate::{console, signals, terminal};
+use rhyve::boot;
 
 fn shared(d: impl BusDevice + 'static) -> Arc<Mutex<dyn BusDevice>> {
     Arc::new(Mutex::new(d))
@@ -65,6 +66,27 @@ fn build_buses(
         u64::from(acpi_pm::PM1A_CNT_PORT),
         acpi_pm::PM1A_CNT_LEN,
         shared(acpi_pm::Pm1Control::new(control.clone())),
+    )?;
+    pio.insert(
+        "pm-timer",
+        u64::from(acpi_pm::PM_TIMER_PORT),
+        acpi_pm::PM_TIMER_LEN,
+        shared(acpi_pm::PmTimer::new()),
+    )?;
+    let rtc_offset = if cfg.rtc_localtime {
+        local_utc_offset()
+    } else {
+        0
+    };
+    pio.insert(
+        "rtc",
+        u64::from(rtc::RTC_PORT),
+        rtc::RTC_LEN,
+        shared(rtc::Rtc::new(
+            rtc_offset,
+            cfg.memory,
+            Box::new(rtc::host_now),
+        )),
     )?;
     pio.insert(
         "reset",
@@ -126,6 +148,18 @@ fn build_buses(
         )?;
     }
     Ok(Buses { pio, mmio })
+}
+
+/// The host's offset from UTC in seconds, for a local-time RTC.
+fn local_utc_offset() -> i64 {
+    let now = rtc::host_now() as libc::time_t;
+    // SAFETY: tm is plain data filled by localtime_r from a valid time_t.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to stack values.
+    if unsafe { libc::localtime_r(&now, &mut tm) }.is_null() {
+        return 0;
+    }
+    tm.tm_gmtoff
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

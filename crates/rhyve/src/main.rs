@@ -1,6 +1,5 @@
 //! rhyve: bhyve's userland hypervisor, on Linux KVM.
 
-mod boot;
 mod cli;
 mod config;
 mod console;
