@@ -9,9 +9,11 @@ pub mod bus;
 pub mod control;
 pub mod i8042;
 pub mod pc_testdev;
+pub mod pci;
 pub mod post;
 pub mod rtc;
 pub mod uart;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use control::{StopReason, VmControl};

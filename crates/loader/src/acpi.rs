@@ -77,11 +77,24 @@ const ALL_PROCESSORS: u8 = 0xFF;
 const SDT_HEADER_LEN: usize = 36;
 const MADT_HEADER_LEN: usize = SDT_HEADER_LEN + 8;
 
+/// PCI as `devices::pci::root` lays it out: ECAM, the BAR windows and the INTx rule.
+pub const PCI_ECAM_BASE: u64 = 0xE000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+const PCI_IO_WINDOW: (u16, u16) = (0x2000, 0xFFFF);
+const PCI_MEM32_WINDOW: (u32, u32) = (0xC000_0000, 0xDFFF_FFFF);
+const PCI_MEM64_WINDOW: (u64, u64) = (0x80_0000_0000, 0x80_0000_0000 + (64 << 30) - 1);
+/// Slot S, pin P (0 = INTA#) → GSI 16 + (S + P) mod 8.
+fn pci_intx_gsi(slot: u32, pin: u32) -> u32 {
+    16 + (slot + pin) % 8
+}
+
 /// What the tables describe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of vCPUs (APIC ids 0..nr_cpus).
     pub nr_cpus: u32,
+    /// A PCI root (`-s` slots): `\_SB.PCI0` in the DSDT and an MCFG.
+    pub pci: bool,
 }
 
 /// Guest-physical addresses of each table, as [`write_acpi_tables`] places them.
@@ -99,6 +112,8 @@ pub struct AcpiLayout {
     pub dsdt: u64,
     /// Multiple APIC Description Table.
     pub madt: u64,
+    /// PCI Express memory-mapped configuration space table (with PCI only).
+    pub mcfg: Option<u64>,
     /// End (exclusive) of the last table.
     pub end: u64,
 }
@@ -118,6 +133,22 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
+/// Pre-encoded AML bytes.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// The MCFG: one ECAM area for segment 0, buses 0..=255.
+fn mcfg() -> Vec<u8> {
+    let mut m = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(PCI_ECAM_BASE, 0, 0, 255);
+    to_bytes(&m)
+}
+
 /// `IRQNoFlags () {irq}`: the small IRQ descriptor without its information byte.
 struct IrqNoFlags(u8);
 
@@ -128,8 +159,70 @@ impl Aml for IrqNoFlags {
     }
 }
 
-/// The DSDT: `\_S5_` and the COM1 UART.
-fn dsdt() -> Vec<u8> {
+/// `\_SB.PCI0`: the root bridge, its windows and the INTx routing, plus a motherboard
+/// resource device reserving the ECAM range (Linux wants MCFG areas claimed there).
+fn pci_devices() -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let zero = 0u8;
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 255);
+    let cfg_io = aml::IO::new(0xCF8, 0xCF8, 1, 8);
+    let io = aml::AddressSpace::<u16>::new_io(PCI_IO_WINDOW.0, PCI_IO_WINDOW.1, None);
+    let mem32 = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MEM32_WINDOW.0,
+        PCI_MEM32_WINDOW.1,
+        None,
+    );
+    let mem64 = aml::AddressSpace::<u64>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MEM64_WINDOW.0,
+        PCI_MEM64_WINDOW.1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io, &mem32, &mem64]);
+    // _PRT: Package { Address 0xSSSSFFFF, Pin, Source 0 (a GSI), Source Index = GSI }.
+    let entries: Vec<(u32, u8, u32)> = (0..32u32)
+        .flat_map(|slot| {
+            (0..4u32).map(move |pin| (slot << 16 | 0xFFFF, pin as u8, pci_intx_gsi(slot, pin)))
+        })
+        .collect();
+    let pkgs: Vec<aml::Package> = entries
+        .iter()
+        .map(|(a, p, g)| aml::Package::new(vec![a, p, &zero, g]))
+        .collect();
+    let prt = aml::Package::new(pkgs.iter().map(|p| p as &dyn Aml).collect());
+    let names = [
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_CID".into(), &cid),
+        aml::Name::new("_ADR".into(), &zero),
+        aml::Name::new("_SEG".into(), &zero),
+        aml::Name::new("_UID".into(), &zero),
+        aml::Name::new("_BBN".into(), &zero),
+        aml::Name::new("_CRS".into(), &crs),
+        aml::Name::new("_PRT".into(), &prt),
+    ];
+    let pci0 = aml::Device::new("PCI0".into(), names.iter().map(|n| n as &dyn Aml).collect());
+
+    let mres_hid = aml::EISAName::new("PNP0C02");
+    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_BASE as u32, PCI_ECAM_SIZE as u32);
+    let mres_crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let mres_hid_name = aml::Name::new("_HID".into(), &mres_hid);
+    let mres_uid = aml::Name::new("_UID".into(), &zero);
+    let mres_crs_name = aml::Name::new("_CRS".into(), &mres_crs);
+    let mres = aml::Device::new(
+        "MRES".into(),
+        vec![&mres_hid_name, &mres_uid, &mres_crs_name],
+    );
+    let mut v = to_bytes(&pci0);
+    mres.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT: `\_S5_`, the COM1 UART and, with `pci`, the PCI root bridge.
+fn dsdt(pci: bool) -> Vec<u8> {
     let (s5, zero) = (SLP_TYP_S5, 0u8);
     let s5_pkg = aml::Package::new(vec![&s5, &s5, &zero, &zero]);
     let s5_name = aml::Name::new("_S5_".into(), &s5_pkg);
@@ -143,7 +236,8 @@ fn dsdt() -> Vec<u8> {
     let uid_name = aml::Name::new("_UID".into(), &uid);
     let crs_name = aml::Name::new("_CRS".into(), &crs);
     let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    let pci_raw = RawAml(if pci { pci_devices() } else { Vec::new() });
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &pci_raw]);
 
     let mut body = to_bytes(&s5_name);
     sb.to_aml_bytes(&mut body);
@@ -249,28 +343,34 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     to_bytes(&f.finalize())
 }
 
-/// Where each table goes for `nr_cpus` vCPUs (no writes, no range check).
-pub fn acpi_layout(nr_cpus: u32) -> AcpiLayout {
+/// Length of the MCFG with one ECAM entry.
+const MCFG_LEN: u64 = SDT_HEADER_LEN as u64 + 8 + 16;
+
+/// Where each table goes for `cfg` (no writes, no range check).
+pub fn acpi_layout(cfg: &AcpiConfig) -> AcpiLayout {
     let rsdp = ACPI_START;
     let xsdt = align_up(rsdp + Rsdp::len() as u64, 16);
-    let facs = align_up(xsdt + SDT_HEADER_LEN as u64 + 2 * 8, 64);
+    // Room for three XSDT entries: FADT, MADT and the MCFG.
+    let facs = align_up(xsdt + SDT_HEADER_LEN as u64 + 3 * 8, 64);
     let fadt = align_up(facs + FACS::len() as u64, 16);
-    let dsdt = align_up(fadt + acpi_tables::fadt::FADT::len() as u64, 16);
-    let madt = align_up(dsdt + dsdt_len() as u64, 16);
-    let end = madt + madt_len(nr_cpus) as u64;
+    let dsdt_at = align_up(fadt + acpi_tables::fadt::FADT::len() as u64, 16);
+    let madt = align_up(dsdt_at + dsdt(cfg.pci).len() as u64, 16);
+    let mut end = madt + madt_len(cfg.nr_cpus) as u64;
+    let mcfg = cfg.pci.then(|| {
+        let at = align_up(end, 16);
+        end = at + MCFG_LEN;
+        at
+    });
     AcpiLayout {
         rsdp,
         xsdt,
         facs,
         fadt,
-        dsdt,
+        dsdt: dsdt_at,
         madt,
+        mcfg,
         end,
     }
-}
-
-fn dsdt_len() -> usize {
-    dsdt().len()
 }
 
 /// Writes RSDP + XSDT + FADT + FACS + DSDT + MADT into guest memory; returns the RSDP
@@ -279,7 +379,7 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cfg: &AcpiConfig) -> Re
     if !(1..=MAX_CPUS).contains(&cfg.nr_cpus) {
         return Err(Error::AcpiBadCpuCount(cfg.nr_cpus));
     }
-    let l = acpi_layout(cfg.nr_cpus);
+    let l = acpi_layout(cfg);
     if l.end > ACPI_LIMIT {
         return Err(Error::AcpiTooBig(l.end));
     }
@@ -287,15 +387,21 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cfg: &AcpiConfig) -> Re
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(l.fadt);
     xsdt.add_entry(l.madt);
+    if let Some(m) = l.mcfg {
+        xsdt.add_entry(m);
+    }
 
-    let tables: [(u64, Vec<u8>); 6] = [
+    let mut tables: Vec<(u64, Vec<u8>)> = vec![
         (l.rsdp, to_bytes(&Rsdp::new(OEM_ID, l.xsdt))),
         (l.xsdt, to_bytes(&xsdt)),
         (l.facs, to_bytes(&FACS::new())),
         (l.fadt, fadt(l.facs, l.dsdt)),
-        (l.dsdt, dsdt()),
+        (l.dsdt, dsdt(cfg.pci)),
         (l.madt, madt(cfg.nr_cpus)),
     ];
+    if let Some(m) = l.mcfg {
+        tables.push((m, mcfg()));
+    }
     for (addr, bytes) in &tables {
         write_guest(mem, *addr, bytes)?;
     }
@@ -345,9 +451,10 @@ mod tests {
         t
     }
 
-    fn check(nr_cpus: u32) {
+    fn check(nr_cpus: u32, pci: bool) {
         let mem = guest(64 << 20);
-        let rsdp = write_acpi_tables(&mem, &AcpiConfig { nr_cpus }).unwrap();
+        let cfg = AcpiConfig { nr_cpus, pci };
+        let rsdp = write_acpi_tables(&mem, &cfg).unwrap();
         let mut used = Vec::new();
 
         assert_eq!(rsdp % 16, 0);
@@ -364,9 +471,16 @@ mod tests {
         let xsdt = table(&mem, u64_at(&r, 24), &mut used);
         assert_eq!(&xsdt[..4], b"XSDT");
         let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
-        assert_eq!(entries.len(), 2);
+        assert_eq!(entries.len(), if pci { 3 } else { 2 });
         let fadt = table(&mem, entries[0], &mut used);
         let madt = table(&mem, entries[1], &mut used);
+        if pci {
+            let m = table(&mem, entries[2], &mut used);
+            assert_eq!(&m[..4], b"MCFG");
+            assert_eq!(m.len(), 60);
+            assert_eq!(u64_at(&m, 44), 0xE000_0000);
+            assert_eq!(&m[52..56], &[0, 0, 0, 255], "segment 0, buses 0-255");
+        }
         assert_eq!(&fadt[..4], b"FACP");
         assert_eq!(&madt[..4], b"APIC");
 
@@ -385,6 +499,8 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        assert_eq!(dsdt.windows(4).any(|w| w == b"PCI0"), pci);
+        assert_eq!(dsdt.windows(4).any(|w| w == b"_PRT"), pci);
         assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9, "SCI_INT");
         assert_eq!(u32_at(&fadt, 48), 0, "SMI_CMD");
         assert_eq!(u32_at(&fadt, 56), 0x400, "PM1a_EVT_BLK");
@@ -464,28 +580,62 @@ mod tests {
         assert!(used
             .iter()
             .all(|&(s, e)| s >= layout::BIOS_START && e <= ACPI_LIMIT));
-        assert_eq!(acpi_layout(nr_cpus).end, used.last().unwrap().1);
+        assert_eq!(acpi_layout(&cfg).end, used.last().unwrap().1);
     }
 
     #[test]
     fn tables_parse_back() {
         for n in [1, 2, 4, 64, MAX_CPUS] {
-            check(n);
+            check(n, false);
+            check(n, true);
         }
+    }
+
+    #[test]
+    fn pci_root_bridge_aml() {
+        let d = dsdt(true);
+        let has = |pat: &[u8]| d.windows(pat.len()).any(|w| w == pat);
+        // _HID EISAID("PNP0A08"), _CID EISAID("PNP0A03").
+        assert!(has(&[b'_', b'H', b'I', b'D', 0x0C, 0x41, 0xD0, 0x0A, 0x08]));
+        assert!(has(&[b'_', b'C', b'I', b'D', 0x0C, 0x41, 0xD0, 0x0A, 0x03]));
+        // WordBusNumber 0..255, IO 0xCF8 x8, WordIO 0x2000..0xFFFF,
+        // DWordMemory 0xC0000000..0xDFFFFFFF.
+        assert!(has(&[
+            0x88, 0x0D, 0, 2, 0x0C, 0, 0, 0, 0, 0, 0xFF, 0, 0, 0, 0, 1
+        ]));
+        assert!(has(&[0x47, 1, 0xF8, 0x0C, 0xF8, 0x0C, 1, 8]));
+        assert!(has(&[0, 0, 0, 0x20, 0xFF, 0xFF, 0, 0, 0, 0xE0]));
+        assert!(has(&[0, 0, 0, 0xC0, 0xFF, 0xFF, 0xFF, 0xDF]));
+        // _PRT entries: slot 0 INTA# → 16, slot 3 INTA# → 19, slot 31 INTD# → 18.
+        assert!(has(&[0x12, 0x09, 4, 0x0B, 0xFF, 0xFF, 0, 0, 0x0A, 16]));
+        assert!(has(&[
+            0x12, 0x0B, 4, 0x0C, 0xFF, 0xFF, 3, 0, 0, 0, 0x0A, 19
+        ]));
+        assert!(has(&[0x0C, 0xFF, 0xFF, 31, 0, 0x0A, 3, 0x00, 0x0A, 18]));
+        assert!(has(b"MRES"));
+        assert_eq!(pci_intx_gsi(31, 3), 18);
+        assert!(dsdt(false).len() < d.len());
     }
 
     #[test]
     fn bad_cpu_counts() {
         let mem = guest(64 << 20);
         for n in [0, MAX_CPUS + 1] {
-            let e = write_acpi_tables(&mem, &AcpiConfig { nr_cpus: n }).unwrap_err();
+            let e = write_acpi_tables(
+                &mem,
+                &AcpiConfig {
+                    nr_cpus: n,
+                    pci: false,
+                },
+            )
+            .unwrap_err();
             assert!(matches!(e, Error::AcpiBadCpuCount(m) if m == n), "{e}");
         }
     }
 
     #[test]
     fn dsdt_aml_bytes() {
-        let d = dsdt();
+        let d = dsdt(false);
         let body = &d[SDT_HEADER_LEN..];
         // Name (_S5_, Package (4) {5, 5, 0, 0})
         assert_eq!(

@@ -354,7 +354,7 @@ mod tests {
         assert_eq!(({ bp.ext_ramdisk_image }, { bp.ext_ramdisk_size }), (0, 0));
         assert_eq!({ bp.acpi_rsdp_addr }, 0xf_0000);
         assert_eq!({ bp.sentinel }, 0);
-        assert_eq!(bp.e820_entries, 4);
+        assert_eq!(bp.e820_entries, 5);
         let e3 = bp.e820_table[3];
         assert_eq!(
             ({ e3.addr }, { e3.size }, { e3.r#type }),

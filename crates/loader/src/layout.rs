@@ -23,6 +23,12 @@ pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 /// End of the 32-bit PCI/MMIO hole (4 GiB).
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 
+/// PCI ECAM (`devices::pci::root::ECAM_BASE`): reserved in the e820 map, as firmware does,
+/// so the OS accepts the MCFG area and never puts anything else there.
+pub const PCI_ECAM_START: u64 = 0xE000_0000;
+/// End of the ECAM window (buses 0–255).
+pub const PCI_ECAM_END: u64 = 0xF000_0000;
+
 /// Start of the extended BIOS data area; low RAM reported to the guest ends here.
 pub const EBDA_START: u64 = 0x9_fc00;
 /// End of the EBDA (start of the legacy VGA window).
@@ -161,7 +167,7 @@ pub fn in_ram(ram_bytes: u64, addr: u64, len: u64) -> bool {
 /// The e820 map for a guest with `ram_bytes` of RAM laid out as [`ram_regions`].
 pub fn e820_map(ram_bytes: u64) -> Vec<E820Entry> {
     let low = low_ram_end(ram_bytes);
-    let mut v = Vec::with_capacity(5);
+    let mut v = Vec::with_capacity(6);
     let mut push = |addr: u64, end: u64, kind| {
         if end > addr {
             v.push(E820Entry {
@@ -175,6 +181,7 @@ pub fn e820_map(ram_bytes: u64) -> Vec<E820Entry> {
     push(EBDA_START, EBDA_END, E820Kind::Reserved);
     push(BIOS_START, HIGH_MEMORY_START, E820Kind::Reserved);
     push(HIGH_MEMORY_START, low, E820Kind::Ram);
+    push(PCI_ECAM_START, PCI_ECAM_END, E820Kind::Reserved);
     let high = ram_bytes - low;
     push(
         MMIO_HOLE_END,
@@ -232,6 +239,11 @@ mod tests {
                     size: 255 * MIB,
                     kind: E820Kind::Ram
                 },
+                E820Entry {
+                    addr: 0xE000_0000,
+                    size: 256 * MIB,
+                    kind: E820Kind::Reserved
+                },
             ]
         );
         assert_eq!(ram_regions(256 * MIB), vec![(0, 256 * MIB)]);
@@ -240,7 +252,7 @@ mod tests {
     #[test]
     fn e820_large_guest_splits_around_hole() {
         let m = e820_map(5 * GIB);
-        assert_eq!(m.len(), 5);
+        assert_eq!(m.len(), 6);
         assert_eq!(
             m[3],
             E820Entry {
@@ -250,7 +262,7 @@ mod tests {
             }
         );
         assert_eq!(
-            m[4],
+            m[5],
             E820Entry {
                 addr: 4 * GIB,
                 size: 2 * GIB,
@@ -260,7 +272,7 @@ mod tests {
         assert_eq!(ram_regions(5 * GIB), vec![(0, 3 * GIB), (4 * GIB, 2 * GIB)]);
         // Exactly 3 GiB: no high slot.
         assert_eq!(ram_regions(3 * GIB), vec![(0, 3 * GIB)]);
-        assert_eq!(e820_map(3 * GIB).len(), 4);
+        assert_eq!(e820_map(3 * GIB).len(), 5);
     }
 
     #[test]

@@ -424,7 +424,7 @@ mod tests {
         assert_eq!((info.nr_modules, info.modlist_paddr), (1, PVH_MODLIST_ADDR));
         assert_eq!(
             (info.memmap_paddr, info.memmap_entries),
-            (PVH_MEMMAP_ADDR, 4)
+            (PVH_MEMMAP_ADDR, 5)
         );
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();
         assert_eq!((m.paddr, m.size, m.cmdline_paddr), (is, 3000, 0));

@@ -202,8 +202,19 @@ pub struct VmConfig {
     pub rtc_localtime: bool,
     /// vCPU → host CPUs.
     pub pins: Vec<(u32, Vec<usize>)>,
-    /// (bus, slot, function, emulation name)
-    pub pci: Vec<(u8, u8, u8, &'static emulations::Emulation)>,
+    /// The `-s` slots, in (bus, slot, function) order.
+    pub pci: Vec<PciSlot>,
+}
+
+/// One `-s` slot: its address, emulation and the device's own keys.
+#[derive(Debug, Clone)]
+pub struct PciSlot {
+    pub bus: u8,
+    pub slot: u8,
+    pub func: u8,
+    pub emulation: &'static emulations::Emulation,
+    /// Keys below `pci.B.S.F.` other than `device` (e.g. `path`, `ro`), prefix removed.
+    pub opts: BTreeMap<String, String>,
 }
 
 impl VmConfig {
@@ -319,9 +330,24 @@ impl VmConfig {
                     x.parse::<u8>()
                         .map_err(|_| ConfigError(format!("{k}: bad PCI address")))
                 };
-                pci.push((n(b)?, n(s)?, n(f)?, emu));
+                let prefix = format!("pci.{b}.{s}.{f}");
+                let opts = t
+                    .children(&prefix)
+                    .filter_map(|(k, v)| {
+                        let rest = k.strip_prefix(&prefix)?.strip_prefix('.')?;
+                        (rest != "device").then(|| (rest.to_string(), v.to_string()))
+                    })
+                    .collect();
+                pci.push(PciSlot {
+                    bus: n(b)?,
+                    slot: n(s)?,
+                    func: n(f)?,
+                    emulation: emu,
+                    opts,
+                });
             }
         }
+        pci.sort_by_key(|p| (p.bus, p.slot, p.func));
         Ok(Self {
             name: name.to_string(),
             cpus,
@@ -376,6 +402,29 @@ mod tests {
         assert!(t.validate().is_ok());
         t.set("pci.0.0.0.path", "x");
         assert!(t.validate().unwrap_err().to_string().contains("hostbridge"));
+    }
+
+    #[test]
+    fn pci_slots_in_address_order() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("pci.0.31.0.device", "lpc");
+        t.set("pci.0.4.0.device", "amd_hostbridge");
+        t.set("pci.0.0.0.device", "hostbridge");
+        let c = VmConfig::from_tree(&t).unwrap();
+        let got: Vec<_> = c
+            .pci
+            .iter()
+            .map(|p| (p.slot, p.emulation.name, p.opts.len()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, "hostbridge", 0),
+                (4, "amd_hostbridge", 0),
+                (31, "lpc", 0)
+            ]
+        );
     }
 
     #[test]

@@ -1,8 +1,33 @@
 //! The registry of `-s` emulations (bhyve's pci_emul table): `-s slot,NAME` is a lookup here,
 //! and `rhyve -s help` prints this list. Adding a device is one file plus one line below.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::hostbridge::HostBridge;
+use devices::pci::lpc::LpcBridge;
+use devices::pci::root::SharedPciDevice;
+use devices::pci::InterruptSink;
+use vmmapi::Vm;
+
+/// What a constructor gets: the VM (guest memory, ioeventfds, irqfds), the slot's address
+/// and keys, and the function's interrupt sink (MSI through KVM, INTx on the slot's GSI).
+/// (The bridges need none of it; the virtio emulations read every field.)
+#[allow(dead_code)]
+pub struct PciContext<'a> {
+    pub vm: &'a Arc<Vm>,
+    pub bus: u8,
+    pub slot: u8,
+    pub func: u8,
+    /// Keys below `pci.B.S.F.` (e.g. `path`), without the prefix.
+    pub opts: &'a BTreeMap<String, String>,
+    pub irq: Arc<dyn InterruptSink>,
+}
+
+/// Builds one function.
+pub type Constructor = fn(&PciContext) -> anyhow::Result<SharedPciDevice>;
+
 /// One PCI device emulation.
-#[derive(Debug)]
 pub struct Emulation {
     /// The name used in `-s slot,NAME`.
     pub name: &'static str,
@@ -10,24 +35,35 @@ pub struct Emulation {
     pub description: &'static str,
     /// Configuration keys the emulation reads below `pci.B.S.F.`.
     pub keys: &'static [&'static str],
+    /// Creates the function.
+    pub build: Constructor,
+}
+
+impl std::fmt::Debug for Emulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
 }
 
 static HOSTBRIDGE: Emulation = Emulation {
     name: "hostbridge",
-    description: "PCI host bridge (the PCI bus itself arrives with the PCI issue)",
+    description: "PCI host bridge (vendor/device 0x1275)",
     keys: &[],
+    build: |_| Ok(Arc::new(Mutex::new(HostBridge::new()))),
 };
 
 static AMD_HOSTBRIDGE: Emulation = Emulation {
     name: "amd_hostbridge",
-    description: "PCI host bridge with AMD's IDs",
+    description: "PCI host bridge with AMD's IDs (0x1022:0x7432)",
     keys: &[],
+    build: |_| Ok(Arc::new(Mutex::new(HostBridge::amd()))),
 };
 
 static LPC: Emulation = Emulation {
     name: "lpc",
     description: "LPC bridge carrying the legacy devices configured with -l",
     keys: &[],
+    build: |_| Ok(Arc::new(Mutex::new(LpcBridge::new()))),
 };
 
 /// Every emulation, in `-s help` order.

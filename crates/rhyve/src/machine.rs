@@ -1,17 +1,20 @@
 //! Machine assembly: VM + RAM + irqchip, devices on the buses, the kernel, vCPU threads,
 //! then wait for a stop and turn it into bhyve's exit status.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use devices::pci::{root as pci_root, InterruptSink, PciRoot};
 use devices::{acpi_pm, i8042, pc_testdev, post, rtc, uart, Bus, BusDevice, StopReason, VmControl};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use vmmapi::{Hypervisor, Vm};
 
 use crate::config::{ConsoleBackend, VmConfig};
+use crate::emulations::PciContext;
 use crate::vcpu::{VcpuContext, VcpuStats};
 use crate::{console, signals, terminal};
 use rhyve::boot;
@@ -88,12 +91,13 @@ fn build_buses(
             Box::new(rtc::host_now),
         )),
     )?;
-    pio.insert(
-        "reset",
-        u64::from(acpi_pm::RESET_PORT),
-        1,
-        shared(acpi_pm::ResetControl::new(control.clone())),
-    )?;
+    let reset = shared(acpi_pm::ResetControl::new(control.clone()));
+    if cfg.pci.is_empty() {
+        pio.insert("reset", u64::from(acpi_pm::RESET_PORT), 1, reset)?;
+    } else {
+        // 0xCF9 sits inside configuration mechanism #1's ports: the PCI device forwards it.
+        attach_pci(vm, cfg, &mut pio, &mut mmio, reset)?;
+    }
 
     for (index, backend) in &cfg.com {
         let (name, port, irq) = uart::COM_PORTS[*index];
@@ -150,6 +154,122 @@ fn build_buses(
     Ok(Buses { pio, mmio })
 }
 
+/// A function's interrupts over KVM: MSI via KVM_SIGNAL_MSI, INTx on its IOAPIC GSI.
+struct VmInterrupts {
+    vm: Arc<Vm>,
+    /// The slot's INTx GSI (u32::MAX: no pin).
+    gsi: AtomicU32,
+    name: String,
+    warned: AtomicBool,
+}
+
+impl VmInterrupts {
+    fn warn_once(&self, what: &str, e: vmmapi::Error) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!("{}: {what}: {e}", self.name);
+        }
+    }
+}
+
+impl InterruptSink for VmInterrupts {
+    fn msi(&self, addr: u64, data: u32) {
+        if let Err(e) = self.vm.signal_msi(addr, data) {
+            self.warn_once("MSI", e);
+        }
+    }
+
+    fn intx(&self, level: bool) {
+        let gsi = self.gsi.load(Ordering::Relaxed);
+        if gsi != u32::MAX {
+            if let Err(e) = self.vm.set_irq_line(gsi, level) {
+                self.warn_once("INTx", e);
+            }
+        }
+    }
+}
+
+/// Builds the PCI root from the `-s` slots, assigns BARs as firmware would and places
+/// configuration mechanism #1 (with the reset register at 0xCF9), ECAM and the BAR windows
+/// on the buses.
+fn attach_pci(
+    vm: &Arc<Vm>,
+    cfg: &VmConfig,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    reset: Arc<Mutex<dyn BusDevice>>,
+) -> Result<()> {
+    let mut root = PciRoot::new();
+    for s in &cfg.pci {
+        let (b, d, f) = (s.bus, s.slot, s.func);
+        let sink = Arc::new(VmInterrupts {
+            vm: vm.clone(),
+            gsi: AtomicU32::new(u32::MAX),
+            name: format!("pci {b}:{d}:{f} {}", s.emulation.name),
+            warned: AtomicBool::new(false),
+        });
+        let ctx = PciContext {
+            vm,
+            bus: b,
+            slot: d,
+            func: f,
+            opts: &s.opts,
+            irq: sink.clone(),
+        };
+        let dev = (s.emulation.build)(&ctx)
+            .with_context(|| format!("-s {b}:{d}:{f},{}", s.emulation.name))?;
+        let pin = dev
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config()
+            .interrupt_pin();
+        if let Some(gsi) = pci_root::intx_gsi(d, pin) {
+            sink.gsi.store(gsi, Ordering::Relaxed);
+        }
+        root.add(b, d, f, dev)
+            .with_context(|| format!("-s {b}:{d}:{f},{}", s.emulation.name))?;
+        log::info!("pci {b}:{d}:{f}: {}", s.emulation.name);
+    }
+    root.assign_resources()?;
+    let root = Arc::new(root);
+    pio.insert(
+        "pci config",
+        u64::from(pci_root::CONFIG_IO_PORT),
+        pci_root::CONFIG_IO_LEN,
+        shared(root.config_io(Some(reset))),
+    )?;
+    // pc-testdev's IRQ ports sit at the bottom of the I/O window (the allocator skips them).
+    let io_base = if cfg.pc_testdev {
+        u64::from(pc_testdev::IRQ_BASE) + pc_testdev::IRQ_LEN
+    } else {
+        pci_root::IO_BASE
+    };
+    pio.insert(
+        "pci io",
+        io_base,
+        pci_root::IO_END - io_base,
+        shared(root.io_window(io_base)),
+    )?;
+    mmio.insert(
+        "pci ecam",
+        pci_root::ECAM_BASE,
+        pci_root::ECAM_SIZE,
+        shared(root.ecam()),
+    )?;
+    mmio.insert(
+        "pci mem32",
+        pci_root::MEM32_BASE,
+        pci_root::MEM32_END - pci_root::MEM32_BASE,
+        shared(root.mem_window(pci_root::MEM32_BASE)),
+    )?;
+    mmio.insert(
+        "pci mem64",
+        pci_root::MEM64_BASE,
+        pci_root::MEM64_SIZE,
+        shared(root.mem_window(pci_root::MEM64_BASE)),
+    )?;
+    Ok(())
+}
+
 /// The host's offset from UTC in seconds, for a local-time RTC.
 fn local_utc_offset() -> i64 {
     let now = rtc::host_now() as libc::time_t;
@@ -186,12 +306,6 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         .kernel
         .clone()
         .ok_or_else(|| anyhow!("no guest to boot: give --kernel PATH (or -o boot.kernel=PATH)"))?;
-    for (b, s, f, emu) in &cfg.pci {
-        log::info!(
-            "pci {b}:{s}:{f}: {} (accepted; the PCI bus arrives with the PCI issue)",
-            emu.name
-        );
-    }
     if cfg.acpi {
         log::debug!("-A: ACPI tables are always generated (accepted for compatibility)");
     }
@@ -211,7 +325,10 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
     }
     let rsdp = loader::acpi::write_acpi_tables(
         vm.ram().memory(),
-        &loader::acpi::AcpiConfig { nr_cpus: cfg.cpus },
+        &loader::acpi::AcpiConfig {
+            nr_cpus: cfg.cpus,
+            pci: !cfg.pci.is_empty(),
+        },
     )?;
     let loaded = loader::load(
         vm.ram().memory(),

@@ -171,6 +171,22 @@ impl Vm {
             .map_err(kvm_err("KVM_IRQ_LINE"))
     }
 
+    /// Delivers one MSI message now (KVM_SIGNAL_MSI): `addr` is the message address
+    /// (0xFEEx_xxxx: destination APIC id, mode), `data` the vector and delivery mode. Returns
+    /// whether the interrupt reached a local APIC (false: blocked or no such destination).
+    pub fn signal_msi(&self, addr: u64, data: u32) -> Result<bool> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.fd
+            .signal_msi(msi)
+            .map(|n| n > 0)
+            .map_err(kvm_err("KVM_SIGNAL_MSI"))
+    }
+
     /// The raw kvm-ioctls VM handle, for features this API does not wrap yet.
     pub fn raw(&self) -> &VmFd {
         &self.fd

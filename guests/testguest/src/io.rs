@@ -33,6 +33,45 @@ pub fn inb(port: u16) -> u8 {
     v
 }
 
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// MMIO read of a `T` (u8/u16/u32/u64: one access of that width) at physical address `addr`,
+/// which the identity map covers (below 4 GiB).
+pub fn mmio_read<T: Copy>(addr: u64) -> T {
+    // SAFETY: device registers below 4 GiB, identity-mapped; a wrong address faults into our
+    // IDT, which reports it.
+    unsafe { (addr as usize as *const T).read_volatile() }
+}
+
+pub fn mmio_write<T: Copy>(addr: u64, v: T) {
+    // SAFETY: as for `mmio_read`.
+    unsafe { (addr as usize as *mut T).write_volatile(v) }
+}
+
+/// Time-stamp counter: bounds polling loops without knowing how fast instructions run.
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the TSC (this machine's KVM handles it, see guests.md).
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (hi as u64) << 32 | lo as u64
+}
+
 pub fn pause() {
     // SAFETY: `pause` is a hint with no architectural effect.
     unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) }
@@ -116,6 +155,8 @@ pub enum P<'a> {
     X(u64),
     /// 16 hex digits, no prefix.
     X16(u64),
+    /// Exactly this many hex digits, no prefix.
+    H(u64, u32),
     /// Decimal.
     D(u64),
 }
@@ -141,6 +182,7 @@ pub fn put(p: &P) {
             hex(v, digits);
         }
         P::X16(v) => hex(v, 16),
+        P::H(v, digits) => hex(v, digits),
         P::D(v) => {
             let mut buf = [0u8; 20];
             let mut i = buf.len();

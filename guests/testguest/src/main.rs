@@ -5,8 +5,11 @@
 #![no_main]
 
 mod asm;
+mod blk;
 mod boot;
 mod io;
+mod pci;
+mod virtio;
 
 use boot::BootInfo;
 use core::arch::asm;
@@ -153,6 +156,13 @@ struct Args {
     pm1a_cnt: u16,
     slp_typ: u16,
     count: u64,
+    /// ECAM base for `rhyve.test=pci` (0: none).
+    ecam: u64,
+    /// Where the virtio tests put BARs the firmware left unassigned.
+    mmio: u64,
+    blk_ro: bool,
+    blk_empty_ok: bool,
+    reassign: bool,
 }
 
 fn parse_num(v: &[u8]) -> Option<u64> {
@@ -178,6 +188,11 @@ fn parse_args(cmdline: &'static [u8]) -> Args {
         pm1a_cnt: 0x404,
         slp_typ: 5,
         count: 0,
+        ecam: 0xe000_0000,
+        mmio: 0xc000_0000,
+        blk_ro: false,
+        blk_empty_ok: false,
+        reassign: false,
     };
     for word in cmdline
         .split(|c| c.is_ascii_whitespace())
@@ -197,6 +212,12 @@ fn parse_args(cmdline: &'static [u8]) -> Args {
             b"rhyve.pm1a_cnt" => num(0xffff).map(|n| a.pm1a_cnt = n as u16).is_none(),
             b"rhyve.slp_typ" => num(7).map(|n| a.slp_typ = n as u16).is_none(),
             b"rhyve.count" => num(u64::MAX).map(|n| a.count = n).is_none(),
+            // Below 4 GiB: the identity map covers no more.
+            b"rhyve.ecam" => num(0xffff_ffff).map(|n| a.ecam = n).is_none(),
+            b"rhyve.mmio" => num(0xffff_ffff).map(|n| a.mmio = n).is_none(),
+            b"rhyve.blk.ro" => num(1).map(|n| a.blk_ro = n == 1).is_none(),
+            b"rhyve.pci.reassign" => num(1).map(|n| a.reassign = n == 1).is_none(),
+            b"rhyve.blk.empty_ok" => num(1).map(|n| a.blk_empty_ok = n == 1).is_none(),
             _ => false,
         };
         if bad {
@@ -457,6 +478,18 @@ extern "C" fn rhyve_main() -> ! {
                     asm!("2: out dx, al", "loop 2b", inout("rcx") args.count => _, in("dx") 0xe0u16, in("al") 0u8, options(nostack))
                 };
             }
+            exit(args.exit)
+        }
+        b"pci" | b"virtio-blk" | b"virtio-rng" => {
+            let mut window = args.mmio;
+            match args.test {
+                b"pci" => pci::test(args.ecam),
+                b"virtio-blk" => {
+                    blk::test(&mut window, args.reassign, args.blk_ro, args.blk_empty_ok)
+                }
+                _ => virtio::rng_test(&mut window, args.reassign),
+            }
+            line(&[P::S("checks fail="), P::D(fails())]);
             exit(args.exit)
         }
         b"post" => {

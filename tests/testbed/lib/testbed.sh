@@ -55,7 +55,8 @@ testbed_boot() {
             set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none -no-reboot \
                 -nic none -kernel "$kernel" -initrd "$initrd" -append "$append" "$@" ;;
         rhyve)
-            set -- "$TESTBED_VMM_BIN" -m "$mem" -l com1,stdio --kernel "$kernel" \
+            set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                --kernel "$kernel" \
                 --initrd "$initrd" --append "$append" "$@" "$name" ;;
         *) echo "testbed_boot: unknown TESTBED_VMM=$TESTBED_VMM" >&2; return 2 ;;
     esac

@@ -1,0 +1,75 @@
+//! The PCI bus (bhyve's pci_emul): functions at (bus, slot, function) with their configuration
+//! space, reached through configuration mechanism #1 (0xCF8/0xCFC) and ECAM, BARs the guest
+//! can size and move, INTx routed to IOAPIC pins and MSI-X.
+//!
+//! - [`config::PciConfig`]: one function's config space (BARs, capabilities, MSI-X capability).
+//! - [`msix::MsixTable`]: an MSI-X table + PBA a device exposes in one of its BARs.
+//! - [`root::PciRoot`]: the functions, the BAR allocator and the bus devices to put on the
+//!   port and MMIO buses (config mechanism #1, ECAM, the BAR windows).
+//! - [`hostbridge`], [`lpc`]: the bridges bhyve users place with `-s 0,hostbridge -s 31,lpc`.
+//!
+//! Address map (the ACPI `\_SB.PCI0._CRS` and MCFG describe the same):
+//!
+//! | window                          | use                                      |
+//! |---------------------------------|------------------------------------------|
+//! | I/O 0xCF8–0xCFF                 | configuration mechanism #1 (+ 0xCF9 reset) |
+//! | I/O [0x2000, 0x10000)           | I/O BARs                                  |
+//! | [0xC000_0000, 0xE000_0000)      | 32-bit memory BARs                        |
+//! | [0xE000_0000, 0xF000_0000)      | ECAM, buses 0–255                         |
+//! | [0x80_0000_0000, +64 GiB)       | 64-bit memory BARs larger than 128 MiB    |
+//!
+//! INTx: slot S, pin P (1 = INTA# … 4 = INTD#) → IOAPIC GSI 16 + ((S + P − 1) mod 8)
+//! ([`root::intx_gsi`]), level-triggered, active low as PCI wants.
+
+pub mod config;
+pub mod hostbridge;
+pub mod lpc;
+pub mod msix;
+pub mod root;
+
+pub use config::PciConfig;
+pub use msix::{MsixNotify, MsixTable};
+pub use root::{intx_gsi, PciError, PciRoot};
+
+/// What address space a BAR decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarKind {
+    /// I/O ports.
+    Io,
+    /// Memory below 4 GiB.
+    Mem32,
+    /// Memory anywhere in the 64-bit space (takes two BAR slots).
+    Mem64,
+}
+
+/// A BAR a function declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarSpec {
+    pub kind: BarKind,
+    /// Size in bytes, a power of two.
+    pub size: u64,
+    pub prefetchable: bool,
+}
+
+/// How a function raises interrupts; implemented by the VMM over KVM.
+pub trait InterruptSink: Send + Sync {
+    /// Delivers one MSI/MSI-X message now.
+    fn msi(&self, addr: u64, data: u32);
+    /// Drives the function's INTx pin.
+    fn intx(&self, level: bool);
+}
+
+/// A PCI function.
+pub trait PciDevice: Send {
+    fn config(&self) -> &PciConfig;
+    fn config_mut(&mut self) -> &mut PciConfig;
+    /// Guest read at `offset` inside BAR `bar`.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    /// Guest write at `offset` inside BAR `bar`.
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// A BAR got a new guest address or was enabled/disabled (None = not decoded):
+    /// re-register ioeventfds.
+    fn bar_moved(&mut self, _bar: usize, _addr: Option<u64>) {}
+    /// Called after every config-space write the PciConfig accepted (e.g. MSI-X enable toggled).
+    fn config_written(&mut self, _offset: u16, _len: usize) {}
+}
