@@ -28,3 +28,8 @@ fn stock_linux_boots_to_init_bzimage() {
 fn stock_linux_boots_to_init_pvh() {
     scenario("boot-pvh");
 }
+
+#[test]
+fn stock_linux_drives_virtio_blk() {
+    scenario("virtio-blk");
+}

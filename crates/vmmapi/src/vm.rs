@@ -164,6 +164,21 @@ impl Vm {
             .map_err(kvm_err("KVM_IOEVENTFD"))
     }
 
+    /// A guest write of any width to guest-physical `addr` signals `fd` without leaving the
+    /// kernel (KVM_IOEVENTFD, MMIO, no datamatch): virtqueue notify addresses.
+    pub fn register_mmio_eventfd(&self, fd: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+
+    /// Removes an ioeventfd registered with [`Vm::register_mmio_eventfd`] (same fd and address).
+    pub fn unregister_mmio_eventfd(&self, fd: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD (deassign)"))
+    }
+
     /// Drives an irqchip input line (KVM_IRQ_LINE).
     pub fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
         self.fd

@@ -784,6 +784,11 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Bufs, bounce: &mut Bounce) ->
             if data_out != 0 {
                 return gerr("IN request with device-readable data buffers");
             }
+            // A transfer of nothing is a malformed request, not a no-op (virtio 1.2 §5.2.6:
+            // data is a whole number of sectors, at least one).
+            if data_in == 0 {
+                return gerr("IN request without data buffers");
+            }
             let Some(off) = disk.range(sector, data_in) else {
                 return gerr("IN beyond the disk end or not sector-aligned");
             };
@@ -805,6 +810,9 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Bufs, bounce: &mut Bounce) ->
             }
             if data_in != 0 {
                 return gerr("OUT request with device-writable data buffers");
+            }
+            if data_out == 0 {
+                return gerr("OUT request without data buffers");
             }
             let Some(off) = disk.range(sector, data_out) else {
                 return gerr("OUT beyond the disk end or not sector-aligned");

@@ -10,6 +10,7 @@
 //! are `Arc`s, so the clone is cheap and the mapping outlives every worker.
 
 pub mod block;
+pub mod pci;
 pub mod rng;
 
 use std::fmt;
@@ -24,6 +25,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
+pub use pci::{IoEventRegistrar, VirtioPci};
 pub use rng::{Rng, RngStats};
 
 /// Guest memory as the devices see it (the same type as `vmmapi::GuestMemoryMmap`).
