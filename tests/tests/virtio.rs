@@ -69,8 +69,7 @@ fn assert_clean(out: &Output) {
     assert_eq!(
         r.lines
             .iter()
-            .filter(|l| l.starts_with("checks fail="))
-            .last()
+            .rfind(|l| l.starts_with("checks fail="))
             .map(String::as_str),
         Some("checks fail=0")
     );
