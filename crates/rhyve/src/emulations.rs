@@ -14,7 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmmapi::Vm;
 
 /// What a constructor gets: the VM (guest memory, ioeventfds, irqfds), the slot's address
-/// and keys, and the function's interrupt sink (MSI through KVM, INTx on the slot's GSI).
+/// and keys, and the function's interrupt sink (MSI-X vectors through irqfds on routed GSIs,
+/// INTx on the slot's GSI).
 /// (The bridges need none of it; the virtio emulations read `vm`, `opts` and `irq`.)
 #[allow(dead_code)]
 pub struct PciContext<'a> {

@@ -154,19 +154,65 @@ fn build_buses(
     Ok(Buses { pio, mmio })
 }
 
-/// A function's interrupts over KVM: MSI via KVM_SIGNAL_MSI, INTx on its IOAPIC GSI.
+/// One MSI-X vector's fast path: an eventfd registered as an irqfd on the vector's own GSI,
+/// whose route KVM has as `msg`.
+struct MsixIrqfd {
+    gsi: u32,
+    fd: EventFd,
+    /// The message the GSI routes to (None: the last route update failed).
+    msg: Option<(u64, u32)>,
+}
+
+/// A function's interrupts over KVM: MSI-X vectors through irqfds on GSIs routed to their
+/// messages, INTx on its IOAPIC GSI, plain MSI (and the fallback when a vector has no
+/// working route) through KVM_SIGNAL_MSI.
 struct VmInterrupts {
     vm: Arc<Vm>,
     /// The slot's INTx GSI (u32::MAX: no pin).
     gsi: AtomicU32,
     name: String,
     warned: AtomicBool,
+    /// Per vector, created when the table first announces a message for it.
+    vectors: Mutex<Vec<Option<MsixIrqfd>>>,
 }
 
 impl VmInterrupts {
+    fn new(vm: &Arc<Vm>, name: String) -> Self {
+        Self {
+            vm: vm.clone(),
+            gsi: AtomicU32::new(u32::MAX),
+            name,
+            warned: AtomicBool::new(false),
+            vectors: Mutex::new(Vec::new()),
+        }
+    }
+
     fn warn_once(&self, what: &str, e: vmmapi::Error) {
         if !self.warned.swap(true, Ordering::Relaxed) {
             log::warn!("{}: {what}: {e}", self.name);
+        }
+    }
+
+    /// A GSI routed to (`addr`, `data`) with a fresh eventfd as its irqfd.
+    fn new_irqfd(&self, addr: u64, data: u32) -> vmmapi::Result<MsixIrqfd> {
+        let gsi = self.vm.allocate_msi_gsi()?;
+        let setup = || -> vmmapi::Result<EventFd> {
+            self.vm.set_msi_route(gsi, addr, data)?;
+            let fd = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| vmmapi::Error::Memory(format!("eventfd: {e}")))?;
+            self.vm.register_irqfd(&fd, gsi)?;
+            Ok(fd)
+        };
+        match setup() {
+            Ok(fd) => Ok(MsixIrqfd {
+                gsi,
+                fd,
+                msg: Some((addr, data)),
+            }),
+            Err(e) => {
+                let _ = self.vm.remove_route(gsi);
+                Err(e)
+            }
         }
     }
 }
@@ -186,6 +232,59 @@ impl InterruptSink for VmInterrupts {
             }
         }
     }
+
+    /// Points the vector's GSI at the new message (one KVM_SET_GSI_ROUTING), creating the
+    /// GSI and irqfd the first time. On failure the vector falls back to KVM_SIGNAL_MSI.
+    fn msix_route(&self, vector: u16, addr: u64, data: u32) {
+        let mut vectors = self.vectors.lock().unwrap_or_else(|p| p.into_inner());
+        let v = usize::from(vector);
+        if vectors.len() <= v {
+            vectors.resize_with(v + 1, || None);
+        }
+        match &mut vectors[v] {
+            Some(irqfd) => {
+                irqfd.msg = None;
+                match self.vm.set_msi_route(irqfd.gsi, addr, data) {
+                    Ok(()) => irqfd.msg = Some((addr, data)),
+                    Err(e) => self.warn_once("MSI-X route", e),
+                }
+            }
+            slot @ None => match self.new_irqfd(addr, data) {
+                Ok(irqfd) => {
+                    log::debug!(
+                        "{}: MSI-X vector {vector} → irqfd on GSI {} ({addr:#x}, {data:#x})",
+                        self.name,
+                        irqfd.gsi
+                    );
+                    *slot = Some(irqfd);
+                }
+                Err(e) => self.warn_once("MSI-X irqfd", e),
+            },
+        }
+    }
+
+    /// One eventfd write when the vector's route carries this message; else KVM_SIGNAL_MSI.
+    fn msix(&self, vector: u16, addr: u64, data: u32) {
+        {
+            let vectors = self.vectors.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(Some(irqfd)) = vectors.get(usize::from(vector)) {
+                if irqfd.msg == Some((addr, data)) && irqfd.fd.write(1).is_ok() {
+                    return;
+                }
+            }
+        }
+        self.msi(addr, data);
+    }
+}
+
+impl Drop for VmInterrupts {
+    fn drop(&mut self) {
+        let vectors = self.vectors.get_mut().unwrap_or_else(|p| p.into_inner());
+        for irqfd in vectors.drain(..).flatten() {
+            let _ = self.vm.unregister_irqfd(&irqfd.fd, irqfd.gsi);
+            let _ = self.vm.remove_route(irqfd.gsi);
+        }
+    }
 }
 
 /// Builds the PCI root from the `-s` slots, assigns BARs as firmware would and places
@@ -201,12 +300,10 @@ fn attach_pci(
     let mut root = PciRoot::new();
     for s in &cfg.pci {
         let (b, d, f) = (s.bus, s.slot, s.func);
-        let sink = Arc::new(VmInterrupts {
-            vm: vm.clone(),
-            gsi: AtomicU32::new(u32::MAX),
-            name: format!("pci {b}:{d}:{f} {}", s.emulation.name),
-            warned: AtomicBool::new(false),
-        });
+        let sink = Arc::new(VmInterrupts::new(
+            vm,
+            format!("pci {b}:{d}:{f} {}", s.emulation.name),
+        ));
         let ctx = PciContext {
             vm,
             bus: b,

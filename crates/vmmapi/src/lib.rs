@@ -21,12 +21,14 @@
 
 mod cpuid;
 mod hypervisor;
+pub mod irq_routing;
 mod memory;
 mod rundir;
 mod vcpu;
 mod vm;
 
 pub use hypervisor::{Hypervisor, KVM_DEV_ENV, REQUIRED_CAPS};
+pub use irq_routing::{GsiTable, IrqRouting, Route};
 pub use memory::GuestRam;
 pub use rundir::{valid_name as valid_vm_name, RunDir, RUNDIR_ENV};
 pub use vcpu::{InternalError, Registers, Vcpu, VmExit};
@@ -65,6 +67,9 @@ pub enum Error {
     /// another live process owns this VM name
     #[error("a VM named {name:?} already exists (pid {pid})")]
     VmExists { name: String, pid: i32 },
+    /// GSI routing problem
+    #[error("interrupt routing: {0}")]
+    IrqRouting(String),
     /// bad VM name
     #[error("invalid VM name {0:?}: use letters, digits, '-', '_' and '.', at most 64 characters")]
     BadName(String),

@@ -3,13 +3,13 @@
 use std::path::Path;
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_pit_config, kvm_userspace_memory_region,
-    CpuId, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::irq_routing::{GsiTable, IrqRouting};
 use crate::{cpuid, kvm_err, GuestRam, Hypervisor, Result, RunDir, Vcpu};
 
 /// KVM wants three pages for the VMX real-mode TSS and one for the identity map; put them
@@ -17,47 +17,14 @@ use crate::{cpuid, kvm_err, GuestRam, Hypervisor, Result, RunDir, Vcpu};
 const TSS_ADDRESS: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
-/// One GSI → irqchip pin route.
-fn route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
-    let mut e = kvm_irq_routing_entry {
-        gsi,
-        type_: KVM_IRQ_ROUTING_IRQCHIP,
-        ..Default::default()
-    };
-    e.u.irqchip = kvm_irq_routing_irqchip { irqchip, pin };
-    e
-}
-
-/// The PC's wiring, as firmware tables (MP table, MADT) describe it: ISA IRQs 0–15 reach the
-/// 8259 pair and the IOAPIC, except that the PIT's IRQ 0 arrives on IOAPIC pin 2 (the
-/// interrupt source override every PC has); GSIs 16–23 are IOAPIC-only. KVM's default routing
-/// sends GSI 0 to pin 0, which would leave a guest that follows the tables without a timer.
-fn pc_gsi_routing() -> Result<KvmIrqRouting> {
-    let mut entries = Vec::new();
-    for irq in 0..16 {
-        if irq != 2 {
-            let (chip, pin) = if irq < 8 {
-                (KVM_IRQCHIP_PIC_MASTER, irq)
-            } else {
-                (KVM_IRQCHIP_PIC_SLAVE, irq - 8)
-            };
-            entries.push(route(irq, chip, pin));
-        }
-    }
-    entries.push(route(0, KVM_IRQCHIP_IOAPIC, 2));
-    for gsi in (1..24).filter(|g| *g != 2) {
-        entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-    }
-    KvmIrqRouting::from_entries(&entries)
-        .map_err(|_| crate::Error::Memory("GSI routing table too large".into()))
-}
-
 /// A virtual machine (bhyve: `vm_create` + `vm_setup_memory`).
 pub struct Vm {
     name: String,
     fd: VmFd,
     ram: GuestRam,
     supported_cpuid: CpuId,
+    /// The GSI routing table: the PC's pins, then MSI routes (None: KVM cannot route).
+    routing: Option<IrqRouting>,
     // Dropped last: removes the runtime directory once KVM objects are gone.
     rundir: RunDir,
 }
@@ -81,8 +48,16 @@ impl Vm {
         }
         fd.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        fd.set_gsi_routing(&pc_gsi_routing()?)
-            .map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
+        // KVM_CAP_IRQ_ROUTING answers with the number of routes (KVM_MAX_IRQ_ROUTES); GSIs
+        // must stay below it. The PC routes are needed either way, the MSI routes are not:
+        // without the capability, MSIs go through KVM_SIGNAL_MSI.
+        let routing = match fd.check_extension_int(Cap::IrqRouting) {
+            n if n > 0 => Some(IrqRouting::new(&fd, n as u32)?),
+            _ => {
+                log::warn!("KVM lacks KVM_CAP_IRQ_ROUTING: the PIT stays on IOAPIC pin 0");
+                None
+            }
+        };
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -113,6 +88,7 @@ impl Vm {
             fd,
             ram,
             supported_cpuid,
+            routing,
             rundir,
         })
     }
@@ -146,11 +122,48 @@ impl Vm {
         Ok(vcpu)
     }
 
-    /// Signals `fd` → GSI `gsi` in the in-kernel irqchip (KVM_IRQFD).
+    /// Signals `fd` → GSI `gsi` in the in-kernel irqchip (KVM_IRQFD): a write to the eventfd
+    /// injects whatever `gsi` routes to, without a userspace ioctl.
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
         self.fd
             .register_irqfd(fd, gsi)
             .map_err(kvm_err("KVM_IRQFD"))
+    }
+
+    /// Undoes [`Vm::register_irqfd`] (same fd and GSI).
+    pub fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(kvm_err("KVM_IRQFD (deassign)"))
+    }
+
+    fn routing(&self) -> Result<&IrqRouting> {
+        self.routing
+            .as_ref()
+            .ok_or(crate::Error::MissingCap("KVM_CAP_IRQ_ROUTING"))
+    }
+
+    /// Allocates a GSI for an MSI route (the lowest free one from 24 up, below KVM's limit).
+    /// It routes nowhere until [`Vm::set_msi_route`].
+    pub fn allocate_msi_gsi(&self) -> Result<u32> {
+        self.routing()?.allocate_msi_gsi()
+    }
+
+    /// Routes MSI GSI `gsi` to the message (`addr`, `data`) and commits the whole table
+    /// (KVM_SET_GSI_ROUTING; nothing is done when the route is unchanged). Irqfds on `gsi`
+    /// deliver the new message once this returns.
+    pub fn set_msi_route(&self, gsi: u32, addr: u64, data: u32) -> Result<()> {
+        self.routing()?.set_msi_route(&self.fd, gsi, addr, data)
+    }
+
+    /// Removes `gsi`'s MSI route and frees the GSI (unregister its irqfds first).
+    pub fn remove_route(&self, gsi: u32) -> Result<()> {
+        self.routing()?.remove_route(&self.fd, gsi)
+    }
+
+    /// A copy of the routing table's bookkeeping (None: no KVM_CAP_IRQ_ROUTING).
+    pub fn gsi_table(&self) -> Option<GsiTable> {
+        self.routing.as_ref().map(IrqRouting::snapshot)
     }
 
     /// A guest write to port `port` signals `fd` without leaving the kernel (KVM_IOEVENTFD).
@@ -205,5 +218,41 @@ impl Vm {
     /// The raw kvm-ioctls VM handle, for features this API does not wrap yet.
     pub fn raw(&self) -> &VmFd {
         &self.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the machine's KVM (skipped without it): the committed table with MSI routes is
+    /// accepted, irqfds attach to them, GSIs are freed and reused.
+    #[test]
+    fn msi_routes_and_irqfds_on_kvm() {
+        let hv = Hypervisor::open()
+            .unwrap_or_else(|e| panic!("this test needs KVM and could not open it: {e}"));
+        // Under the default (or $RHYVE_RUNDIR) base, removed when the Vm drops.
+        let name = format!("vmmapi-test-irq-{}", std::process::id());
+        let vm = Vm::create(&hv, &name, &[(0, 2 << 20)]).unwrap();
+        let t = vm
+            .gsi_table()
+            .expect("KVM without KVM_CAP_IRQ_ROUTING: MSI routes cannot be tested");
+        assert_eq!(t.msi_allocated(), 0);
+        let a = vm.allocate_msi_gsi().unwrap();
+        let b = vm.allocate_msi_gsi().unwrap();
+        assert_eq!((a, b), (24, 25));
+        vm.set_msi_route(a, 0xfee0_0000, 0x41).unwrap();
+        vm.set_msi_route(b, 0xfee0_1000, 0x42).unwrap();
+        vm.set_msi_route(b, 0xfee0_1000, 0x43).unwrap();
+        assert!(vm.set_msi_route(77, 0xfee0_0000, 0x44).is_err());
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vm.register_irqfd(&fd, b).unwrap();
+        fd.write(1).unwrap();
+        let t = vm.gsi_table().unwrap();
+        assert_eq!(t.msi(b), Some((0xfee0_1000, 0x43)));
+        vm.unregister_irqfd(&fd, b).unwrap();
+        vm.remove_route(a).unwrap();
+        assert_eq!(vm.allocate_msi_gsi().unwrap(), a);
+        assert_eq!(vm.gsi_table().unwrap().msi(a), None);
     }
 }

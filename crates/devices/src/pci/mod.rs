@@ -51,12 +51,35 @@ pub struct BarSpec {
     pub prefetchable: bool,
 }
 
-/// How a function raises interrupts; implemented by the VMM over KVM.
+/// How a function raises interrupts; implemented by the VMM over KVM, by recorders in tests.
+///
+/// MSI-X vectors have two paths. The slow one, [`InterruptSink::msix_route`], runs when the
+/// guest reprograms the table: [`MsixTable`] announces each vector's message before the
+/// vector can first fire with it (MSI-X enabled, vector and function unmasked) and again
+/// whenever the guest changes it. The fast one, [`InterruptSink::msix`], raises a vector.
+/// Over KVM the announcement points the vector's own GSI route at the message
+/// (KVM_SET_GSI_ROUTING) and raising it is one write to the irqfd on that GSI — no ioctl per
+/// interrupt, and the device worker never leaves its thread. Devices stay KVM-agnostic: they
+/// only ever talk to `MsixTable`, which keeps the masking and pending-bit semantics and
+/// decides when a route changes. `msix` still gets the message, so a sink whose route could
+/// not be set up (no free GSI, an ioctl failed) can always fall back to [`InterruptSink::msi`].
 pub trait InterruptSink: Send + Sync {
-    /// Delivers one MSI/MSI-X message now.
+    /// Delivers one MSI message now.
     fn msi(&self, addr: u64, data: u32);
     /// Drives the function's INTx pin.
     fn intx(&self, level: bool);
+    /// MSI-X vector `vector` will from now on be raised with message (`addr`, `data`).
+    /// Called outside the interrupt path (table or capability writes), before the first
+    /// [`InterruptSink::msix`] with that message. Default: nothing to prepare.
+    fn msix_route(&self, vector: u16, addr: u64, data: u32) {
+        let _ = (vector, addr, data);
+    }
+    /// Raises MSI-X vector `vector`, whose message (`addr`, `data`) was announced with
+    /// [`InterruptSink::msix_route`]. Default: [`InterruptSink::msi`].
+    fn msix(&self, vector: u16, addr: u64, data: u32) {
+        let _ = vector;
+        self.msi(addr, data);
+    }
 }
 
 /// A PCI function.

@@ -5,6 +5,13 @@
 //! live in the capability's message control), and raises vector `v` with
 //! [`MsixTable::notify`]: delivered now when enabled and unmasked, otherwise its pending bit is
 //! set and the message goes out when the vector (or the function) is unmasked.
+//!
+//! Each vector's message is announced to the sink ([`InterruptSink::msix_route`]) when the
+//! vector becomes able to fire — MSI-X enabled, function and vector unmasked — and whenever
+//! the guest changes the address or data of such a vector; raising it is then
+//! [`InterruptSink::msix`] (over KVM: one irqfd write on the vector's own GSI). Masked
+//! vectors are not routed: the guest programs entries masked and unmasks them when ready,
+//! so the route follows what the guest finished writing, not every intermediate dword.
 
 use super::config::{PciConfig, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use super::InterruptSink;
@@ -32,6 +39,8 @@ pub struct MsixTable {
     pending: Vec<u64>,
     enabled: bool,
     function_masked: bool,
+    /// The message last announced to the sink per vector.
+    routed: Vec<Option<(u64, u32)>>,
 }
 
 impl MsixTable {
@@ -47,6 +56,7 @@ impl MsixTable {
             pending: vec![0; n.div_ceil(64)],
             enabled: false,
             function_masked: false,
+            routed: vec![None; n],
         }
     }
 
@@ -103,9 +113,35 @@ impl MsixTable {
         }
     }
 
-    fn send(&self, v: usize, sink: &dyn InterruptSink) {
+    fn message(&self, v: usize) -> (u64, u32) {
         let addr = u64::from(self.entry_u32(v, 0)) | u64::from(self.entry_u32(v, 1)) << 32;
-        sink.msi(addr, self.entry_u32(v, 2));
+        (addr, self.entry_u32(v, 2))
+    }
+
+    /// Announces vector `v`'s message to the sink if it can fire and the sink has not seen
+    /// this message yet. Returns the message.
+    fn sync_route(&mut self, v: usize, sink: &dyn InterruptSink) -> (u64, u32) {
+        let msg = self.message(v);
+        if self.enabled && !self.masked(v) {
+            if let Some(r) = self.routed.get_mut(v) {
+                if *r != Some(msg) {
+                    *r = Some(msg);
+                    sink.msix_route(v as u16, msg.0, msg.1);
+                }
+            }
+        }
+        msg
+    }
+
+    fn sync_routes(&mut self, vectors: std::ops::Range<usize>, sink: &dyn InterruptSink) {
+        for v in vectors {
+            self.sync_route(v, sink);
+        }
+    }
+
+    fn send(&mut self, v: usize, sink: &dyn InterruptSink) {
+        let (addr, data) = self.sync_route(v, sink);
+        sink.msix(v as u16, addr, data);
     }
 
     /// Raises `vector`: delivered when enabled and unmasked, else left pending.
@@ -141,6 +177,7 @@ impl MsixTable {
         let ctl = cfg.msix_control();
         self.enabled = ctl & MSIX_ENABLE != 0;
         self.function_masked = ctl & MSIX_FUNCTION_MASK != 0;
+        self.sync_routes(0..self.vectors(), sink);
         self.deliver_unmasked_pending(sink);
     }
 
@@ -156,8 +193,8 @@ impl MsixTable {
         }
     }
 
-    /// Guest write to the table; only bit 0 of vector control is writable there. Unmasking a
-    /// pending vector delivers it.
+    /// Guest write to the table; only bit 0 of vector control is writable there. A vector
+    /// that can fire gets its new message routed; unmasking a pending vector delivers it.
     pub fn table_write(&mut self, offset: u64, data: &[u8], sink: &dyn InterruptSink) {
         for (i, b) in data.iter().enumerate() {
             let Some(o) = offset
@@ -175,6 +212,10 @@ impl MsixTable {
                 _ => *b,
             };
         }
+        let n = self.vectors();
+        let entry = |o: u64| usize::try_from(o / ENTRY_SIZE as u64).map_or(n, |v| v.min(n));
+        let end = offset.saturating_add(data.len() as u64 + ENTRY_SIZE as u64 - 1);
+        self.sync_routes(entry(offset)..entry(end), sink);
         self.deliver_unmasked_pending(sink);
     }
 
@@ -197,11 +238,28 @@ pub(crate) mod tests {
     use super::*;
     use crate::pci::{BarKind, BarSpec};
 
-    /// Records every message and INTx level.
+    /// One call on the sink, in order.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Event {
+        Route(u16, u64, u32),
+        Fire(u16, u64, u32),
+    }
+
+    /// Records every message and INTx level, and the MSI-X routes and vectors in order.
     #[derive(Default)]
     pub struct Recorder {
         pub msis: Mutex<Vec<(u64, u32)>>,
         pub intx: Mutex<Vec<bool>>,
+        pub events: Mutex<Vec<Event>>,
+        /// The message each vector is routed to, as a KVM sink would have it.
+        pub routes: Mutex<std::collections::BTreeMap<u16, (u64, u32)>>,
+    }
+
+    impl Recorder {
+        /// Takes the recorded MSI-X events.
+        pub fn take_events(&self) -> Vec<Event> {
+            std::mem::take(&mut *self.events.lock().unwrap())
+        }
     }
 
     impl InterruptSink for Recorder {
@@ -210,6 +268,23 @@ pub(crate) mod tests {
         }
         fn intx(&self, level: bool) {
             self.intx.lock().unwrap().push(level);
+        }
+        fn msix_route(&self, vector: u16, addr: u64, data: u32) {
+            self.routes.lock().unwrap().insert(vector, (addr, data));
+            self.events
+                .lock()
+                .unwrap()
+                .push(Event::Route(vector, addr, data));
+        }
+        fn msix(&self, vector: u16, addr: u64, data: u32) {
+            // Every vector fires with the message last routed for it.
+            let routed = self.routes.lock().unwrap().get(&vector).copied();
+            assert_eq!(routed, Some((addr, data)), "vector {vector} fired unrouted");
+            self.events
+                .lock()
+                .unwrap()
+                .push(Event::Fire(vector, addr, data));
+            self.msi(addr, data);
         }
     }
 
@@ -270,6 +345,78 @@ pub(crate) mod tests {
         let mut vc = [0u8; 4];
         t.table_read(12, &mut vc);
         assert_eq!(vc, [1, 0, 0, 0]);
+    }
+
+    fn control(c: &mut PciConfig, cap: u16, t: &mut MsixTable, ctl: u16, s: &Recorder) {
+        c.write(u64::from(cap + 2), &ctl.to_le_bytes());
+        t.control_written(c, s);
+    }
+
+    #[test]
+    fn routes_follow_the_live_message() {
+        use Event::{Fire, Route};
+        let s = Recorder::default();
+        let (mut c, mut t, cap) = setup();
+        // Programmed while disabled and masked: nothing to route yet.
+        program(&mut t, 0, 0xfee0_0000, 0x41, &s);
+        program(&mut t, 1, 0xfee0_1000, 0x42, &s);
+        control(&mut c, cap, &mut t, MSIX_ENABLE, &s);
+        assert!(s.take_events().is_empty());
+        // Unmasking routes the vector, once.
+        t.table_write(12, &[0, 0, 0, 0], &s);
+        t.table_write(12, &[0, 0, 0, 0], &s);
+        assert_eq!(s.take_events(), vec![Route(0, 0xfee0_0000, 0x41)]);
+        assert_eq!(t.notify(0, &s), MsixNotify::Delivered);
+        assert_eq!(t.notify(0, &s), MsixNotify::Delivered);
+        assert_eq!(
+            s.take_events(),
+            vec![Fire(0, 0xfee0_0000, 0x41), Fire(0, 0xfee0_0000, 0x41)]
+        );
+        // Rewriting a live entry (data, then address high) re-routes it on each change;
+        // rewriting the same value does not.
+        t.table_write(8, &0x51u32.to_le_bytes(), &s);
+        t.table_write(8, &0x51u32.to_le_bytes(), &s);
+        t.table_write(4, &1u32.to_le_bytes(), &s);
+        assert_eq!(
+            s.take_events(),
+            vec![Route(0, 0xfee0_0000, 0x51), Route(0, 0x1_fee0_0000, 0x51)]
+        );
+        // A masked vector's new message is routed on unmask, then its pending bit fires.
+        t.table_write(12, &[1, 0, 0, 0], &s);
+        assert_eq!(t.notify(0, &s), MsixNotify::Pending);
+        t.table_write(0, &0xfee0_2000u64.to_le_bytes(), &s);
+        assert!(s.take_events().is_empty());
+        t.table_write(12, &[0, 0, 0, 0], &s);
+        assert_eq!(
+            s.take_events(),
+            vec![Route(0, 0xfee0_2000, 0x51), Fire(0, 0xfee0_2000, 0x51)]
+        );
+        // Function mask: no routes, pending bits; unmasking the function routes the vectors
+        // that became live (vector 1 unmasked meanwhile) before delivering their messages.
+        control(&mut c, cap, &mut t, MSIX_ENABLE | MSIX_FUNCTION_MASK, &s);
+        t.table_write(16 + 12, &[0, 0, 0, 0], &s);
+        assert_eq!(t.notify(1, &s), MsixNotify::Pending);
+        assert!(s.take_events().is_empty());
+        control(&mut c, cap, &mut t, MSIX_ENABLE, &s);
+        assert_eq!(
+            s.take_events(),
+            vec![Route(1, 0xfee0_1000, 0x42), Fire(1, 0xfee0_1000, 0x42)]
+        );
+        // Disabling and re-enabling keeps the routes the sink has.
+        control(&mut c, cap, &mut t, 0, &s);
+        assert_eq!(t.notify(1, &s), MsixNotify::Disabled);
+        control(&mut c, cap, &mut t, MSIX_ENABLE, &s);
+        assert!(s.take_events().is_empty());
+        // After a reset everything is announced again when it goes live.
+        t.reset();
+        t.control_written(&c, &s);
+        program(&mut t, 2, 0xfee0_3000, 0x43, &s);
+        t.table_write(2 * 16 + 12, &[0, 0, 0, 0], &s);
+        assert_eq!(t.notify(2, &s), MsixNotify::Delivered);
+        assert_eq!(
+            s.take_events(),
+            vec![Route(2, 0xfee0_3000, 0x43), Fire(2, 0xfee0_3000, 0x43)]
+        );
     }
 
     #[test]
