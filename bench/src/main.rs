@@ -7,6 +7,13 @@
 //!    its first COM1 byte, from rhyve's own timestamps.
 //! 3. In the real-KVM test bed (tests/testbed): VMM start → stock Linux /init, rhyve against
 //!    QEMU+KVM (`-kernel`, same kernel and initramfs) in the same L1. Skipped with `--quick`.
+//! 4. virtio-blk throughput (`blk`): the test guest's sequential 1 MiB and random 4 KiB reads and
+//!    writes on rhyve against the host doing the same on the same image file.
+//! 5. In the test bed (`l2blk`): Linux in L2 timing dd O_DIRECT on rhyve against QEMU+KVM.
+//!    Skipped with `--quick`.
+
+mod blk;
+mod l2blk;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -74,7 +81,7 @@ fn raw_kvm_guest(cmdline: &str) -> (Duration, u64) {
     (start.elapsed(), exits)
 }
 
-fn rhyve_bin() -> String {
+pub(crate) fn rhyve_bin() -> String {
     std::env::var("RHYVE_BIN").unwrap_or_else(|_| {
         let exe = std::env::current_exe().expect("current exe");
         exe.with_file_name("rhyve").display().to_string()
@@ -180,6 +187,8 @@ fn main() {
         None => println!("  first COM1 byte          n/a"),
     }
 
+    blk::run();
+
     if quick {
         return;
     }
@@ -201,4 +210,5 @@ fn main() {
             show(qemu)
         );
     }
+    l2blk::run();
 }

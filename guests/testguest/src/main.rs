@@ -5,6 +5,7 @@
 #![no_main]
 
 mod asm;
+mod bench;
 mod blk;
 mod boot;
 mod io;
@@ -480,13 +481,14 @@ extern "C" fn rhyve_main() -> ! {
             }
             exit(args.exit)
         }
-        b"pci" | b"virtio-blk" | b"virtio-rng" => {
+        b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" => {
             let mut window = args.mmio;
             match args.test {
                 b"pci" => pci::test(args.ecam),
                 b"virtio-blk" => {
                     blk::test(&mut window, args.reassign, args.blk_ro, args.blk_empty_ok)
                 }
+                b"blk-bench" => bench::run(&mut window, bi.cmdline),
                 _ => virtio::rng_test(&mut window, args.reassign),
             }
             line(&[P::S("checks fail="), P::D(fails())]);
