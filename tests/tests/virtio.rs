@@ -118,6 +118,10 @@ fn guest_enumerates_pci_through_cf8_and_ecam() {
         "no MSI-X capability: {caps:?}"
     );
     assert!(
+        caps.iter().any(|l| l.contains("id=0x05")),
+        "no MSI capability: {caps:?}"
+    );
+    assert!(
         caps.iter().filter(|l| l.contains("id=0x09")).count() >= 4,
         "virtio capabilities: {caps:?}"
     );
@@ -200,6 +204,26 @@ fn virtio_rnd_returns_random_bytes() {
         .unwrap_or("");
     assert_eq!(hex.len(), 32, "{line}");
     assert!(hex.chars().any(|c| c != '0'), "{line}");
+}
+
+/// Device interrupts reach the vCPU through all three PCI mechanisms: the guest, interrupts
+/// off, finds virtio-rnd's used-buffer vector in its local APIC's IRR after MSI-X (irqfd),
+/// MSI (KVM_SIGNAL_MSI) and INTx (KVM_IRQ_LINE on the slot's I/O APIC GSI: slot 4, INTA# →
+/// 20) in turn (guests/testguest/src/irq.rs).
+#[test]
+fn interrupts_reach_the_guest_through_msix_msi_and_intx() {
+    let out = boot(&["4,virtio-rnd".into()], "rhyve.test=irq", "v-irq");
+    assert_clean(&out);
+    for line in [
+        "irq msix vector=0x41 seen=1",
+        "irq msi vector=0x42 seen=1",
+        "irq intx gsi=20 vector=0x43 seen=1",
+        "irq intx isr=0x1 then=0x0",
+        "irq done",
+    ] {
+        assert!(has(&out, line), "missing {line:?}:\n{}", out.stdout);
+    }
+    assert_eq!(out.code(), Some(1));
 }
 
 #[test]

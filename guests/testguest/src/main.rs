@@ -9,6 +9,7 @@ mod bench;
 mod blk;
 mod boot;
 mod io;
+mod irq;
 mod pci;
 mod virtio;
 
@@ -481,7 +482,7 @@ extern "C" fn rhyve_main() -> ! {
             }
             exit(args.exit)
         }
-        b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" => {
+        b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" | b"irq" => {
             let mut window = args.mmio;
             match args.test {
                 b"pci" => pci::test(args.ecam),
@@ -489,6 +490,7 @@ extern "C" fn rhyve_main() -> ! {
                     blk::test(&mut window, args.reassign, args.blk_ro, args.blk_empty_ok)
                 }
                 b"blk-bench" => bench::run(&mut window, bi.cmdline),
+                b"irq" => irq::test(&mut window),
                 _ => virtio::rng_test(&mut window, args.reassign),
             }
             line(&[P::S("checks fail="), P::D(fails())]);

@@ -48,6 +48,19 @@ pub const CAP_ID_MSIX: u8 = 0x11;
 /// MSI-X message control bits.
 pub const MSIX_ENABLE: u16 = 1 << 15;
 pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+/// MSI message control bits (PCI LB 3.0 §6.8.1.3).
+pub const MSI_ENABLE: u16 = 1 << 0;
+pub const MSI_64BIT: u16 = 1 << 7;
+pub const MSI_PER_VECTOR_MASK: u16 = 1 << 8;
+/// MSI capability register offsets (64-bit, per-vector masking layout).
+pub const MSI_CONTROL: u16 = 0x02;
+pub const MSI_ADDR_LO: u16 = 0x04;
+pub const MSI_ADDR_HI: u16 = 0x08;
+pub const MSI_DATA: u16 = 0x0C;
+pub const MSI_MASK: u16 = 0x10;
+pub const MSI_PENDING: u16 = 0x14;
+/// Length of that capability.
+pub const MSI_CAP_LEN: u16 = 0x18;
 
 /// First capability offset; the list lives in [0x40, 0x100).
 const CAP_START: u16 = 0x40;
@@ -66,6 +79,13 @@ pub struct MsixCapability {
     pub pba_offset: u32,
 }
 
+/// Where a function's MSI capability lives (64-bit addresses, per-vector masking, one vector).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiCapability {
+    /// Offset of the capability in config space.
+    pub offset: u16,
+}
+
 /// A function's configuration space.
 #[derive(Clone)]
 pub struct PciConfig {
@@ -77,6 +97,7 @@ pub struct PciConfig {
     /// Next free capability offset.
     next_cap: u16,
     msix: Option<MsixCapability>,
+    msi: Option<MsiCapability>,
 }
 
 impl std::fmt::Debug for PciConfig {
@@ -99,6 +120,7 @@ impl PciConfig {
             last_cap: 0,
             next_cap: CAP_START,
             msix: None,
+            msi: None,
         };
         c.set_u16(VENDOR_ID, vendor);
         c.set_u16(DEVICE_ID, device);
@@ -317,6 +339,32 @@ impl PciConfig {
     /// MSI-X message control (0 without the capability).
     pub fn msix_control(&self) -> u16 {
         self.msix.map_or(0, |c| self.read_u16(c.offset + 2))
+    }
+
+    /// Adds an MSI capability (PCI LB 3.0 §6.8.1): 64-bit message address, per-vector
+    /// masking, one vector (Multiple Message Capable = 0, so Multiple Message Enable stays 0).
+    /// Guest-writable: the enable bit, address low (bits 31:2) and high, the 16-bit data and
+    /// the vector's mask bit. The pending bits are the device's ([`crate::pci::msi::Msi`]).
+    pub fn add_msi_capability(&mut self) -> Option<MsiCapability> {
+        if self.msi.is_some() {
+            return None;
+        }
+        let mut body = [0u8; (MSI_CAP_LEN - 2) as usize];
+        body[0..2].copy_from_slice(&(MSI_64BIT | MSI_PER_VECTOR_MASK).to_le_bytes());
+        let offset = self.add_capability(CAP_ID_MSI, &body)?;
+        self.set_wmask_u16(offset + MSI_CONTROL, MSI_ENABLE);
+        self.set_wmask_u32(offset + MSI_ADDR_LO, 0xffff_fffc);
+        self.set_wmask_u32(offset + MSI_ADDR_HI, 0xffff_ffff);
+        self.set_wmask_u16(offset + MSI_DATA, 0xffff);
+        self.set_wmask_u32(offset + MSI_MASK, 1);
+        let cap = MsiCapability { offset };
+        self.msi = Some(cap);
+        Some(cap)
+    }
+
+    /// The MSI capability, if any.
+    pub fn msi(&self) -> Option<MsiCapability> {
+        self.msi
     }
 
     /// Makes `mask` bits of the bytes from `offset` guest-writable (e.g. a capability field).

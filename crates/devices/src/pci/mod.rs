@@ -3,6 +3,7 @@
 //! can size and move, INTx routed to IOAPIC pins and MSI-X.
 //!
 //! - [`config::PciConfig`]: one function's config space (BARs, capabilities, MSI-X capability).
+//! - [`msi::Msi`]: the device side of a function's MSI capability (one vector, masking).
 //! - [`msix::MsixTable`]: an MSI-X table + PBA a device exposes in one of its BARs.
 //! - [`root::PciRoot`]: the functions, the BAR allocator and the bus devices to put on the
 //!   port and MMIO buses (config mechanism #1, ECAM, the BAR windows).
@@ -24,10 +25,12 @@
 pub mod config;
 pub mod hostbridge;
 pub mod lpc;
+pub mod msi;
 pub mod msix;
 pub mod root;
 
 pub use config::PciConfig;
+pub use msi::{Msi, MsiNotify};
 pub use msix::{MsixNotify, MsixTable};
 pub use root::{intx_gsi, PciError, PciRoot};
 

@@ -12,10 +12,18 @@
 //! | 4 | | 0x3000 | notifications: queue N at 0x3000 + 4 × N |
 //!
 //! Each region has its vendor capability (cfg_type 1–4), plus cfg_type 5, the PCI
-//! configuration access window. Queue notifications are KVM ioeventfds on the notify addresses
+//! configuration access window, an MSI-X capability and an MSI capability (one vector, 64-bit,
+//! maskable; [`crate::pci::msi`]). Queue notifications are KVM ioeventfds on the notify addresses
 //! (registered through an [`IoEventRegistrar`] whenever BAR 4 moves), so a kick never leaves
-//! the kernel on the vCPU side; the device's worker thread waits on them. Used-buffer and
-//! configuration interrupts go out as MSI-X messages, or as INTx + ISR bits while MSI-X is off.
+//! the kernel on the vCPU side; the device's worker thread waits on them.
+//!
+//! Used-buffer and configuration interrupts follow the PCI rules for a function with both
+//! capabilities: MSI-X enabled → the queue's / config's MSI-X vector (ISR untouched); else MSI
+//! enabled → the one MSI vector for every queue and for configuration changes, with the ISR
+//! bits set so a driver can tell them apart (reading the ISR clears it, no INTx involved);
+//! else the ISR bits and INTx (unless the command register disables it). Enabling MSI or
+//! MSI-X lowers an asserted INTx. The MSI pending bit raised on the worker thread reaches
+//! config space at the driver's next access to the function.
 //!
 //! Every access of any width at any offset is safe: unknown offsets read 0, writes to them are
 //! dropped. Status rules: FEATURES_OK is refused (reads back clear) unless the driver accepted
@@ -37,7 +45,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{guest_error, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_BLOCK};
 use crate::pci::config::{CAP_ID_VENDOR, CMD_INTX_DISABLE};
-use crate::pci::{BarKind, BarSpec, InterruptSink, MsixTable, PciConfig, PciDevice};
+use crate::pci::{BarKind, BarSpec, InterruptSink, Msi, MsixTable, PciConfig, PciDevice};
 
 /// Red Hat's virtio vendor ID.
 pub const VENDOR_ID: u16 = 0x1af4;
@@ -109,13 +117,16 @@ struct QueueRegs {
 /// Interrupt state shared with the device's worker thread.
 struct IrqState {
     msix: MsixTable,
+    /// None only if the capability did not fit (it always does).
+    msi: Option<Msi>,
     isr: u8,
     intx: bool,
     config_vector: u16,
     queue_vectors: Vec<u16>,
 }
 
-/// The transport's [`VirtioInterrupt`]: MSI-X when enabled, INTx + ISR otherwise.
+/// The transport's [`VirtioInterrupt`]: MSI-X when enabled, else MSI when enabled (+ ISR),
+/// else INTx + ISR.
 struct Interrupts {
     state: Mutex<IrqState>,
     sink: Arc<dyn InterruptSink>,
@@ -127,13 +138,20 @@ impl Interrupts {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `vector` (MSI-X on) or sets `isr_bit` and raises INTx (MSI-X off).
+    /// Sends `vector` (MSI-X on), or sets `isr_bit` and sends the MSI message (MSI on) or
+    /// raises INTx (both off).
     fn signal(&self, isr_bit: u8, vector: impl FnOnce(&IrqState) -> u16) {
         let mut s = self.lock();
         if s.msix.enabled() {
             let v = vector(&s);
             if v != NO_VECTOR {
                 s.msix.notify(v, &*self.sink);
+            }
+        } else if s.msi.as_ref().is_some_and(Msi::enabled) {
+            // ISR first: the driver's handler may read it as soon as the message lands.
+            s.isr |= isr_bit;
+            if let Some(msi) = s.msi.as_mut() {
+                msi.notify_latched(&*self.sink);
             }
         } else {
             s.isr |= isr_bit;
@@ -281,12 +299,16 @@ impl VirtioPci {
             MSIX_BAR as u8,
             MSIX_PBA as u32,
         );
+        config.add_msi_capability();
+        let msi = Msi::from_config(&config);
+        debug_assert!(msi.is_some());
         let kicks = (0..n)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
         let irq = Arc::new(Interrupts {
             state: Mutex::new(IrqState {
                 msix: MsixTable::new(vectors),
+                msi,
                 isr: 0,
                 intx: false,
                 config_vector: NO_VECTOR,
@@ -613,6 +635,13 @@ impl VirtioPci {
         self.config.set_u32(c + 16, u32::from_le_bytes(buf));
     }
 
+    /// Copies the MSI pending bit (set on the worker thread) into config space.
+    fn publish_msi_pending(&mut self) {
+        if let Some(msi) = &self.irq.lock().msi {
+            msi.publish(&mut self.config);
+        }
+    }
+
     fn ioevent_addr(base: u64, q: usize) -> u64 {
         base + NOTIFY_CFG + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
     }
@@ -638,6 +667,7 @@ impl PciDevice for VirtioPci {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        self.publish_msi_pending();
         match bar {
             VIRTIO_BAR if offset < VIRTIO_BAR_SIZE => self.virtio_read(offset, data),
             MSIX_BAR if offset < MSIX_PBA => self.irq.lock().msix.table_read(offset, data),
@@ -649,6 +679,7 @@ impl PciDevice for VirtioPci {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        self.publish_msi_pending();
         match bar {
             VIRTIO_BAR if offset < VIRTIO_BAR_SIZE => self.virtio_write(offset, data),
             MSIX_BAR if offset < MSIX_PBA => {
@@ -690,7 +721,12 @@ impl PciDevice for VirtioPci {
             let sink = self.irq.sink.clone();
             let mut s = self.irq.lock();
             s.msix.control_written(&self.config, &*sink);
-            if intx_off && std::mem::take(&mut s.intx) {
+            if let Some(msi) = s.msi.as_mut() {
+                msi.config_written(&mut self.config, &*sink);
+            }
+            // A function using MSI or MSI-X must not assert INTx (PCI LB 3.0 §6.8).
+            let msg = s.msix.enabled() || s.msi.as_ref().is_some_and(Msi::enabled);
+            if (intx_off || msg) && std::mem::take(&mut s.intx) {
                 sink.intx(false);
             }
         }
@@ -723,7 +759,10 @@ impl Drop for VirtioPci {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::config::{CAPABILITIES_PTR, CMD_MEM, COMMAND, MSIX_ENABLE};
+    use crate::pci::config::{
+        CAPABILITIES_PTR, CMD_MEM, COMMAND, MSIX_ENABLE, MSI_ADDR_HI, MSI_ADDR_LO, MSI_CONTROL,
+        MSI_DATA, MSI_ENABLE, MSI_MASK, MSI_PENDING,
+    };
     use crate::pci::msix::tests::Recorder;
     use crate::virtio::testutil::*;
     use crate::virtio::Rng;
@@ -835,6 +874,9 @@ mod tests {
             ]
         );
         assert_eq!(c.msix().unwrap().vectors, 2);
+        let msi = c.msi().unwrap().offset;
+        assert_eq!(c.read_u8(msi), crate::pci::config::CAP_ID_MSI);
+        assert_eq!(c.read_u16(msi + MSI_CONTROL), 0x180); // 64-bit, maskable, 1 vector, off
         assert_eq!(t.r(0x12, 2), 1); // num_queues
         assert_eq!(t.r(0x10, 2), u64::from(NO_VECTOR));
         // Device features: VERSION_1 in the high word.
@@ -944,6 +986,94 @@ mod tests {
         assert_eq!(sink.intx.lock().unwrap().last(), Some(&false));
         assert_eq!(t.r(ISR_CFG, 1), 0);
         assert!(sink.msis.lock().unwrap().is_empty());
+    }
+
+    /// Programs and enables MSI with (`addr`, `data`), the vector masked or not.
+    fn msi_on(t: &mut Rig, addr: u64, data: u16, masked: bool) -> u16 {
+        let cap = t.pci.config().msi().unwrap().offset;
+        t.cfg_write(COMMAND, &CMD_MEM.to_le_bytes());
+        t.cfg_write(cap + MSI_ADDR_LO, &(addr as u32).to_le_bytes());
+        t.cfg_write(cap + MSI_ADDR_HI, &((addr >> 32) as u32).to_le_bytes());
+        t.cfg_write(cap + MSI_DATA, &data.to_le_bytes());
+        t.cfg_write(cap + MSI_MASK, &u32::from(masked).to_le_bytes());
+        t.cfg_write(cap + MSI_CONTROL, &MSI_ENABLE.to_le_bytes());
+        cap
+    }
+
+    /// Posts one 16-byte buffer, kicks, waits for used index `n`.
+    fn rng_round(t: &mut Rig, n: u16) {
+        let buf = t.drv.alloc(16);
+        t.drv.push_chain(&[(buf, 16, true)]);
+        t.w(NOTIFY_CFG, 2, 0);
+        assert!(wait_for(|| t.drv.used_idx() == n), "round {n}");
+    }
+
+    #[test]
+    fn msi_carries_queues_and_config_when_msix_is_off() {
+        let mut t = rig();
+        let cap = msi_on(&mut t, 0x1_fee0_0000, 0x42, false);
+        assert_eq!(t.start(VIRTIO_F_VERSION_1), 0x0f);
+        // No MSI-X vector assigned: MSI does not need one.
+        assert_eq!(t.r(0x1a, 2), u64::from(NO_VECTOR));
+        rng_round(&mut t, 1);
+        let sink = t.sink.clone();
+        assert!(wait_for(|| sink.msis.lock().unwrap().len() == 1));
+        assert_eq!(sink.msis.lock().unwrap()[0], (0x1_fee0_0000, 0x42));
+        // The ISR tells the driver what the shared vector was for.
+        assert_eq!(t.r(ISR_CFG, 1), 1);
+        assert_eq!(t.r(ISR_CFG, 1), 0);
+        t.pci.irq.config_changed();
+        assert_eq!(
+            *sink.msis.lock().unwrap().last().unwrap(),
+            (0x1_fee0_0000, 0x42)
+        );
+        assert_eq!(t.r(ISR_CFG, 1), 2);
+        assert!(sink.intx.lock().unwrap().is_empty());
+        assert!(sink.take_events().is_empty()); // no MSI-X activity
+                                                // Masked: the message waits, its pending bit shows at the next access, unmask sends it.
+        t.cfg_write(cap + MSI_MASK, &1u32.to_le_bytes());
+        rng_round(&mut t, 2);
+        assert!(wait_for(|| {
+            t.r(0x14, 1); // any access publishes the pending bit
+            t.pci.config().read_u32(cap + MSI_PENDING) == 1
+        }));
+        assert_eq!(sink.msis.lock().unwrap().len(), 2);
+        t.cfg_write(cap + MSI_MASK, &0u32.to_le_bytes());
+        assert_eq!(sink.msis.lock().unwrap().len(), 3);
+        assert_eq!(t.pci.config().read_u32(cap + MSI_PENDING), 0);
+        assert!(sink.intx.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn msix_wins_over_msi_and_intx_is_the_last_resort() {
+        let mut t = rig();
+        let msi = msi_on(&mut t, 0xfee0_0000, 0x42, false);
+        let msix = t.pci.config().msix().unwrap().offset;
+        t.cfg_write(msix + 2, &MSIX_ENABLE.to_le_bytes());
+        let mut e = [0u8; 16];
+        e[0..8].copy_from_slice(&0xfee0_0000u64.to_le_bytes());
+        e[8..12].copy_from_slice(&0x41u32.to_le_bytes());
+        t.pci.bar_write(MSIX_BAR, 0, &e);
+        assert_eq!(t.start(VIRTIO_F_VERSION_1), 0x0f);
+        t.w(0x1a, 2, 0);
+        let sink = t.sink.clone();
+        rng_round(&mut t, 1);
+        assert!(wait_for(|| sink.msis.lock().unwrap().len() == 1));
+        assert_eq!(sink.msis.lock().unwrap()[0], (0xfee0_0000, 0x41));
+        assert_eq!(t.r(ISR_CFG, 1), 0); // MSI-X leaves the ISR alone
+                                        // MSI-X off: MSI.
+        t.cfg_write(msix + 2, &0u16.to_le_bytes());
+        rng_round(&mut t, 2);
+        assert!(wait_for(|| sink.msis.lock().unwrap().len() == 2));
+        assert_eq!(sink.msis.lock().unwrap()[1], (0xfee0_0000, 0x42));
+        assert_eq!(t.r(ISR_CFG, 1), 1);
+        // Both off: INTx + ISR; enabling MSI lowers the asserted line.
+        t.cfg_write(msi + MSI_CONTROL, &0u16.to_le_bytes());
+        rng_round(&mut t, 3);
+        assert!(wait_for(|| sink.intx.lock().unwrap().contains(&true)));
+        assert_eq!(sink.msis.lock().unwrap().len(), 2);
+        t.cfg_write(msi + MSI_CONTROL, &MSI_ENABLE.to_le_bytes());
+        assert_eq!(*sink.intx.lock().unwrap(), vec![true, false]);
     }
 
     #[test]
