@@ -33,3 +33,13 @@ fn stock_linux_boots_to_init_pvh() {
 fn stock_linux_drives_virtio_blk() {
     scenario("virtio-blk");
 }
+
+#[test]
+fn stock_linux_powers_off_with_exit_1() {
+    scenario("poweroff");
+}
+
+#[test]
+fn stock_linux_sees_the_power_button() {
+    scenario("power-button");
+}

@@ -31,11 +31,69 @@ fn reg_index(offset: u64, i: usize) -> Option<usize> {
     usize::try_from(offset).ok()?.checked_add(i)
 }
 
-/// PM1 event block: status bits are write-one-to-clear.
-#[derive(Default)]
+/// The SCI's GSI (ISA IRQ 9, level-triggered active high in the MADT; the FADT's SCI_INT).
+pub const SCI_GSI: u32 = 9;
+
+/// PM1 status/enable bit 8: the fixed-feature power button.
+pub const PWRBTN: u16 = 1 << 8;
+
+/// Drives the SCI line (GSI 9, level-triggered, active high): `true` asserts it.
+pub type SciLine = Box<dyn FnMut(bool) + Send>;
+
+/// PM1 event block: status bits are write-one-to-clear. The only event source is the
+/// fixed-feature power button; while `status & enable` has a bit set the SCI is asserted
+/// (SCI_EN is hardwired to 1 in [`Pm1Control`]: there is no legacy mode to leave).
 pub struct Pm1Event {
     status: u16,
     enable: u16,
+    sci: SciLine,
+    /// The level last driven, to skip redundant line updates.
+    sci_level: bool,
+}
+
+impl Default for Pm1Event {
+    fn default() -> Self {
+        Self::new(Box::new(|_| {}))
+    }
+}
+
+impl Pm1Event {
+    /// An event block driving the SCI through `sci`.
+    pub fn new(sci: SciLine) -> Self {
+        Self {
+            status: 0,
+            enable: 0,
+            sci,
+            sci_level: false,
+        }
+    }
+
+    /// Whether the guest's OS enabled the power button event (PWRBTN_EN).
+    pub fn power_button_enabled(&self) -> bool {
+        self.enable & PWRBTN != 0
+    }
+
+    /// Presses the power button: sets PWRBTN_STS and raises the SCI if the guest enabled
+    /// the event. Returns whether the guest listens (PWRBTN_EN set).
+    pub fn press_power_button(&mut self) -> bool {
+        self.status |= PWRBTN;
+        self.update_sci();
+        self.power_button_enabled()
+    }
+
+    /// Whether the SCI is currently asserted.
+    pub fn sci_asserted(&self) -> bool {
+        self.sci_level
+    }
+
+    fn update_sci(&mut self) {
+        // SCI_EN is always set (see Pm1Control), so status & enable alone decide.
+        let level = self.status & self.enable != 0;
+        if level != self.sci_level {
+            self.sci_level = level;
+            (self.sci)(level);
+        }
+    }
 }
 
 impl BusDevice for Pm1Event {
@@ -59,6 +117,7 @@ impl BusDevice for Pm1Event {
                 _ => {}
             }
         }
+        self.update_sci();
     }
 }
 
@@ -208,6 +267,69 @@ mod tests {
         evt.read(0, &mut b);
         assert_eq!(b, [0, 0, 1, 1]);
         evt.read(u64::MAX - 1, &mut b);
+    }
+
+    /// An event block whose SCI level changes are recorded.
+    fn recorded_event() -> (Pm1Event, Arc<std::sync::Mutex<Vec<bool>>>) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = log.clone();
+        let evt = Pm1Event::new(Box::new(move |level| l.lock().unwrap().push(level)));
+        (evt, log)
+    }
+
+    fn regs(evt: &mut Pm1Event) -> (u16, u16) {
+        let mut b = [0u8; 4];
+        evt.read(0, &mut b);
+        (
+            u16::from_le_bytes([b[0], b[1]]),
+            u16::from_le_bytes([b[2], b[3]]),
+        )
+    }
+
+    #[test]
+    fn power_button_status_enable_and_w1c() {
+        let (mut evt, sci) = recorded_event();
+        assert!(!evt.power_button_enabled());
+        // The guest enables the button (a 16-bit write to the enable register).
+        evt.write(2, &PWRBTN.to_le_bytes());
+        assert!(evt.power_button_enabled());
+        assert_eq!(regs(&mut evt), (0, PWRBTN));
+        assert!(sci.lock().unwrap().is_empty());
+        assert!(evt.press_power_button());
+        assert_eq!(regs(&mut evt), (PWRBTN, PWRBTN));
+        assert!(evt.sci_asserted());
+        // Writing zeros, or ones to other bits, leaves the status (and the SCI) alone.
+        evt.write(0, &[0xff, 0x00]);
+        evt.write(0, &[0, 0]);
+        assert_eq!(regs(&mut evt).0, PWRBTN);
+        assert_eq!(*sci.lock().unwrap(), vec![true]);
+        // Write-one-to-clear, by a byte write to the high half.
+        evt.write(1, &[0x01]);
+        assert_eq!(regs(&mut evt), (0, PWRBTN));
+        assert!(!evt.sci_asserted());
+        assert_eq!(*sci.lock().unwrap(), vec![true, false]);
+    }
+
+    #[test]
+    fn sci_level_follows_status_and_enable() {
+        let (mut evt, sci) = recorded_event();
+        // Pressed while disabled: the status latches, no SCI.
+        assert!(!evt.press_power_button());
+        assert_eq!(regs(&mut evt), (PWRBTN, 0));
+        assert!(sci.lock().unwrap().is_empty());
+        // Enabling with the status pending raises the SCI; disabling drops it.
+        evt.write(3, &[0x01]);
+        assert!(evt.sci_asserted());
+        evt.write(3, &[0x00]);
+        assert!(!evt.sci_asserted());
+        evt.write(3, &[0x01]);
+        // A second press while pending: still one level, no extra edge.
+        assert!(evt.press_power_button());
+        assert_eq!(*sci.lock().unwrap(), vec![true, false, true]);
+        // A 32-bit write clearing the status and keeping the enable.
+        evt.write(0, &[0x00, 0x01, 0x00, 0x01]);
+        assert_eq!(regs(&mut evt), (0, PWRBTN));
+        assert_eq!(*sci.lock().unwrap(), vec![true, false, true, false]);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! | 0xF2030      | XSDT: FADT, MADT (52 bytes)                                      |
 //! | 0xF2080      | FACS (64 bytes, 64-byte aligned)                                 |
 //! | 0xF20C0      | FADT "FACP" revision 6.5 (276 bytes)                             |
-//! | 0xF21E0      | DSDT: `\_S5_`, `\_SB.COM1`                                       |
+//! | 0xF21E0      | DSDT: `\_S5_`, `\_SB`: COMn, RTC, KBD, PCI0 with MRES          |
 //! | after DSDT   | MADT "APIC": one local APIC per vCPU, I/O APIC, overrides, NMI  |
 //!
 //! FADT/FACS/RSDP/XSDT come from the `acpi_tables` crate; the MADT (the crate has no
@@ -89,12 +89,17 @@ fn pci_intx_gsi(slot: u32, pin: u32) -> u32 {
 }
 
 /// What the tables describe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcpiConfig {
-    /// Number of vCPUs (APIC ids 0..nr_cpus).
+    /// Number of vCPUs (APIC ids 0..nr_cpus unless `apic_ids` says otherwise).
     pub nr_cpus: u32,
+    /// The vCPUs' APIC IDs in vCPU order (the `-c` topology packs them, so they may have
+    /// gaps); empty means 0..nr_cpus. Each must be below [`MAX_CPUS`].
+    pub apic_ids: Vec<u32>,
     /// A PCI root (`-s` slots): `\_SB.PCI0` in the DSDT and an MCFG.
     pub pci: bool,
+    /// Configured COM1..COM4 (`-l comN,...`): a PNP0501 device each in the DSDT.
+    pub com: [bool; 4],
 }
 
 /// Guest-physical addresses of each table, as [`write_acpi_tables`] places them.
@@ -226,23 +231,67 @@ fn pci_devices() -> Vec<u8> {
     v
 }
 
-/// The DSDT: `\_S5_`, the COM1 UART and, with `pci`, the PCI root bridge.
-fn dsdt(pci: bool) -> Vec<u8> {
+/// ISA COM ports: (name, I/O base, IRQ), as `devices::uart::COM_PORTS`.
+const COM_PORTS: [(&str, u16, u8); 4] = [
+    ("COM1", 0x3F8, 4),
+    ("COM2", 0x2F8, 3),
+    ("COM3", 0x3E8, 4),
+    ("COM4", 0x2E8, 3),
+];
+
+/// `Device (NAME) { _HID EISAID(hid), [_UID uid,] _CRS (io ranges (base, len), irq) }`.
+fn isa_device(name: &str, hid: &str, uid: Option<u8>, io: &[(u16, u8)], irq: u8) -> Vec<u8> {
+    let hid = aml::EISAName::new(hid);
+    let ios: Vec<aml::IO> = io
+        .iter()
+        .map(|&(base, len)| aml::IO::new(base, base, 1, len))
+        .collect();
+    let irq = IrqNoFlags(irq);
+    let mut res: Vec<&dyn Aml> = ios.iter().map(|i| i as &dyn Aml).collect();
+    res.push(&irq);
+    let crs = aml::ResourceTemplate::new(res);
+    let uid = uid.unwrap_or(0);
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid_name = aml::Name::new("_UID".into(), &uid);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    to_bytes(&aml::Device::new(
+        name.into(),
+        vec![&hid_name, &uid_name, &crs_name],
+    ))
+}
+
+/// The DSDT: `\_S5_`; in `\_SB`, a 16550 (PNP0501) per configured COM port, the RTC
+/// (PNP0B00), the keyboard controller (PNP0303) and, with `pci`, the PCI root bridge.
+fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let (s5, zero) = (SLP_TYP_S5, 0u8);
     let s5_pkg = aml::Package::new(vec![&s5, &s5, &zero, &zero]);
     let s5_name = aml::Name::new("_S5_".into(), &s5_pkg);
 
-    let hid = aml::EISAName::new("PNP0501");
-    let uid = 1u8;
-    let io = aml::IO::new(0x3F8, 0x3F8, 1, 8);
-    let irq = IrqNoFlags(4);
-    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
-    let hid_name = aml::Name::new("_HID".into(), &hid);
-    let uid_name = aml::Name::new("_UID".into(), &uid);
-    let crs_name = aml::Name::new("_CRS".into(), &crs);
-    let com1 = aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
-    let pci_raw = RawAml(if pci { pci_devices() } else { Vec::new() });
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &pci_raw]);
+    let mut devices = Vec::new();
+    for (i, &(name, base, irq)) in COM_PORTS.iter().enumerate() {
+        if cfg.com[i] {
+            devices.extend(isa_device(
+                name,
+                "PNP0501",
+                Some(i as u8 + 1),
+                &[(base, 8)],
+                irq,
+            ));
+        }
+    }
+    devices.extend(isa_device("RTC_", "PNP0B00", None, &[(0x70, 2)], 8));
+    devices.extend(isa_device(
+        "KBD_",
+        "PNP0303",
+        None,
+        &[(0x60, 1), (0x64, 1)],
+        1,
+    ));
+    if cfg.pci {
+        devices.extend(pci_devices());
+    }
+    let devices = RawAml(devices);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&devices]);
 
     let mut body = to_bytes(&s5_name);
     sb.to_aml_bytes(&mut body);
@@ -266,7 +315,13 @@ fn madt_len(nr_cpus: u32) -> usize {
 }
 
 /// The MADT, encoded by hand.
-fn madt(nr_cpus: u32) -> Vec<u8> {
+fn madt(nr_cpus: u32, apic_ids: &[u32]) -> Vec<u8> {
+    let ids: Vec<u8> = if apic_ids.is_empty() {
+        (0..nr_cpus).map(|i| i as u8).collect()
+    } else {
+        debug_assert_eq!(apic_ids.len(), nr_cpus as usize);
+        apic_ids.iter().map(|&i| i as u8).collect()
+    };
     let mut t = Vec::with_capacity(madt_len(nr_cpus));
     t.extend_from_slice(b"APIC");
     t.extend_from_slice(&(madt_len(nr_cpus) as u32).to_le_bytes());
@@ -279,12 +334,13 @@ fn madt(nr_cpus: u32) -> Vec<u8> {
     t.extend_from_slice(&acpi_tables::CREATOR_REVISION);
     t.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
     t.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
-    for cpu in 0..nr_cpus as u8 {
-        t.extend_from_slice(&[MADT_LAPIC, 8, cpu, cpu]);
+    for (uid, &apic_id) in ids.iter().enumerate() {
+        t.extend_from_slice(&[MADT_LAPIC, 8, uid as u8, apic_id]);
         t.extend_from_slice(&LAPIC_ENABLED.to_le_bytes());
     }
     // The I/O APIC takes the id after the last local APIC, as in the MP table.
-    t.extend_from_slice(&[MADT_IOAPIC, 12, nr_cpus as u8, 0]);
+    let ioapic_id = ids.iter().max().map_or(0, |&m| m + 1);
+    t.extend_from_slice(&[MADT_IOAPIC, 12, ioapic_id, 0]);
     t.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     t.extend_from_slice(&0u32.to_le_bytes());
     // ISA IRQ 0 (the PIT) → GSI 2; the SCI is level triggered, active high.
@@ -322,8 +378,8 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
         .dsdt_64(dsdt)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
-        // No fixed-feature power or sleep button.
-        .flag(Flags::PwrButton)
+        // The power button is the fixed-feature one (PM1 PWRBTN_STS/EN, as bhyve's
+        // SIGTERM handling raises it); there is no sleep button.
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup)
         .flag(Flags::TmrValExt);
@@ -359,7 +415,7 @@ pub fn acpi_layout(cfg: &AcpiConfig) -> AcpiLayout {
     let facs = align_up(xsdt + SDT_HEADER_LEN as u64 + 3 * 8, 64);
     let fadt = align_up(facs + FACS::len() as u64, 16);
     let dsdt_at = align_up(fadt + acpi_tables::fadt::FADT::len() as u64, 16);
-    let madt = align_up(dsdt_at + dsdt(cfg.pci).len() as u64, 16);
+    let madt = align_up(dsdt_at + dsdt(cfg).len() as u64, 16);
     let mut end = madt + madt_len(cfg.nr_cpus) as u64;
     let mcfg = cfg.pci.then(|| {
         let at = align_up(end, 16);
@@ -401,8 +457,8 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cfg: &AcpiConfig) -> Re
         (l.xsdt, to_bytes(&xsdt)),
         (l.facs, to_bytes(&FACS::new())),
         (l.fadt, fadt(l.facs, l.dsdt)),
-        (l.dsdt, dsdt(cfg.pci)),
-        (l.madt, madt(cfg.nr_cpus)),
+        (l.dsdt, dsdt(cfg)),
+        (l.madt, madt(cfg.nr_cpus, &cfg.apic_ids)),
     ];
     if let Some(m) = l.mcfg {
         tables.push((m, mcfg()));
@@ -458,7 +514,12 @@ mod tests {
 
     fn check(nr_cpus: u32, pci: bool) {
         let mem = guest(64 << 20);
-        let cfg = AcpiConfig { nr_cpus, pci };
+        let cfg = AcpiConfig {
+            nr_cpus,
+            pci,
+            com: [true; 4],
+            ..Default::default()
+        };
         let rsdp = write_acpi_tables(&mem, &cfg).unwrap();
         let mut used = Vec::new();
 
@@ -525,8 +586,8 @@ mod tests {
         let flags = u32_at(&fadt, 112);
         assert_eq!(
             flags,
-            1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 10,
-            "WBINVD PROC_C1 PWR_BUTTON SLP_BUTTON TMR_VAL_EXT RESET_REG_SUP"
+            1 | 1 << 2 | 1 << 5 | 1 << 8 | 1 << 10,
+            "WBINVD PROC_C1 SLP_BUTTON TMR_VAL_EXT RESET_REG_SUP (fixed power button)"
         );
         assert_eq!(&fadt[116..120], &[1, 8, 0, 1], "RESET_REG: I/O, 8 bits");
         assert_eq!(u64_at(&fadt, 120), 0xCF9);
@@ -598,7 +659,10 @@ mod tests {
 
     #[test]
     fn pci_root_bridge_aml() {
-        let d = dsdt(true);
+        let d = dsdt(&AcpiConfig {
+            pci: true,
+            ..Default::default()
+        });
         let has = |pat: &[u8]| d.windows(pat.len()).any(|w| w == pat);
         // _HID EISAID("PNP0A08"), _CID EISAID("PNP0A03").
         assert!(has(&[b'_', b'H', b'I', b'D', 0x0C, 0x41, 0xD0, 0x0A, 0x08]));
@@ -619,7 +683,7 @@ mod tests {
         assert!(has(&[0x0C, 0xFF, 0xFF, 31, 0, 0x0A, 3, 0x00, 0x0A, 18]));
         assert!(has(b"MRES"));
         assert_eq!(pci_intx_gsi(31, 3), 18);
-        assert!(dsdt(false).len() < d.len());
+        assert!(dsdt(&AcpiConfig::default()).len() < d.len());
     }
 
     #[test]
@@ -631,6 +695,7 @@ mod tests {
                 &AcpiConfig {
                     nr_cpus: n,
                     pci: false,
+                    ..Default::default()
                 },
             )
             .unwrap_err();
@@ -640,7 +705,10 @@ mod tests {
 
     #[test]
     fn dsdt_aml_bytes() {
-        let d = dsdt(false);
+        let d = dsdt(&AcpiConfig {
+            com: [true, false, false, false],
+            ..Default::default()
+        });
         let body = &d[SDT_HEADER_LEN..];
         // Name (_S5_, Package (4) {5, 5, 0, 0})
         assert_eq!(
@@ -650,5 +718,92 @@ mod tests {
         // IO (Decode16, 0x3F8, 0x3F8, 1, 8) and IRQNoFlags () {4}
         let io = [0x47, 1, 0xF8, 3, 0xF8, 3, 1, 8, 0x22, 0x10, 0x00, 0x79, 0];
         assert!(d.windows(io.len()).any(|w| w == io));
+    }
+
+    #[test]
+    fn madt_uses_the_given_apic_ids() {
+        let t = madt(4, &[0, 1, 4, 5]);
+        assert_eq!(sum(&t), 0);
+        let mut ids = Vec::new();
+        let mut ioapic = None;
+        let mut off = MADT_HEADER_LEN;
+        while off < t.len() {
+            match t[off] {
+                MADT_LAPIC => ids.push((t[off + 2], t[off + 3])),
+                MADT_IOAPIC => ioapic = Some(t[off + 2]),
+                _ => {}
+            }
+            off += t[off + 1] as usize;
+        }
+        assert_eq!(ids, vec![(0, 0), (1, 1), (2, 4), (3, 5)]);
+        assert_eq!(ioapic, Some(6));
+        assert_eq!(madt(2, &[]), madt(2, &[0, 1]));
+    }
+
+    /// `_HID` EISAID("PNPxxxx") as AML: Name (_HID, DWordConst).
+    fn eisa_hid(id: &str) -> Vec<u8> {
+        let mut v = b"_HID".to_vec();
+        to_bytes(&aml::EISAName::new(id))
+            .iter()
+            .for_each(|b| v.push(*b));
+        v
+    }
+
+    #[test]
+    fn dsdt_isa_devices() {
+        let has = |d: &[u8], pat: &[u8]| d.windows(pat.len()).any(|w| w == pat);
+        let none = dsdt(&AcpiConfig::default());
+        for name in [b"COM1", b"COM2", b"COM3", b"COM4"] {
+            assert!(!has(&none, name));
+        }
+        assert!(!has(&none, &eisa_hid("PNP0501")));
+        // RTC: IO (0x70, 0x70, 1, 2), IRQNoFlags () {8}.
+        assert!(has(&none, b"RTC_"));
+        assert!(has(&none, &eisa_hid("PNP0B00")));
+        assert!(has(
+            &none,
+            &[0x47, 1, 0x70, 0, 0x70, 0, 1, 2, 0x22, 0x00, 0x01, 0x79]
+        ));
+        // Keyboard controller: IO 0x60 and 0x64, IRQNoFlags () {1}.
+        assert!(has(&none, b"KBD_"));
+        assert!(has(&none, &eisa_hid("PNP0303")));
+        assert!(has(
+            &none,
+            &[0x47, 1, 0x60, 0, 0x60, 0, 1, 1, 0x47, 1, 0x64, 0, 0x64, 0, 1, 1, 0x22, 0x02, 0x00]
+        ));
+
+        let all = dsdt(&AcpiConfig {
+            com: [true; 4],
+            ..Default::default()
+        });
+        // (name, IO base, IRQ mask, _UID)
+        for (name, base, mask, uid) in [
+            (b"COM1", 0x3F8u16, 0x10u16, 1u8),
+            (b"COM2", 0x2F8, 0x08, 2),
+            (b"COM3", 0x3E8, 0x10, 3),
+            (b"COM4", 0x2E8, 0x08, 4),
+        ] {
+            let at = all.windows(4).position(|w| w == name).expect("device");
+            let dev = &all[at..];
+            let [lo, hi] = base.to_le_bytes();
+            let [m0, m1] = mask.to_le_bytes();
+            let crs = [0x47, 1, lo, hi, lo, hi, 1, 8, 0x22, m0, m1, 0x79];
+            // This device's own resources come before the next device's name.
+            let end = dev[4..]
+                .windows(4)
+                .position(|w| w[..3] == *b"COM" || w == b"RTC_")
+                .map_or(dev.len(), |p| p + 4);
+            let dev = &dev[..end];
+            assert!(has(dev, &eisa_hid("PNP0501")), "{name:?}");
+            let uid_name = to_bytes(&aml::Name::new("_UID".into(), &uid));
+            assert!(has(dev, &uid_name), "{name:?} _UID");
+            assert!(has(dev, &crs), "{name:?} _CRS");
+        }
+        let two = dsdt(&AcpiConfig {
+            com: [false, true, false, false],
+            ..Default::default()
+        });
+        assert!(has(&two, b"COM2") && !has(&two, b"COM1"));
+        assert!(none.len() < two.len() && two.len() < all.len());
     }
 }

@@ -29,6 +29,7 @@ const KNOWN_KEYS: &[&str] = &[
     "destroy_on_poweroff",
     "uuid",
     "rtc.use_localtime",
+    "power.grace",
     "virtio_msix",
     "x86.x2apic",
     "x86.strictio",
@@ -179,6 +180,63 @@ pub enum ConsoleBackend {
     Stdio,
     /// A host device or file opened read/write (bhyve: a tty path).
     Path(PathBuf),
+    /// A new pty pair; its path is printed and written to the runtime dir (`pty`).
+    Pty,
+    /// A unix stream socket rhyve listens on, one client at a time (`unix=PATH`).
+    Unix(PathBuf),
+    /// A TCP socket rhyve listens on, loopback only (bhyve's `tcp=IP:PORT`).
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for ConsoleBackend {
+    /// The backend as written after `-l comN,`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConsoleBackend::Stdio => write!(f, "stdio"),
+            ConsoleBackend::Path(p) => write!(f, "{}", p.display()),
+            ConsoleBackend::Pty => write!(f, "pty"),
+            ConsoleBackend::Unix(p) => write!(f, "unix={}", p.display()),
+            ConsoleBackend::Tcp(a) => write!(f, "tcp={a}"),
+        }
+    }
+}
+
+impl ConsoleBackend {
+    /// Parses the value of `lpc.comN.path` for port `n` (1..=4).
+    pub fn parse(n: usize, v: &str) -> Result<Self, ConfigError> {
+        let arg = format!("-l com{n},{v}");
+        Ok(match v {
+            "stdio" => ConsoleBackend::Stdio,
+            "pty" => ConsoleBackend::Pty,
+            "" => return err(format!("lpc.com{n}.path: empty backend")),
+            p if p.starts_with('/') => ConsoleBackend::Path(PathBuf::from(p)),
+            _ => {
+                if let Some(p) = v.strip_prefix("unix=") {
+                    if p.is_empty() {
+                        return err(format!("{arg}: expected unix=PATH"));
+                    }
+                    ConsoleBackend::Unix(PathBuf::from(p))
+                } else if let Some(a) = v.strip_prefix("tcp=") {
+                    let addr: std::net::SocketAddr = a.parse().map_err(|_| {
+                        ConfigError(format!(
+                            "{arg}: expected tcp=IP:PORT (e.g. tcp=127.0.0.1:4321)"
+                        ))
+                    })?;
+                    if !addr.ip().is_loopback() {
+                        return err(format!(
+                            "{arg}: only loopback addresses are allowed (127.0.0.0/8, ::1)"
+                        ));
+                    }
+                    ConsoleBackend::Tcp(addr)
+                } else {
+                    return err(format!(
+                        "{arg}: unsupported backend (use stdio, pty, unix=PATH, tcp=IP:PORT \
+                         or a device path)"
+                    ));
+                }
+            }
+        })
+    }
 }
 
 /// The typed machine description every later stage reads.
@@ -186,6 +244,8 @@ pub enum ConsoleBackend {
 pub struct VmConfig {
     pub name: String,
     pub cpus: u32,
+    /// `-c` sockets/cores/threads (product = `cpus`): the CPUID leaves and APIC IDs.
+    pub topology: vmmapi::Topology,
     pub memory: u64,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
@@ -200,6 +260,9 @@ pub struct VmConfig {
     pub mptable: bool,
     /// RTC in local time (bhyve's default); -u makes it UTC.
     pub rtc_localtime: bool,
+    /// After the power-button press of a first SIGTERM, force the power-off this much
+    /// later (`power.grace=SECONDS`; None: wait for the guest or a second SIGTERM).
+    pub power_grace: Option<std::time::Duration>,
     /// vCPU → host CPUs.
     pub pins: Vec<(u32, Vec<usize>)>,
     /// The `-s` slots, in (bus, slot, function) order.
@@ -238,11 +301,18 @@ impl VmConfig {
                     }),
                 }
             };
-        let cpus = num("cpus", 1)?;
         let (sockets, cores, threads) = (num("sockets", 1)?, num("cores", 1)?, num("threads", 1)?);
         let topology_given = ["sockets", "cores", "threads"]
             .iter()
             .any(|k| t.get(k).is_some());
+        // As bhyve: a topology without `cpus` implies cpus = sockets*cores*threads.
+        let cpus = match (t.get("cpus"), topology_given) {
+            (None, true) => sockets
+                .checked_mul(cores)
+                .and_then(|n| n.checked_mul(threads))
+                .unwrap_or(u32::MAX),
+            _ => num("cpus", 1)?,
+        };
         if topology_given
             && sockets
                 .checked_mul(cores)
@@ -255,6 +325,25 @@ impl VmConfig {
         }
         if cpus > 255 {
             return err(format!("-c {cpus}: at most 255 vCPUs"));
+        }
+        // bhyve's default for a bare `-c N`: N sockets of one single-threaded core.
+        let topology = if topology_given {
+            vmmapi::Topology {
+                sockets,
+                cores,
+                threads,
+            }
+        } else {
+            vmmapi::Topology::flat(cpus)
+        };
+        // The MADT and MP table carry 8-bit APIC IDs, and the I/O APIC takes the next one.
+        let max_apic_id = topology.apic_id(cpus - 1);
+        if max_apic_id >= loader::acpi::MAX_CPUS {
+            return err(format!(
+                "-c: sockets={sockets},cores={cores},threads={threads} needs APIC ID {max_apic_id} \
+                 (at most {} with 8-bit APIC IDs)",
+                loader::acpi::MAX_CPUS - 1
+            ));
         }
         let memory = match t.get("memory.size") {
             None => 256 << 20,
@@ -276,17 +365,7 @@ impl VmConfig {
         for i in 0..4 {
             let key = format!("lpc.com{}.path", i + 1);
             if let Some(v) = t.get(&key) {
-                let backend = match v {
-                    "stdio" => ConsoleBackend::Stdio,
-                    "" => return err(format!("{key}: empty backend")),
-                    p if p.starts_with('/') => ConsoleBackend::Path(PathBuf::from(p)),
-                    other => {
-                        return err(format!(
-                            "-l com{},{other}: unsupported backend (use stdio or a device path)",
-                            i + 1
-                        ))
-                    }
-                };
+                let backend = ConsoleBackend::parse(i + 1, v)?;
                 com.push((i, backend));
             }
         }
@@ -298,6 +377,20 @@ impl VmConfig {
         {
             return err("-l: only one COM port can use stdio");
         }
+        let power_grace = match t.get("power.grace") {
+            None => None,
+            Some(v) => Some(
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+                    .map(std::time::Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "power.grace={v}: expected a positive number of seconds"
+                        ))
+                    })?,
+            ),
+        };
         let mut pins = Vec::new();
         for (k, v) in t.children("vcpu") {
             let vcpu: u32 = k
@@ -351,6 +444,7 @@ impl VmConfig {
         Ok(Self {
             name: name.to_string(),
             cpus,
+            topology,
             memory,
             kernel: t.get("boot.kernel").map(PathBuf::from),
             initrd: t.get("boot.initrd").map(PathBuf::from),
@@ -362,6 +456,7 @@ impl VmConfig {
             acpi: flag("acpi_tables", false)?,
             mptable: flag("x86.mptable", true)?,
             rtc_localtime: flag("rtc.use_localtime", true)?,
+            power_grace,
             pins,
             pci,
         })
@@ -428,6 +523,53 @@ mod tests {
     }
 
     #[test]
+    fn power_grace_in_seconds() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        assert_eq!(VmConfig::from_tree(&t).unwrap().power_grace, None);
+        t.set("power.grace", "2.5");
+        assert_eq!(
+            VmConfig::from_tree(&t).unwrap().power_grace,
+            Some(std::time::Duration::from_millis(2500))
+        );
+        for bad in ["0", "-1", "x", "inf", ""] {
+            t.set("power.grace", bad);
+            assert!(VmConfig::from_tree(&t).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn topology_defaults_and_apic_ids() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("cpus", "4");
+        let c = VmConfig::from_tree(&t).unwrap();
+        assert_eq!(c.topology, vmmapi::Topology::flat(4));
+        assert_eq!(c.topology.apic_ids(), vec![0, 1, 2, 3]);
+        t.set("sockets", "2");
+        t.set("cores", "2");
+        let c = VmConfig::from_tree(&t).unwrap();
+        assert_eq!(
+            (c.topology.sockets, c.topology.cores, c.topology.threads),
+            (2, 2, 1)
+        );
+        // Without cpus, the topology sets the count (bhyve).
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("sockets", "2");
+        t.set("cores", "3");
+        t.set("threads", "2");
+        let c = VmConfig::from_tree(&t).unwrap();
+        assert_eq!(c.cpus, 12);
+        assert_eq!(c.topology.apic_id(11), 13);
+        // APIC IDs must fit the 8-bit MADT/MP table entries.
+        t.set("sockets", "64");
+        t.set("cores", "3");
+        t.set("threads", "1");
+        assert!(VmConfig::from_tree(&t).is_err());
+    }
+
+    #[test]
     fn topology_must_multiply_out() {
         let mut t = ConfigTree::default();
         t.set("name", "vm0");
@@ -437,5 +579,41 @@ mod tests {
         assert_eq!(VmConfig::from_tree(&t).unwrap().cpus, 4);
         t.set("cores", "3");
         assert!(VmConfig::from_tree(&t).is_err());
+    }
+
+    #[test]
+    fn console_backends() {
+        use std::net::SocketAddr;
+        let p = |v| ConsoleBackend::parse(2, v);
+        assert_eq!(p("stdio").unwrap(), ConsoleBackend::Stdio);
+        assert_eq!(p("pty").unwrap(), ConsoleBackend::Pty);
+        assert_eq!(
+            p("/dev/ttyS1").unwrap(),
+            ConsoleBackend::Path("/dev/ttyS1".into())
+        );
+        assert_eq!(
+            p("unix=/tmp/c.sock").unwrap(),
+            ConsoleBackend::Unix("/tmp/c.sock".into())
+        );
+        let a: SocketAddr = "127.0.0.1:4321".parse().unwrap();
+        assert_eq!(p("tcp=127.0.0.1:4321").unwrap(), ConsoleBackend::Tcp(a));
+        assert!(p("tcp=[::1]:4321").is_ok());
+        assert_eq!(
+            p("tcp=127.0.0.1:4321").unwrap().to_string(),
+            "tcp=127.0.0.1:4321"
+        );
+        assert_eq!(p("unix=/x").unwrap().to_string(), "unix=/x");
+        for (bad, msg) in [
+            ("tcp=8.8.8.8:1", "-l com2,tcp=8.8.8.8:1: only loopback"),
+            ("tcp=0.0.0.0:1", "only loopback"),
+            ("tcp=localhost:1", "expected tcp=IP:PORT"),
+            ("tcp=127.0.0.1", "expected tcp=IP:PORT"),
+            ("unix=", "expected unix=PATH"),
+            ("nmdm0A", "unsupported backend"),
+        ] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(e.contains(msg), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

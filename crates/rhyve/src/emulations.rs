@@ -140,7 +140,8 @@ pub fn lpc_help() -> String {
     [
         (
             "com1..com4",
-            "16550 UART; backend: stdio or a device path (e.g. -l com1,stdio)",
+            "16550 UART; backend: stdio, pty, unix=PATH, tcp=IP:PORT (loopback) or a \
+             device path (e.g. -l com1,stdio)",
         ),
         (
             "pc-testdev",

@@ -27,6 +27,8 @@ fn shared(d: impl BusDevice + 'static) -> Arc<Mutex<dyn BusDevice>> {
 struct Buses {
     pio: Bus,
     mmio: Bus,
+    /// The PM1 event block, shared with the signal thread for the power button.
+    pm1_evt: Arc<Mutex<acpi_pm::Pm1Event>>,
 }
 
 fn build_buses(
@@ -58,11 +60,20 @@ fn build_buses(
         1,
         shared(post::PostCodes::new(start)),
     )?;
+    // The SCI: GSI 9, level-triggered (the MADT's interrupt source override).
+    let pm1_evt = Arc::new(Mutex::new(acpi_pm::Pm1Event::new({
+        let vm = vm.clone();
+        Box::new(move |level| {
+            if let Err(e) = vm.set_irq_line(acpi_pm::SCI_GSI, level) {
+                log::warn!("acpi: SCI (GSI {}): {e}", acpi_pm::SCI_GSI);
+            }
+        })
+    })));
     pio.insert(
         "pm1a-evt",
         u64::from(acpi_pm::PM1A_EVT_PORT),
         acpi_pm::PM1A_EVT_LEN,
-        shared(acpi_pm::Pm1Event::default()),
+        pm1_evt.clone(),
     )?;
     pio.insert(
         "pm1a-cnt",
@@ -103,23 +114,14 @@ fn build_buses(
         let (name, port, irq) = uart::COM_PORTS[*index];
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
         vm.register_irqfd(&irqfd, irq)?;
-        let (out, input): (
-            Box<dyn std::io::Write + Send>,
-            Box<dyn std::io::Read + Send>,
-        ) = match backend {
-            ConsoleBackend::Stdio => (Box::new(console::Stdout), Box::new(std::io::stdin())),
-            ConsoleBackend::Path(p) => {
-                let (r, w) =
-                    console::open_path(p).with_context(|| format!("-l {name},{}", p.display()))?;
-                (Box::new(w), Box::new(r))
-            }
-        };
+        let host = console::open(name, backend, vm.rundir())
+            .with_context(|| format!("-l {name},{backend}"))?;
         let dev = Arc::new(Mutex::new(uart::Uart::new(
             irqfd,
-            Box::new(console::ConsoleOut::new(name, out, start)),
+            Box::new(console::ConsoleOut::new(name, host.out, start)),
         )));
         pio.insert(name, u64::from(port), uart::UART_REGS, dev.clone())?;
-        console::spawn_reader(name, input, dev).context("console thread")?;
+        host.input.start(name, dev).context("console thread")?;
     }
 
     if cfg.pc_testdev {
@@ -151,7 +153,7 @@ fn build_buses(
             shared(Scratch::new(IOMEM_LEN)),
         )?;
     }
-    Ok(Buses { pio, mmio })
+    Ok(Buses { pio, mmio, pm1_evt })
 }
 
 /// One MSI-X vector's fast path: an eventfd registered as an irqfd on the vector's own GSI,
@@ -424,7 +426,9 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         vm.ram().memory(),
         &loader::acpi::AcpiConfig {
             nr_cpus: cfg.cpus,
+            apic_ids: cfg.topology.apic_ids(),
             pci: !cfg.pci.is_empty(),
+            com: std::array::from_fn(|i| cfg.com.iter().any(|(c, _)| *c == i)),
         },
     )?;
     let loaded = loader::load(
@@ -457,6 +461,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
     }
     let result = run_vcpus(&vm, &cfg, &loaded, &control, start);
     terminal::restore();
+    console::cleanup();
     let reason = result?;
     if let StopReason::Error(msg) = &reason {
         return Err(anyhow!("{msg}"));
@@ -481,13 +486,17 @@ fn run_vcpus(
     let mmio = Arc::new(buses.mmio);
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
-        let vcpu = vm.create_vcpu(id, cfg.cpus)?;
+        let vcpu = vm.create_vcpu(id, &cfg.topology)?;
         if id == 0 {
             boot::set_entry_state(&vcpu, &loaded.entry)?;
         }
         vcpus.push(vcpu);
     }
-    signals::spawn_signal_thread(control.clone())?;
+    signals::spawn_signal_thread(
+        control.clone(),
+        Arc::downgrade(&buses.pm1_evt),
+        cfg.power_grace,
+    )?;
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for vcpu in vcpus {

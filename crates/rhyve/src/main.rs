@@ -39,8 +39,12 @@ DESCRIPTION
              Attach a PCI emulation; slot is slot, slot:function or bus:slot:function.
              rhyve -s help lists emulations.
      -l lpcdev[,conf]
-             Configure an LPC device: com1..com4 with a backend (stdio or a device path),
-             or pc-testdev. rhyve -l help lists them.
+             Configure an LPC device: com1..com4 with a backend, or pc-testdev.
+             rhyve -l help lists them. Backends: stdio; a device path (e.g. /dev/ttyS1);
+             pty (a new pty pair, its path printed on stderr as `rhyve: comN: /dev/pts/M`
+             and written to RUNDIR/vmname/comN.pty); unix=PATH and tcp=IP:PORT (listen
+             for one client at a time; IP must be loopback). Guest output nobody reads is
+             dropped, so a console never stalls the guest.
      -k config_file
              Read key=value configuration lines (bhyve_config(5)).
      -o var=value

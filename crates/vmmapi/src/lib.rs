@@ -11,7 +11,7 @@
 //! use vmmapi::{Hypervisor, Vm, VmExit};
 //! let hv = Hypervisor::open()?;
 //! let vm = Vm::create(&hv, "vm0", &[(0, 256 << 20)])?;
-//! let mut vcpu = vm.create_vcpu(0, 1)?;
+//! let mut vcpu = vm.create_vcpu(0, &vmmapi::Topology::flat(1))?;
 //! match vcpu.run()? {
 //!     VmExit::IoOut { port, data } => println!("out {port:#x} {data:?}"),
 //!     other => println!("{other:?}"),
@@ -27,6 +27,7 @@ mod rundir;
 mod vcpu;
 mod vm;
 
+pub use cpuid::Topology;
 pub use hypervisor::{Hypervisor, KVM_DEV_ENV, REQUIRED_CAPS};
 pub use irq_routing::{GsiTable, IrqRouting, Route};
 pub use memory::GuestRam;

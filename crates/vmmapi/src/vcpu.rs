@@ -100,7 +100,8 @@ impl Vcpu {
         Self { id, fd, ram }
     }
 
-    /// The vCPU index (also its APIC ID).
+    /// The vCPU index (0-based, as in `-p` and the `vcpu N` thread names; the APIC ID is
+    /// [`crate::Topology::apic_id`] of it).
     pub fn id(&self) -> u32 {
         self.id
     }

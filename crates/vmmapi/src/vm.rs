@@ -10,7 +10,7 @@ use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq_routing::{GsiTable, IrqRouting};
-use crate::{cpuid, kvm_err, GuestRam, Hypervisor, Result, RunDir, Vcpu};
+use crate::{cpuid, cpuid::Topology, kvm_err, GuestRam, Hypervisor, Result, RunDir, Vcpu};
 
 /// KVM wants three pages for the VMX real-mode TSS and one for the identity map; put them
 /// just under the 4 GiB boundary, in the PCI hole, where no RAM lives.
@@ -108,13 +108,16 @@ impl Vm {
         &self.ram
     }
 
-    /// Creates vCPU `id` of `nr_vcpus`, with CPUID and in-kernel LAPIC set up for an OS.
-    pub fn create_vcpu(&self, id: u32, nr_vcpus: u32) -> Result<Vcpu> {
+    /// Creates vCPU `index` (0-based) of the topology `topo`, with CPUID and in-kernel LAPIC
+    /// set up for an OS. The KVM vCPU id, and so the LAPIC ID, is the vCPU's packed APIC ID
+    /// ([`Topology::apic_id`]); vCPU 0 (APIC ID 0) is the bootstrap processor.
+    pub fn create_vcpu(&self, index: u32, topo: &Topology) -> Result<Vcpu> {
+        let id = index;
         let fd = self
             .fd
-            .create_vcpu(u64::from(id))
+            .create_vcpu(u64::from(topo.apic_id(index)))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = cpuid::for_vcpu(&self.supported_cpuid, id, nr_vcpus);
+        let cpuid = cpuid::for_vcpu(&self.supported_cpuid, index, topo);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let vcpu = Vcpu::new(id, fd, self.ram.clone());
         vcpu.setup_lapic()?;

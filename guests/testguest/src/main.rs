@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod asm;
 mod bench;
 mod blk;
@@ -11,6 +12,7 @@ mod boot;
 mod io;
 mod irq;
 mod pci;
+mod smp;
 mod virtio;
 
 use boot::BootInfo;
@@ -494,6 +496,16 @@ extern "C" fn rhyve_main() -> ! {
                 _ => virtio::rng_test(&mut window, args.reassign),
             }
             line(&[P::S("checks fail="), P::D(fails())]);
+            exit(args.exit)
+        }
+        b"acpi" => {
+            acpi::test(bi.rsdp);
+            line(&[P::S("checks fail="), P::D(fails())]);
+            exit(args.exit)
+        }
+        b"smp" => {
+            let ap_fails = smp::test(bi.rsdp);
+            line(&[P::S("checks fail="), P::D(fails() + ap_fails as u64)]);
             exit(args.exit)
         }
         b"post" => {

@@ -28,12 +28,15 @@ testbed_say() { echo "TESTBED: $*"; }
 #                      as "TESTBED: l2-init-ms=N"               (default L2-INIT-REACHED)
 #   --timeout SECS     SIGKILL the VMM's process group after SECS (default 120)
 #   --tag TAG          suffix for result keys: vmm-exit.TAG=... (default none)
+#   --after-marker CMD run CMD (sh -c, with $TESTBED_VMM_PID set) once the marker was seen,
+#                      e.g. to signal the VMM; prints "TESTBED: after-marker=CMD"
+#   --signal-after-marker SIG   shorthand: --after-marker 'kill -SIG "$TESTBED_VMM_PID"'
 # Prints: TESTBED: vmm-cmd=..., TESTBED: l2-init-ms=N (if the marker was seen),
 #         TESTBED: vmm-exit=N, TESTBED: vmm-ms=N (VMM start to exit), TESTBED: vmm-timeout
 # Returns the VMM's exit status.
 testbed_boot() {
     local kernel="$L2_VMLINUZ" initrd="$L2_INITRD" append="console=ttyS0 quiet" mem=512M
-    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag=""
+    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --kernel) kernel="$2"; shift 2 ;;
@@ -44,6 +47,8 @@ testbed_boot() {
             --marker) marker="$2"; shift 2 ;;
             --timeout) tmo="$2"; shift 2 ;;
             --tag) tag=".$2"; shift 2 ;;
+            --after-marker) after="$2"; shift 2 ;;
+            --signal-after-marker) after="kill -$2 \"\$TESTBED_VMM_PID\""; shift 2 ;;
             --) shift; break ;;
             *) echo "testbed_boot: unknown option $1" >&2; return 2 ;;
         esac
@@ -65,7 +70,7 @@ testbed_boot() {
         case "$a" in *[[:space:]]*|"") q="$q '$a'" ;; *) q="$q $a" ;; esac
     done
     testbed_say "vmm-cmd$tag=${q# }"
-    rm -f /tmp/testbed.rc /tmp/testbed.err /tmp/testbed.timeout
+    rm -f /tmp/testbed.rc /tmp/testbed.err /tmp/testbed.timeout /tmp/testbed.vpid
     local t0 t1 rc
     t0=$(testbed_now_ms)
     # The VMM runs in its own session/process group (setsid execs in place: pid = pgid), so the
@@ -73,13 +78,14 @@ testbed_boot() {
     {
         setsid "$@" </dev/null 2>/tmp/testbed.err &
         local vpid=$! wpid
+        echo "$vpid" >/tmp/testbed.vpid
         setsid sh -c 'sleep "$1"; : >/tmp/testbed.timeout; kill -KILL -- "-$2"' watchdog \
             "$tmo" "$vpid" </dev/null >/dev/null 2>&1 &
         wpid=$!
         wait "$vpid"
         echo $? >/tmp/testbed.rc
         kill -KILL -- "-$wpid" 2>/dev/null
-    } | testbed__reader "$marker" "$t0" "$tag"
+    } | testbed__reader "$marker" "$t0" "$tag" "$after"
     t1=$(testbed_now_ms)
     rc=$(cat /tmp/testbed.rc 2>/dev/null || echo 255)
     if [ -s /tmp/testbed.err ]; then
@@ -93,7 +99,7 @@ testbed_boot() {
 
 # Echo the VMM's stdout (L2's serial console) prefixed, and time the marker.
 testbed__reader() {
-    local marker="$1" t0="$2" tag="$3" seen=0 line now cr
+    local marker="$1" t0="$2" tag="$3" after="$4" seen=0 line now cr
     cr=$(printf '\r')
     while IFS= read -r line || [ -n "$line" ]; do
         line=${line%"$cr"}
@@ -103,6 +109,11 @@ testbed__reader() {
                     now=$(testbed_now_ms); seen=1
                     echo "L2| $line"
                     testbed_say "l2-init-ms$tag=$((now - t0))"
+                    if [ -n "$after" ]; then
+                        testbed_say "after-marker$tag=$after"
+                        TESTBED_VMM_PID=$(cat /tmp/testbed.vpid 2>/dev/null) \
+                            sh -c "$after" </dev/null
+                    fi
                     continue ;;
             esac
         fi

@@ -1,0 +1,396 @@
+//! COM port backends on real KVM with the test guest's `rhyve.test=echo` (prompt on COM1,
+//! then one line read from COM1 echoed back): `pty`, `unix=PATH`, `tcp=IP:PORT` (loopback
+//! only), and the one-line refusals of bad backends. Network use: 127.0.0.1 only.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rhyve_tests::harness::{
+    self, require_kvm, rhyve_cmd, scratch_dir, testdev_status, KillOnDrop, Run,
+};
+use rhyve_tests::TESTGUEST_BZIMAGE;
+
+const PROMPT: &str = "rhyve-guest: type a line";
+const EXIT: u32 = 5;
+
+/// A running rhyve with COM1 on `backend`, its stdout and stderr collected in the background.
+struct Vm {
+    child: KillOnDrop,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    dir: PathBuf,
+    name: String,
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let s = Arc::new(Mutex::new(String::new()));
+    let out = s.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    s
+}
+
+impl Vm {
+    fn start(name: &str, backend: &str) -> Vm {
+        require_kvm();
+        let dir = scratch_dir(name);
+        Self::start_in(&dir, name, backend)
+    }
+
+    fn start_in(dir: &Path, name: &str, backend: &str) -> Vm {
+        let mut cmd: Command = rhyve_cmd(dir);
+        cmd.args([
+            "-m",
+            "64M",
+            "-l",
+            &format!("com1,{backend}"),
+            "-l",
+            "pc-testdev",
+        ])
+        .args(["--kernel", TESTGUEST_BZIMAGE, "--append"])
+        .arg(format!("rhyve.test=echo rhyve.exit={EXIT}"))
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn rhyve");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Vm {
+            child: KillOnDrop(child),
+            stdout,
+            stderr,
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+        }
+    }
+
+    fn rundir(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the exit (at most 60 s) and checks what every run must show.
+    fn finish(mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rhyve did not exit; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let stderr = self.stderr();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(
+            self.stdout.lock().unwrap().as_str(),
+            "",
+            "guest output must not reach stdout"
+        );
+        // What the console backends put in the runtime directory is gone with the VM.
+        assert!(
+            !self.rundir().join("com1.pty").exists(),
+            "pty path file left behind"
+        );
+        assert!(!self.rundir().exists(), "runtime directory left behind");
+        (status, stderr)
+    }
+}
+
+/// Reads from `r` until the text contains `pattern` (Ok) or EOF/timeout (Err), returning
+/// what was read.
+fn read_until<R: Read + AsRawFd>(
+    r: &mut R,
+    pattern: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if text.contains(pattern) {
+            return Ok(text);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(text);
+        }
+        let mut p = libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 1000) as i32) };
+        if n <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 1024];
+        match r.read(&mut buf) {
+            Ok(0) => return Err(text),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(text),
+        }
+    }
+}
+
+/// Connects with `connect` until it succeeds (the socket appears once rhyve has built its
+/// devices).
+fn connect_retry<S>(mut connect: impl FnMut() -> std::io::Result<S>) -> S {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match connect() {
+            Ok(s) => return s,
+            Err(e) => assert!(Instant::now() < deadline, "cannot connect: {e}"),
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The echo exchange on a connected socket. Guest output while nobody is connected is
+/// dropped, so the prompt may already be gone when the client gets there: then the line is
+/// sent anyway (the guest is waiting for it by then) and rhyve must have counted drops.
+fn socket_echo<S: Read + Write + AsRawFd>(s: &mut S, line: &str) -> bool {
+    let saw_prompt = read_until(s, PROMPT, Duration::from_secs(3)).is_ok();
+    s.write_all(format!("{line}\r").as_bytes()).unwrap();
+    let echo = format!("rhyve-guest: echo {line}");
+    if let Err(got) = read_until(s, &echo, Duration::from_secs(30)) {
+        panic!("no echo of {line:?}; read {got:?}");
+    }
+    saw_prompt
+}
+
+fn check_prompt_or_drops(saw_prompt: bool, stderr: &str) {
+    assert!(
+        saw_prompt || stderr.contains("guest output bytes dropped"),
+        "prompt missed but no drops reported: {stderr}"
+    );
+}
+
+#[test]
+fn pty_backend_carries_bytes_both_ways() {
+    let vm = Vm::start("con-pty", "pty");
+    // The path file appears in the runtime dir while the VM runs.
+    let file = vm.rundir().join("com1.pty");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let path = loop {
+        if let Ok(s) = std::fs::read_to_string(&file) {
+            if s.ends_with('\n') {
+                break s.trim().to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared: {}",
+            file.display(),
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(path.starts_with("/dev/pts/"), "{path}");
+    let mut pty = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)
+        .unwrap();
+    // rhyve keeps the pty open, so the guest's output waited in the pty for us.
+    if let Err(got) = read_until(&mut pty, PROMPT, Duration::from_secs(30)) {
+        panic!("no prompt on {path}: {got:?}; stderr {}", vm.stderr());
+    }
+    assert!(file.exists(), "path file removed while the VM runs");
+    pty.write_all(b"hello over a pty\r").unwrap();
+    if let Err(got) = read_until(
+        &mut pty,
+        "rhyve-guest: echo hello over a pty",
+        Duration::from_secs(30),
+    ) {
+        panic!("no echo: {got:?}");
+    }
+    let (status, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(testdev_status(EXIT)), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l == format!("rhyve: com1: {path}")),
+        "pty path not announced: {stderr}"
+    );
+}
+
+#[test]
+fn unix_socket_backend_carries_bytes_both_ways() {
+    require_kvm();
+    let dir = scratch_dir("con-unix");
+    let sock = dir.join("com1.sock");
+    let vm = Vm::start_in(&dir, "con-unix", &format!("unix={}", sock.display()));
+    let mut s = connect_retry(|| UnixStream::connect(&sock));
+    let saw_prompt = socket_echo(&mut s, "hello over a unix socket");
+    let (status, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(testdev_status(EXIT)), "{stderr}");
+    check_prompt_or_drops(saw_prompt, &stderr);
+    assert!(!sock.exists(), "socket left behind");
+}
+
+#[test]
+fn unix_socket_replaces_a_stale_socket() {
+    require_kvm();
+    let dir = scratch_dir("con-unix-stale");
+    let sock = dir.join("com1.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let vm = Vm::start_in(&dir, "con-unix-stale", &format!("unix={}", sock.display()));
+    let mut s = connect_retry(|| UnixStream::connect(&sock));
+    socket_echo(&mut s, "stale socket replaced");
+    let (status, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(testdev_status(EXIT)), "{stderr}");
+}
+
+/// A free loopback port (closed again; rhyve binds it next).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn tcp_backend_one_client_at_a_time_and_reconnect() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let vm = Vm::start("con-tcp", &format!("tcp={addr}"));
+    let mut first = connect_retry(|| TcpStream::connect(&addr));
+    let saw_prompt = read_until(&mut first, PROMPT, Duration::from_secs(3)).is_ok();
+
+    // A second client while the first is connected is closed at once.
+    let mut second = TcpStream::connect(&addr).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    assert!(
+        matches!(second.read(&mut b), Ok(0)),
+        "second client not closed"
+    );
+
+    // The first one leaves; the next one gets the console.
+    drop(first);
+    let echo = "rhyve-guest: echo hello over tcp";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.write_all(b"hello over tcp\r").unwrap();
+        match read_until(&mut c, echo, Duration::from_secs(5)) {
+            Ok(_) => break,
+            // Closed: connected before rhyve saw the first client go. Try again.
+            Err(got) => {
+                assert!(got.is_empty(), "no echo: {got:?}");
+                assert!(Instant::now() < deadline, "never got the console back");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let (status, stderr) = vm.finish();
+    assert_eq!(status.code(), Some(testdev_status(EXIT)), "{stderr}");
+    check_prompt_or_drops(saw_prompt, &stderr);
+}
+
+/// One line on stderr naming the problem, exit status 4; returns whether a VM object was
+/// ever created (its runtime directory exists).
+fn refused(backend: &str, needle: &str, name: &str) -> bool {
+    let dir = scratch_dir(name);
+    let mut cmd = rhyve_cmd(&dir);
+    cmd.env("RHYVE_LOG", "error")
+        .args([
+            "-m",
+            "64M",
+            "-l",
+            &format!("com1,{backend}"),
+            "-l",
+            "pc-testdev",
+        ])
+        .args([
+            "--kernel",
+            TESTGUEST_BZIMAGE,
+            "--append",
+            "rhyve.test=echo",
+            name,
+        ]);
+    let out = harness::run(
+        &mut cmd,
+        Run {
+            timeout: Duration::from_secs(30),
+            input: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(out.code(), Some(4), "{backend}: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{backend}: {lines:?}");
+    assert!(
+        lines[0].starts_with("rhyve: ") && lines[0].contains(needle),
+        "{backend}: {}",
+        lines[0]
+    );
+    dir.join(name).exists()
+}
+
+#[test]
+fn bad_backends_are_refused_with_one_line() {
+    // Refused while reading the configuration: no VM, no socket, no connection attempt.
+    for (backend, needle, name) in [
+        (
+            "tcp=8.8.8.8:1",
+            "-l com1,tcp=8.8.8.8:1: only loopback addresses",
+            "con-bad-tcp",
+        ),
+        ("tcp=0.0.0.0:1", "only loopback", "con-bad-any"),
+        ("tcp=nowhere", "expected tcp=IP:PORT", "con-bad-tcp-syntax"),
+        ("frob", "unsupported backend", "con-bad-frob"),
+    ] {
+        assert!(
+            !refused(backend, needle, name),
+            "{backend}: a VM was created"
+        );
+    }
+    require_kvm();
+    refused(
+        "unix=/nonexistent/dir/s",
+        "-l com1,unix=/nonexistent/dir/s: No such file or directory",
+        "con-bad-unix",
+    );
+    let dir = scratch_dir("con-bad-file");
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "x").unwrap();
+    refused(
+        &format!("unix={}", file.display()),
+        "not a socket",
+        "con-bad-file",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x", "file touched");
+}
