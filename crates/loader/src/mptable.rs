@@ -112,15 +112,18 @@ fn floating_pointer(table_addr: u32) -> Vec<u8> {
     fps
 }
 
-/// Encodes the MP configuration table (header and base entries) for `nr_cpus` processors.
-fn config_table(nr_cpus: u32) -> Vec<u8> {
-    let ioapic_id = nr_cpus as u8; // nr_cpus <= 254 is checked by the caller
+/// Encodes the MP configuration table (header and base entries) for processors with the
+/// given local APIC ids (the first is the BSP); the I/O APIC takes the next free id.
+fn config_table(apic_ids: &[u8]) -> Vec<u8> {
+    let nr_cpus = apic_ids.len() as u32;
+    // At most 254 ids, each <= 253, are checked by the caller, so this cannot overflow.
+    let ioapic_id = apic_ids.iter().copied().max().unwrap_or(0) + 1;
     let mut entries = Vec::new();
 
-    for cpu in 0..nr_cpus {
+    for (cpu, &apic_id) in apic_ids.iter().enumerate() {
         let flags = CPU_ENABLED | if cpu == 0 { CPU_BSP } else { 0 };
         entries.push(ENTRY_PROCESSOR);
-        entries.push(cpu as u8); // local APIC id
+        entries.push(apic_id); // local APIC id
         entries.push(LAPIC_VERSION);
         entries.push(flags);
         entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
@@ -191,11 +194,25 @@ pub fn write_mptable<M: GuestMemoryBackend>(mem: &M, nr_cpus: u32) -> Result<(),
     if nr_cpus == 0 || nr_cpus > MAX_CPUS {
         return Err(Error::BadCpuCount(nr_cpus));
     }
+    let ids: Vec<u8> = (0..nr_cpus).map(|i| i as u8).collect();
+    write_mptable_with_ids(mem, &ids)
+}
+
+/// Like [`write_mptable`], with the vCPUs' local APIC ids (as in the MADT and CPUID; the first
+/// is the BSP). Ids must be distinct and below 254 so the I/O APIC id fits.
+pub fn write_mptable_with_ids<M: GuestMemoryBackend>(
+    mem: &M,
+    apic_ids: &[u8],
+) -> Result<(), Error> {
+    let nr_cpus = apic_ids.len() as u32;
+    if nr_cpus == 0 || nr_cpus > MAX_CPUS || apic_ids.iter().any(|&id| id >= 254) {
+        return Err(Error::BadCpuCount(nr_cpus));
+    }
     let end = MPTABLE_START + mptable_size(nr_cpus);
     if end > layout::HIGH_MEMORY_START {
         return Err(Error::MpTableTooBig(end));
     }
-    let table = config_table(nr_cpus);
+    let table = config_table(apic_ids);
     debug_assert_eq!((MPC_TABLE_ADDR + table.len() as u64), end);
     let pointer = floating_pointer(MPC_TABLE_ADDR as u32);
     write_guest(mem, MPTABLE_START, &pointer)?;
@@ -378,5 +395,24 @@ mod tests {
         let mem = guest(1 << 20);
         write_mptable(&mem, MAX_CPUS).unwrap();
         assert_eq!(parse(&mem).cpus.len(), MAX_CPUS as usize);
+    }
+
+    #[test]
+    fn packed_apic_ids_and_ioapic_after_them() {
+        let mem = guest(1 << 20);
+        write_mptable_with_ids(&mem, &[0, 1, 2, 4, 5, 6]).unwrap();
+        let table = read(&mem, MPC_TABLE_ADDR, mptable_size(6) as usize - FPS_LEN);
+        let ids: Vec<u8> = (0..6)
+            .map(|i| table[HEADER_LEN + i * PROCESSOR_LEN + 1])
+            .collect();
+        assert_eq!(ids, [0, 1, 2, 4, 5, 6]);
+        let ioapic = HEADER_LEN + 6 * PROCESSOR_LEN + 2 * ENTRY_LEN;
+        assert_eq!(table[ioapic], 2, "I/O APIC entry type");
+        assert_eq!(
+            table[ioapic + 1],
+            7,
+            "I/O APIC id follows the highest local APIC id"
+        );
+        assert!(write_mptable_with_ids(&mem, &[0, 254]).is_err());
     }
 }

@@ -420,7 +420,8 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
     // Boot tables first: the loader hands the RSDP address to the kernel. ACPI tables are
     // always generated, as bhyve does on amd64 (-A is accepted for compatibility).
     if cfg.mptable {
-        loader::mptable::write_mptable(vm.ram().memory(), cfg.cpus)?;
+        let ids: Vec<u8> = cfg.topology.apic_ids().iter().map(|&id| id as u8).collect();
+        loader::mptable::write_mptable_with_ids(vm.ram().memory(), &ids)?;
     }
     let rsdp = loader::acpi::write_acpi_tables(
         vm.ram().memory(),
