@@ -49,12 +49,24 @@ fn printed_e820(extra_isa_hole: bool) -> Vec<String> {
         .collect()
 }
 
-fn boot(kernel: PathBuf, name: &str) -> Output {
+fn boot(kernel: PathBuf, name: &str, cpus: &str) -> Output {
     let dir = scratch_dir(name);
     let mut cmd = rhyve_cmd(&dir);
-    cmd.args(["-m", "512M", "-l", "com1,stdio", "--kernel"])
-        .arg(kernel)
-        .args(["--append", CMDLINE, name]);
+    cmd.args([
+        "-c",
+        cpus,
+        "-m",
+        "512M",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+        "-l",
+        "com1,stdio",
+        "--kernel",
+    ])
+    .arg(kernel)
+    .args(["--append", CMDLINE, name]);
     harness::run(
         &mut cmd,
         Run {
@@ -63,6 +75,34 @@ fn boot(kernel: PathBuf, name: &str) -> Output {
         },
     )
     .expect("spawn rhyve")
+}
+
+/// Early boot with `-c 2`: our ACPI tables listed, both CPUs allowed, no complaints.
+fn check_acpi_smp(out: &Output) {
+    for table in ["RSDP", "XSDT", "FACP", "DSDT", "FACS", "APIC", "MCFG"] {
+        assert!(
+            out.stdout.contains(&format!("ACPI: {table} 0x")),
+            "no ACPI {table} line:\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout.contains("smpboot: Allowing 2 CPUs"),
+        "{}",
+        out.stdout
+    );
+    for complaint in [
+        "ACPI BIOS Error",
+        "ACPI BIOS Warning",
+        "ACPI Error",
+        "Incorrect checksum",
+    ] {
+        assert!(
+            !out.stdout.contains(complaint),
+            "{complaint}:\n{}",
+            out.stdout
+        );
+    }
 }
 
 fn check(out: &Output, pvh: bool) {
@@ -108,9 +148,10 @@ fn debian_kernel_accepts_our_boot_protocol_then_fails_cleanly() {
     require_kvm();
     let (vmlinux, vmlinuz) = (kernel("vmlinux"), kernel("vmlinuz"));
     // Both run at once: each takes minutes on this KVM and they use one core each.
-    let pvh = std::thread::spawn(move || boot(vmlinux, "deb-pvh"));
-    let bz = boot(vmlinuz, "deb-bz");
+    let pvh = std::thread::spawn(move || boot(vmlinux, "deb-pvh", "2"));
+    let bz = boot(vmlinuz, "deb-bz", "1");
     let pvh = pvh.join().unwrap();
     check(&pvh, true);
+    check_acpi_smp(&pvh);
     check(&bz, false);
 }

@@ -288,3 +288,41 @@ fn two_vms_with_one_name_are_refused() {
     assert_eq!(out.code(), Some(4));
     assert!(out.stderr.contains("already exists"), "{}", out.stderr);
 }
+
+/// bhyve exits 2 when every vCPU is halted with interrupts off. The guest's S5 write goes to
+/// a port nothing claims (rhyve.pm1a_cnt=0x10), so it reports the failure and `cli; hlt`s —
+/// which, with KVM's in-kernel LAPIC, never reaches userspace: rhyve's periodic halt check
+/// must find it. With `-c 2` the AP is never started and counts as halted with the BSP.
+#[test]
+fn cli_hlt_on_every_vcpu_exits_2() {
+    for (cpus, name) in [("1", "tg-halt"), ("2", "tg-halt-smp")] {
+        require_kvm();
+        let dir = scratch_dir(name);
+        let mut cmd = rhyve_cmd(&dir);
+        cmd.args(["-c", cpus, "-m", MEM, "-s", "0,hostbridge", "-s", "31,lpc"])
+            .args([
+                "-l",
+                "com1,stdio",
+                "-l",
+                "pc-testdev",
+                "--kernel",
+                TESTGUEST_BZIMAGE,
+            ])
+            .args(["--append", "rhyve.test=poweroff rhyve.pm1a_cnt=0x10", name]);
+        let out = harness::run(
+            &mut cmd,
+            Run {
+                timeout: Duration::from_secs(30),
+                input: None,
+            },
+        )
+        .expect("spawn rhyve");
+        assert!(!out.timed_out, "no halt detected\n{}", out.stderr);
+        assert!(
+            out.stdout.contains("still running after ACPI S5"),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(out.code(), Some(2), "{}\n{}", out.stdout, out.stderr);
+    }
+}

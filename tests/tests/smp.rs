@@ -2,10 +2,10 @@
 //! guest on real /dev/kvm (`rhyve.test=acpi` and `rhyve.test=smp`, see guests/README.md).
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rhyve_tests::harness::{
-    self, require_kvm, rhyve_cmd, scratch_dir, testdev_status, Output, Run,
+    self, require_kvm, rhyve_cmd, scratch_dir, testdev_status, KillOnDrop, Output, Run,
 };
 use rhyve_tests::{TESTGUEST_BZIMAGE, TESTGUEST_PVH};
 
@@ -276,4 +276,55 @@ fn days_from_civil_known_dates() {
     assert_eq!(days_from_civil(1970, 1, 1), 0);
     assert_eq!(days_from_civil(2000, 3, 1), 11017);
     assert_eq!(days_from_civil(2026, 11, 26), 20783);
+}
+
+#[test]
+fn vcpu_threads_are_named_and_pinned() {
+    require_kvm();
+    let dir = scratch_dir("smp-pin");
+    let mut cmd = rhyve_cmd(&dir);
+    cmd.args([
+        "-c",
+        "2",
+        "-p",
+        "0:1",
+        "-p",
+        "1:0",
+        "-l",
+        "com1,stdio",
+        "--kernel",
+        TESTGUEST_BZIMAGE,
+    ])
+    .args(["--append", "rhyve.test=echo", "smp-pin"])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let guard = KillOnDrop(cmd.spawn().unwrap());
+    let pid = guard.0.id();
+    // Wait until both vCPU threads exist, then read their names and CPU affinity.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pins = std::collections::BTreeMap::new();
+    while pins.len() < 2 && Instant::now() < deadline {
+        pins.clear();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            if let Some(n) = comm.trim().strip_prefix("vcpu ") {
+                let allowed = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                pins.insert(n.to_string(), allowed);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(pins.get("0").map(String::as_str), Some("1"), "{pins:?}");
+    assert_eq!(pins.get("1").map(String::as_str), Some("0"), "{pins:?}");
 }

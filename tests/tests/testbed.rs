@@ -43,3 +43,8 @@ fn stock_linux_powers_off_with_exit_1() {
 fn stock_linux_sees_the_power_button() {
     scenario("power-button");
 }
+
+#[test]
+fn stock_linux_brings_up_two_cpus_with_acpi() {
+    scenario("smp");
+}

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Why the VM stopped; maps onto bhyve(8)'s exit statuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +85,26 @@ impl VmControl {
             guard = self.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
         }
     }
+
+    /// Blocks until a stop is requested or `timeout` passes; the reason, if any.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<StopReason> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = guard.as_ref() {
+                return Some(r.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -99,6 +120,17 @@ mod tests {
         assert!(c.request_stop(StopReason::Reset));
         assert!(!c.request_stop(StopReason::PowerOff));
         assert_eq!(t.join().unwrap(), StopReason::Reset);
+    }
+
+    #[test]
+    fn wait_timeout_times_out_then_sees_the_stop() {
+        let c = VmControl::new();
+        assert_eq!(c.wait_timeout(Duration::from_millis(10)), None);
+        c.request_stop(StopReason::Halt);
+        assert_eq!(
+            c.wait_timeout(Duration::from_millis(10)),
+            Some(StopReason::Halt)
+        );
     }
 
     #[test]

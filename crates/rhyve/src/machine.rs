@@ -15,7 +15,7 @@ use vmmapi::{Hypervisor, Vm};
 
 use crate::config::{ConsoleBackend, VmConfig};
 use crate::emulations::PciContext;
-use crate::vcpu::{VcpuContext, VcpuStats};
+use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
 use crate::{console, signals, terminal};
 use rhyve::boot;
 
@@ -475,6 +475,50 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
     Ok(reason.exit_code())
 }
 
+/// How often the main thread asks every vCPU whether it is halted for good.
+const HALT_CHECK_PERIOD: Duration = Duration::from_millis(250);
+/// Consecutive rounds that must find the machine halted before it counts (a vCPU that was
+/// woken by an NMI between two answers of one round cannot fake a halt twice in a row).
+const HALT_ROUNDS: u32 = 2;
+
+/// Waits for a stop request; meanwhile, every [`HALT_CHECK_PERIOD`], asks each vCPU for its
+/// [`crate::vcpu::HaltState`] (one SIGRTMIN kick each) and requests [`StopReason::Halt`]
+/// (exit 2, as bhyve) once all of them have answered "halted with interrupts off" (APs that
+/// never started count when the BSP is halted) for [`HALT_ROUNDS`] rounds in a row.
+fn wait_for_stop(
+    control: &VmControl,
+    threads: &[JoinHandle<()>],
+    probes: &[Arc<HaltProbe>],
+) -> StopReason {
+    let mut round = 0u64;
+    let mut halted_rounds = 0u32;
+    loop {
+        if let Some(reason) = control.wait_timeout(HALT_CHECK_PERIOD) {
+            return reason;
+        }
+        if round > 0 {
+            let answers: Vec<_> = probes.iter().map(|p| p.answer(round)).collect();
+            if all_halted(&answers) {
+                halted_rounds += 1;
+                if halted_rounds >= HALT_ROUNDS {
+                    log::info!("every vCPU is halted with interrupts disabled");
+                    control.request_stop(StopReason::Halt);
+                    continue;
+                }
+            } else {
+                halted_rounds = 0;
+            }
+        }
+        round += 1;
+        for (probe, thread) in probes.iter().zip(threads) {
+            probe.ask(round);
+            if !thread.is_finished() {
+                let _ = thread.kill(SIGRTMIN());
+            }
+        }
+    }
+}
+
 fn run_vcpus(
     vm: &Arc<Vm>,
     cfg: &VmConfig,
@@ -500,7 +544,8 @@ fn run_vcpus(
     )?;
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    for vcpu in vcpus {
+    let probes: Vec<Arc<HaltProbe>> = vcpus.iter().map(|_| Arc::default()).collect();
+    for (vcpu, probe) in vcpus.into_iter().zip(&probes) {
         let id = vcpu.id();
         let pins = cfg
             .pins
@@ -512,6 +557,7 @@ fn run_vcpus(
             mmio: mmio.clone(),
             control: control.clone(),
             stats: Arc::new(VcpuStats::default()),
+            halt: probe.clone(),
             strict_io: cfg.strict_io,
         };
         let handle = std::thread::Builder::new()
@@ -524,7 +570,7 @@ fn run_vcpus(
             })?;
         threads.push(handle);
     }
-    let reason = control.wait();
+    let reason = wait_for_stop(control, &threads, &probes);
     // Kick every vCPU out of KVM_RUN until its thread has seen the stop; a signal that lands
     // just before the thread enters KVM_RUN is lost, hence the retries.
     for t in &threads {

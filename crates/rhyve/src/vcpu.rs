@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::{Bus, StopReason, VmControl};
-use vmmapi::{Vcpu, VmExit};
+use vmmapi::{MpState, Vcpu, VmExit};
 
 /// Exit counters per vCPU (rhyvectl --get-stats reads them later).
 #[derive(Default, Debug)]
@@ -16,12 +16,104 @@ pub struct VcpuStats {
     pub other: AtomicU64,
 }
 
+/// What a vCPU answers to the main thread's periodic "are you halted for good?" (bhyve exits
+/// 2 when every vCPU sits in HLT with interrupts disabled; with KVM's in-kernel LAPIC a HLT
+/// never reaches userspace, so the main thread asks: see [`HaltProbe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaltState {
+    /// Running guest code, or halted with interrupts enabled (an interrupt can wake it).
+    Active = 0,
+    /// In HLT with RFLAGS.IF clear: only an NMI or INIT could wake it.
+    HaltedForGood = 1,
+    /// An AP that was never started (or was sent INIT): it runs no guest code, and counts
+    /// as halted only when the BSP is halted for good too.
+    WaitingForSipi = 2,
+}
+
+impl HaltState {
+    fn from_bits(v: u64) -> Self {
+        match v & 3 {
+            1 => HaltState::HaltedForGood,
+            2 => HaltState::WaitingForSipi,
+            _ => HaltState::Active,
+        }
+    }
+}
+
+/// One vCPU's side of halt detection. The main thread [`ask`](Self::ask)s with a new round
+/// number and kicks the vCPU out of KVM_RUN (SIGRTMIN); the vCPU thread notices the question
+/// at its next loop turn, reads KVM_GET_MP_STATE and RFLAGS, and publishes its
+/// [`HaltState`] tagged with the round. Cost: one kick and two ioctls per vCPU per period.
+#[derive(Default, Debug)]
+pub struct HaltProbe {
+    /// The round asked about (0: no question pending).
+    asked: AtomicU64,
+    /// The last answer: `round << 2 | HaltState`.
+    answer: AtomicU64,
+}
+
+impl HaltProbe {
+    /// Asks the vCPU to report its state for `round` (> 0); the caller then kicks it.
+    pub fn ask(&self, round: u64) {
+        self.asked.store(round, Ordering::Release);
+    }
+
+    /// The vCPU's answer for `round`, if it gave one.
+    pub fn answer(&self, round: u64) -> Option<HaltState> {
+        let a = self.answer.load(Ordering::Acquire);
+        (a >> 2 == round).then(|| HaltState::from_bits(a))
+    }
+
+    /// Called by the vCPU thread between runs: answers a pending question.
+    fn poll(&self, vcpu: &Vcpu) {
+        // A plain load on the hot path; the swap only when a question is pending.
+        if self.asked.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let round = self.asked.swap(0, Ordering::AcqRel);
+        if round == 0 {
+            return;
+        }
+        let state = halt_state(vcpu);
+        self.answer
+            .store(round << 2 | state as u64, Ordering::Release);
+    }
+}
+
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Where this (not running) vCPU stands, from the in-kernel LAPIC's view and RFLAGS.IF.
+fn halt_state(vcpu: &Vcpu) -> HaltState {
+    match vcpu.mp_state() {
+        Ok(s) if s.waiting_for_sipi() => HaltState::WaitingForSipi,
+        Ok(MpState::Halted) => match vcpu.regs() {
+            Ok(r) if r.rflags & RFLAGS_IF == 0 => HaltState::HaltedForGood,
+            _ => HaltState::Active,
+        },
+        _ => HaltState::Active,
+    }
+}
+
+/// Whether a round's answers say the machine is halted for good: every vCPU answered, each is
+/// halted with interrupts off or an AP that never started, and the BSP (vCPU 0) is halted.
+pub fn all_halted(answers: &[Option<HaltState>]) -> bool {
+    answers.first() == Some(&Some(HaltState::HaltedForGood))
+        && answers.iter().all(|a| {
+            matches!(
+                a,
+                Some(HaltState::HaltedForGood) | Some(HaltState::WaitingForSipi)
+            )
+        })
+}
+
 /// What one vCPU needs to run.
 pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub control: Arc<VmControl>,
     pub stats: Arc<VcpuStats>,
+    pub halt: Arc<HaltProbe>,
     pub strict_io: bool,
 }
 
@@ -53,6 +145,7 @@ pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
         if ctx.control.stopping() {
             return;
         }
+        ctx.halt.poll(&vcpu);
         let outcome: Option<StopReason> = match vcpu.run() {
             Ok(VmExit::IoIn { port, data }) => {
                 ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
@@ -75,6 +168,7 @@ pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
                 unclaimed(&ctx, claimed, "mmio write", addr, &mut reported_ports)
             }
             Ok(VmExit::Interrupted) => {
+                // Perhaps a kick from the halt check: answered at the top of the loop.
                 ctx.stats.interrupted.fetch_add(1, Ordering::Relaxed);
                 None
             }
@@ -144,4 +238,32 @@ fn unclaimed(
         log::debug!("unhandled {what} at {addr:#x}");
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use HaltState::*;
+
+    #[test]
+    fn halted_only_when_every_vcpu_answered_and_the_bsp_is_halted() {
+        assert!(all_halted(&[Some(HaltedForGood)]));
+        assert!(all_halted(&[Some(HaltedForGood), Some(WaitingForSipi)]));
+        assert!(all_halted(&[Some(HaltedForGood), Some(HaltedForGood)]));
+        assert!(!all_halted(&[Some(WaitingForSipi), Some(HaltedForGood)]));
+        assert!(!all_halted(&[Some(HaltedForGood), None]));
+        assert!(!all_halted(&[Some(HaltedForGood), Some(Active)]));
+        assert!(!all_halted(&[Some(Active)]));
+        assert!(!all_halted(&[]));
+    }
+
+    #[test]
+    fn answers_belong_to_their_round() {
+        let p = HaltProbe::default();
+        assert_eq!(p.answer(1), None);
+        p.answer
+            .store(3 << 2 | HaltedForGood as u64, Ordering::Release);
+        assert_eq!(p.answer(3), Some(HaltedForGood));
+        assert_eq!(p.answer(4), None);
+    }
 }

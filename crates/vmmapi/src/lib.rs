@@ -32,7 +32,7 @@ pub use hypervisor::{Hypervisor, KVM_DEV_ENV, REQUIRED_CAPS};
 pub use irq_routing::{GsiTable, IrqRouting, Route};
 pub use memory::GuestRam;
 pub use rundir::{valid_name as valid_vm_name, RunDir, RUNDIR_ENV};
-pub use vcpu::{InternalError, Registers, Vcpu, VmExit};
+pub use vcpu::{InternalError, MpState, Registers, Vcpu, VmExit};
 pub use vm::Vm;
 
 /// Guest memory type used throughout rhyve (rust-vmm's vm-memory).

@@ -1,8 +1,10 @@
 //! A virtual CPU: registers, LAPIC, MSRs and the run loop's typed exits.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -59,6 +61,41 @@ impl InternalError {
             4 => "unexpected exit reason",
             _ => "unknown internal error",
         }
+    }
+}
+
+/// KVM's multiprocessing states (`KVM_MP_STATE_*`) that x86 vCPUs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MpState {
+    /// Running guest code (or about to).
+    Runnable,
+    /// An AP that has not received INIT yet.
+    Uninitialized,
+    /// An AP after INIT, waiting for a SIPI.
+    InitReceived,
+    /// Halted in HLT until an interrupt it accepts arrives.
+    Halted,
+    /// An AP that received its SIPI and is about to start.
+    SipiReceived,
+    /// Any other state, by number.
+    Other(u32),
+}
+
+impl MpState {
+    fn from_raw(v: u32) -> Self {
+        match v {
+            KVM_MP_STATE_RUNNABLE => MpState::Runnable,
+            KVM_MP_STATE_UNINITIALIZED => MpState::Uninitialized,
+            KVM_MP_STATE_INIT_RECEIVED => MpState::InitReceived,
+            KVM_MP_STATE_HALTED => MpState::Halted,
+            KVM_MP_STATE_SIPI_RECEIVED => MpState::SipiReceived,
+            other => MpState::Other(other),
+        }
+    }
+
+    /// An AP parked before its start (no INIT/SIPI yet): it runs no guest code.
+    pub fn waiting_for_sipi(self) -> bool {
+        matches!(self, MpState::Uninitialized | MpState::InitReceived)
     }
 }
 
@@ -240,6 +277,16 @@ impl Vcpu {
     /// Sets the in-kernel LAPIC's register page.
     pub fn set_lapic(&self, lapic: &kvm_lapic_state) -> Result<()> {
         self.fd.set_lapic(lapic).map_err(kvm_err("KVM_SET_LAPIC"))
+    }
+
+    /// The vCPU's multiprocessing state (KVM_GET_MP_STATE): what the in-kernel LAPIC says
+    /// the vCPU is doing, e.g. halted in HLT or an AP still waiting for INIT/SIPI.
+    pub fn mp_state(&self) -> Result<MpState> {
+        let s = self
+            .fd
+            .get_mp_state()
+            .map_err(kvm_err("KVM_GET_MP_STATE"))?;
+        Ok(MpState::from_raw(s.mp_state))
     }
 
     /// Both register sets, for reports.

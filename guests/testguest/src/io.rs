@@ -1,7 +1,7 @@
-//! Port I/O, control registers and the COM1 console.
+//! Port I/O, control registers and the serial console (COM1 unless `rhyve.uart=`).
 
 use core::arch::asm;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 
 pub fn outb(port: u16, v: u8) {
     // SAFETY: port I/O has no memory effects; the ports used here are the test's subject.
@@ -92,16 +92,31 @@ pub fn cr2() -> u64 {
     v
 }
 
-const COM1: u16 = 0x3f8;
-const THR: u16 = COM1;
-const RBR: u16 = COM1;
-const IER: u16 = COM1 + 1;
-const FCR_IIR: u16 = COM1 + 2;
-const LCR: u16 = COM1 + 3;
-const MCR: u16 = COM1 + 4;
-const LSR: u16 = COM1 + 5;
+/// The console UART's base port: COM1 (0x3f8) unless `rhyve.uart=` chose another
+/// (COM2 0x2f8, COM3 0x3e8, COM4 0x2e8). Set once, before `uart_init`.
+static BASE: AtomicU16 = AtomicU16::new(0x3f8);
+// Register offsets from the base.
+const THR: u16 = 0;
+const RBR: u16 = 0;
+const DLL: u16 = 0;
+const DLM: u16 = 1;
+const IER: u16 = 1;
+const FCR_IIR: u16 = 2;
+const LCR: u16 = 3;
+const MCR: u16 = 4;
+const LSR: u16 = 5;
 const LSR_DR: u8 = 1 << 0;
 const LSR_THRE: u8 = 1 << 5;
+
+/// Port of UART register `reg` (an offset) on the console UART.
+fn reg(reg: u16) -> u16 {
+    BASE.load(Ordering::Relaxed) + reg
+}
+
+/// Moves the console to the UART at `base` (call `uart_init` afterwards).
+pub fn set_uart_base(base: u16) {
+    BASE.store(base, Ordering::Relaxed);
+}
 
 /// Bytes we may still write before polling THRE again. With a 16550A FIFO, THRE means the
 /// 16-byte FIFO is empty, so one poll covers 16 bytes: half the exits of a poll per byte.
@@ -110,14 +125,14 @@ static TX_BURST: AtomicU8 = AtomicU8::new(1);
 
 /// 115200 8N1, FIFO on, interrupts off (we poll).
 pub fn uart_init() {
-    outb(IER, 0);
-    outb(LCR, 0x80); // DLAB: the next two registers are the divisor
-    outb(COM1, 1); // divisor 1 = 115200 baud
-    outb(COM1 + 1, 0);
-    outb(LCR, 0x03); // 8 data bits, no parity, 1 stop bit
-    outb(FCR_IIR, 0x07); // enable + clear both FIFOs
-    outb(MCR, 0x03); // DTR, RTS
-    let fifo = inb(FCR_IIR) & 0xc0 == 0xc0;
+    outb(reg(IER), 0);
+    outb(reg(LCR), 0x80); // DLAB: the next two registers are the divisor
+    outb(reg(DLL), 1); // divisor 1 = 115200 baud
+    outb(reg(DLM), 0);
+    outb(reg(LCR), 0x03); // 8 data bits, no parity, 1 stop bit
+    outb(reg(FCR_IIR), 0x07); // enable + clear both FIFOs
+    outb(reg(MCR), 0x03); // DTR, RTS
+    let fifo = inb(reg(FCR_IIR)) & 0xc0 == 0xc0;
     TX_BURST.store(if fifo { 16 } else { 1 }, Ordering::Relaxed);
 }
 
@@ -126,7 +141,7 @@ pub fn putc(b: u8) {
     let room = if room == 0 {
         // Bounded so that a UART model that never reports THRE still gets our output.
         for _ in 0..100_000 {
-            if inb(LSR) & LSR_THRE != 0 {
+            if inb(reg(LSR)) & LSR_THRE != 0 {
                 break;
             }
             pause();
@@ -135,15 +150,15 @@ pub fn putc(b: u8) {
     } else {
         room
     };
-    outb(THR, b);
+    outb(reg(THR), b);
     TX_ROOM.store(room - 1, Ordering::Relaxed);
 }
 
 pub fn getc() -> u8 {
-    while inb(LSR) & LSR_DR == 0 {
+    while inb(reg(LSR)) & LSR_DR == 0 {
         pause();
     }
-    inb(RBR)
+    inb(reg(RBR))
 }
 
 /// A piece of a report line.

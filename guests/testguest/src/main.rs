@@ -222,6 +222,8 @@ fn parse_args(cmdline: &'static [u8]) -> Args {
             b"rhyve.blk.ro" => num(1).map(|n| a.blk_ro = n == 1).is_none(),
             b"rhyve.pci.reassign" => num(1).map(|n| a.reassign = n == 1).is_none(),
             b"rhyve.blk.empty_ok" => num(1).map(|n| a.blk_empty_ok = n == 1).is_none(),
+            // Applied before the report (uart_from_cmdline); here only checked.
+            b"rhyve.uart" => parse_uart(val).is_none(),
             _ => false,
         };
         if bad {
@@ -254,7 +256,33 @@ fn translate(cr3: u64, va: u64) -> Option<u64> {
     None
 }
 
-fn report(st: &EntryState) -> BootInfo {
+/// What the loader passed (read before anything is printed: `rhyve.uart=` picks the console).
+fn boot_info(st: &EntryState) -> BootInfo {
+    if st.kind == KIND_PVH {
+        BootInfo::from_start_info(st.info)
+    } else {
+        BootInfo::from_boot_params(st.info)
+    }
+}
+
+/// The console UART the cmdline asks for (`rhyve.uart=PORT`), if any and sane; a bad value
+/// is reported by `parse_args` once the console runs (on COM1).
+fn uart_from_cmdline(cmdline: &[u8]) -> Option<u16> {
+    cmdline
+        .split(|c| c.is_ascii_whitespace())
+        .filter_map(|w| w.strip_prefix(b"rhyve.uart="))
+        .last()
+        .and_then(parse_uart)
+}
+
+/// A UART base: 8 registers, inside the 16-bit port space, not port 0.
+fn parse_uart(v: &[u8]) -> Option<u16> {
+    parse_num(v)
+        .filter(|&n| (1..=0xfff8).contains(&n))
+        .map(|n| n as u16)
+}
+
+fn report(st: &EntryState, bi: BootInfo) -> BootInfo {
     let pvh = st.kind == KIND_PVH;
     line(&[P::S(if pvh { "boot=pvh" } else { "boot=bzimage" })]);
     if st.kind == KIND_BZ64 {
@@ -271,11 +299,6 @@ fn report(st: &EntryState) -> BootInfo {
             fail(&[P::S("entry32 needs protected mode without paging")]);
         }
     }
-    let bi = if pvh {
-        BootInfo::from_start_info(st.info)
-    } else {
-        BootInfo::from_boot_params(st.info)
-    };
     bi.problems.iter().flatten().for_each(|p| fail(&[P::S(p)]));
 
     line(&[P::S("cmdline="), P::B(bi.cmdline)]);
@@ -426,6 +449,40 @@ fn echo(args: &Args) -> ! {
     exit(args.exit)
 }
 
+const RESET_CONTROL: u16 = 0xcf9;
+/// PM1a event block (bhyve's address): status (W1C) at +0, enable at +2.
+const PM1A_STS: u16 = 0x400;
+const PM1A_EN: u16 = 0x402;
+/// PWRBTN_STS / PWRBTN_EN.
+const PWRBTN: u16 = 1 << 8;
+
+/// Does what an ACPI OS does with the fixed-feature power button, polled (IF stays 0): enable
+/// the event, wait for its status bit, acknowledge it, then power off through S5.
+fn power_button(args: &Args) -> ! {
+    io::outw(PM1A_EN, PWRBTN);
+    line(&[P::S("waiting for the power button")]);
+    // No bound: the host test's timeout is the limit.
+    while io::inw(PM1A_STS) & PWRBTN == 0 {
+        io::pause();
+    }
+    io::outw(PM1A_STS, PWRBTN); // write 1 to clear
+    if io::inw(PM1A_STS) & PWRBTN != 0 {
+        fail(&[P::S("PWRBTN_STS still set after writing 1 to clear it")]);
+    }
+    line(&[P::S("power button pressed")]);
+    poweroff(args)
+}
+
+fn poweroff(args: &Args) -> ! {
+    io::outw(args.pm1a_cnt, 1 << 13 | args.slp_typ << 10);
+    fail(&[
+        P::S("still running after ACPI S5 (PM1a_CNT "),
+        P::X(args.pm1a_cnt as u64),
+        P::S(")"),
+    ]);
+    io::halt()
+}
+
 fn triple_fault() -> ! {
     let desc = DescPtr { limit: 0, base: 0 };
     // SAFETY: deliberately unsafe: with an empty IDT, #UD escalates to #DF and a shutdown.
@@ -436,11 +493,15 @@ fn triple_fault() -> ! {
 extern "C" fn rhyve_main() -> ! {
     // A POST code first: the VMM timestamps it, which times "start to first guest code".
     io::outb(0x80, 0xa0);
-    io::uart_init();
     // SAFETY: written by the entry code before this call, never again.
     let st = unsafe { &*core::ptr::addr_of!(entry_state) };
     install_idt(st.cs as u16);
-    let bi = report(st);
+    let bi = boot_info(st);
+    if let Some(base) = uart_from_cmdline(bi.cmdline) {
+        io::set_uart_base(base);
+    }
+    io::uart_init();
+    let bi = report(st, bi);
     let args = parse_args(bi.cmdline);
     // The stack grows down towards the rest of .bss: a dirty bottom word means it overflowed.
     // SAFETY: `stack_bottom` is the lowest word of our stack, zeroed at entry.
@@ -458,14 +519,22 @@ extern "C" fn rhyve_main() -> ! {
         b"report" => exit(args.exit),
         b"echo" => echo(&args),
         b"triplefault" => triple_fault(),
-        b"poweroff" => {
-            io::outw(args.pm1a_cnt, 1 << 13 | args.slp_typ << 10);
-            fail(&[
-                P::S("still running after ACPI S5 (PM1a_CNT "),
-                P::X(args.pm1a_cnt as u64),
-                P::S(")"),
-            ]);
+        b"poweroff" => poweroff(&args),
+        b"cf9" => {
+            // Reset control register: RST_CPU | SYS_RST (a hard reset).
+            io::outb(RESET_CONTROL, 0x06);
+            fail(&[P::S("still running after 0x06 to port 0xcf9")]);
             io::halt()
+        }
+        b"powerbutton" => power_button(&args),
+        b"pbignore" => {
+            // Enables the power button event, then never looks at it: the VMM's grace period
+            // (or a second signal) must end the VM.
+            io::outw(PM1A_EN, PWRBTN);
+            line(&[P::S("ignoring the power button")]);
+            loop {
+                io::pause();
+            }
         }
         b"reset" => {
             io::outb(0x64, 0xfe);
