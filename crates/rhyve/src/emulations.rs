@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::hostbridge::HostBridge;
-use devices::pci::lpc::LpcBridge;
+use devices::pci::hostbridge::{amd_hostbridge, hostbridge};
+use devices::pci::lpc::lpc_bridge;
 use devices::pci::root::SharedPciDevice;
 use devices::pci::InterruptSink;
 use devices::virtio::block::{self, Block, BlockConfig};
@@ -53,21 +53,21 @@ static HOSTBRIDGE: Emulation = Emulation {
     name: "hostbridge",
     description: "PCI host bridge (vendor/device 0x1275)",
     keys: &[],
-    build: |_| Ok(Arc::new(Mutex::new(HostBridge::new()))),
+    build: |_| Ok(Arc::new(Mutex::new(hostbridge()))),
 };
 
 static AMD_HOSTBRIDGE: Emulation = Emulation {
     name: "amd_hostbridge",
     description: "PCI host bridge with AMD's IDs (0x1022:0x7432)",
     keys: &[],
-    build: |_| Ok(Arc::new(Mutex::new(HostBridge::amd()))),
+    build: |_| Ok(Arc::new(Mutex::new(amd_hostbridge()))),
 };
 
 static LPC: Emulation = Emulation {
     name: "lpc",
     description: "LPC bridge carrying the legacy devices configured with -l",
     keys: &[],
-    build: |_| Ok(Arc::new(Mutex::new(LpcBridge::new()))),
+    build: |_| Ok(Arc::new(Mutex::new(lpc_bridge()))),
 };
 
 /// Queue notify addresses as KVM MMIO ioeventfds.

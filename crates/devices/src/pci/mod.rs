@@ -99,3 +99,29 @@ pub trait PciDevice: Send {
     /// Called after every config-space write the PciConfig accepted (e.g. MSI-X enable toggled).
     fn config_written(&mut self, _offset: u16, _len: usize) {}
 }
+
+/// A function that is only its configuration space — no BARs, no interrupts — as bridges
+/// are (`hostbridge`, `amd_hostbridge`, `lpc`).
+pub struct ConfigOnlyFunction {
+    config: PciConfig,
+}
+
+impl ConfigOnlyFunction {
+    /// A function with `config` as its whole state.
+    pub fn new(config: PciConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl PciDevice for ConfigOnlyFunction {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}

@@ -460,7 +460,7 @@ impl BusDevice for BarWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::hostbridge::HostBridge;
+    use crate::pci::hostbridge::{amd_hostbridge, hostbridge};
     use crate::pci::{BarSpec, PciConfig};
 
     /// A function with a 4 KiB memory BAR 0, 64-bit BAR 2 and an I/O BAR 4 that records
@@ -538,19 +538,19 @@ mod tests {
 
     fn machine() -> (Arc<PciRoot>, Arc<Mutex<Probe>>) {
         let mut root = PciRoot::new();
-        root.add(0, 0, 0, Arc::new(Mutex::new(HostBridge::new())))
+        root.add(0, 0, 0, Arc::new(Mutex::new(hostbridge())))
             .unwrap();
         let probe = Arc::new(Mutex::new(Probe::new()));
         root.add(0, 3, 0, probe.clone()).unwrap();
-        root.add(0, 3, 1, Arc::new(Mutex::new(HostBridge::amd())))
+        root.add(0, 3, 1, Arc::new(Mutex::new(amd_hostbridge())))
             .unwrap();
         assert_eq!(
-            root.add(0, 3, 0, Arc::new(Mutex::new(HostBridge::new()))),
+            root.add(0, 3, 0, Arc::new(Mutex::new(hostbridge()))),
             Err(PciError::Duplicate(0, 3, 0))
         );
         for (b, s, f) in [(1, 0, 0), (0, 32, 0), (0, 0, 8)] {
             assert_eq!(
-                root.add(b, s, f, Arc::new(Mutex::new(HostBridge::new()))),
+                root.add(b, s, f, Arc::new(Mutex::new(hostbridge()))),
                 Err(PciError::OutOfRange(b, s, f))
             );
         }
