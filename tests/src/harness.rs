@@ -1,9 +1,11 @@
 //! Running a VMM (or QEMU) with a deadline and reading the test guest's report.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -297,6 +299,63 @@ pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
+}
+
+/// Collects everything `r` yields, on a thread, into a shared string.
+pub fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let s = Arc::new(Mutex::new(String::new()));
+    let out = s.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    s
+}
+
+/// Reads from `r` until the text contains `pattern` (Ok) or EOF/timeout (Err), returning
+/// what was read.
+pub fn read_until<R: Read + AsRawFd>(
+    r: &mut R,
+    pattern: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if text.contains(pattern) {
+            return Ok(text);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(text);
+        }
+        let mut p = libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 1000) as i32) };
+        if n <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 1024];
+        match r.read(&mut buf) {
+            Ok(0) => return Err(text),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(text),
+        }
+    }
 }
 
 #[cfg(test)]

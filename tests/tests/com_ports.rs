@@ -3,8 +3,7 @@
 //! COM3 on a unix socket: bytes both ways. Network use: none (unix sockets, ptys).
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -12,7 +11,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rhyve_tests::harness::{require_kvm, rhyve_cmd, scratch_dir, testdev_status, KillOnDrop};
+use rhyve_tests::harness::{
+    collect, read_until, require_kvm, rhyve_cmd, scratch_dir, testdev_status, KillOnDrop,
+};
 use rhyve_tests::TESTGUEST_BZIMAGE;
 
 const PROMPT: &str = "rhyve-guest: type a line";
@@ -26,23 +27,6 @@ struct Vm {
     stderr: Arc<Mutex<String>>,
     rundir: PathBuf,
     com: String,
-}
-
-fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let s = Arc::new(Mutex::new(String::new()));
-    let out = s.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    s
 }
 
 impl Vm {
@@ -112,45 +96,6 @@ impl Vm {
         );
         assert!(!self.rundir.exists(), "runtime directory left behind");
         (status, stderr)
-    }
-}
-
-/// Reads from `r` until the text contains `pattern` (Ok) or EOF/timeout (Err), returning
-/// what was read.
-fn read_until<R: Read + AsRawFd>(
-    r: &mut R,
-    pattern: &str,
-    timeout: Duration,
-) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    let mut got = Vec::new();
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if text.contains(pattern) {
-            return Ok(text);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(text);
-        }
-        let mut p = libc::pollfd {
-            fd: r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 1000) as i32) };
-        if n <= 0 {
-            continue;
-        }
-        let mut buf = [0u8; 1024];
-        match r.read(&mut buf) {
-            Ok(0) => return Err(text),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(text),
-        }
     }
 }
 

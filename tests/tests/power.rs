@@ -3,13 +3,12 @@
 //! off through S5 (exit 1); one that enabled it but ignores it is forced off after
 //! `power.grace` or a second signal (exit 1); one that never enabled it is powered off at once.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rhyve_tests::harness::{self, require_kvm, rhyve_cmd, scratch_dir, KillOnDrop, Run};
+use rhyve_tests::harness::{self, collect, require_kvm, rhyve_cmd, scratch_dir, KillOnDrop, Run};
 use rhyve_tests::TESTGUEST_BZIMAGE;
 
 const WAITING: &str = "rhyve-guest: waiting for the power button";
@@ -69,23 +68,6 @@ struct Vm {
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
     rundir: PathBuf,
-}
-
-fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let s = Arc::new(Mutex::new(String::new()));
-    let out = s.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    s
 }
 
 impl Vm {
