@@ -22,8 +22,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    check_queues, drain_queue, guest_error, read_config_bytes, ActivateError, GuestMemoryMmap,
-    QueueWorker, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    activate_single_queue, drain_queue, guest_error, read_config_bytes, ActivateError,
+    GuestMemoryMmap, QueueWorker, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -1023,29 +1023,24 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         kicks: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        check_queues(&mem, &queues, &kicks, 1)?;
-        let Some(mut queue) = queues.pop() else {
-            return Err(ActivateError::InvalidQueue(0));
-        };
         let disk = self.disk.clone();
         let mut bounce = Bounce::default();
-        let worker = QueueWorker::spawn("virtio-blk".into(), kicks, move |_| {
-            let errors = &disk.stats.guest_errors;
-            if drain_queue(&mut queue, &mem, errors, |chain| {
-                process_request(&disk, &mem, chain, &mut bounce)
-            }) {
-                interrupt.queue_used(0);
-            }
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
+        activate_single_queue(
+            &mut self.worker,
+            "virtio-blk",
+            mem,
+            interrupt,
+            queues,
+            kicks,
+            move |queue, mem| {
+                drain_queue(queue, mem, &disk.stats.guest_errors, |chain| {
+                    process_request(&disk, mem, chain, &mut bounce)
+                })
+            },
+        )
     }
 
     fn reset(&mut self) {

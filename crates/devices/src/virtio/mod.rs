@@ -118,6 +118,38 @@ pub(crate) fn check_queues(
     }
 }
 
+/// Activation shared by the one-queue devices: refuses a second activation, checks the
+/// queues, and starts `name`'s worker, which at start and on every kick runs `drain` on the
+/// queue (returning whether chains were used) and then signals the queue once per batch.
+pub(crate) fn activate_single_queue<F>(
+    worker: &mut Option<QueueWorker>,
+    name: &str,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    mut queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    mut drain: F,
+) -> Result<(), ActivateError>
+where
+    F: FnMut(&mut Queue, &GuestMemoryMmap) -> bool + Send + 'static,
+{
+    if worker.is_some() {
+        return Err(ActivateError::AlreadyActive);
+    }
+    check_queues(&mem, &queues, &kicks, 1)?;
+    let Some(mut queue) = queues.pop() else {
+        return Err(ActivateError::InvalidQueue(0));
+    };
+    let started = QueueWorker::spawn(name.to_string(), kicks, move |_| {
+        if drain(&mut queue, &mem) {
+            interrupt.queue_used(0);
+        }
+    })
+    .map_err(ActivateError::Worker)?;
+    *worker = Some(started);
+    Ok(())
+}
+
 /// Counts a guest mistake; logs the first one of each counter at warn level, the rest at debug.
 pub(crate) fn guest_error(counter: &AtomicU64, args: fmt::Arguments) {
     if counter.fetch_add(1, Ordering::Relaxed) == 0 {

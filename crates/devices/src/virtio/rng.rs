@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    check_queues, drain_queue, guest_error, ActivateError, GuestMemoryMmap, QueueWorker,
+    activate_single_queue, drain_queue, guest_error, ActivateError, GuestMemoryMmap, QueueWorker,
     VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -161,28 +161,24 @@ impl VirtioDevice for Rng {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         kicks: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        check_queues(&mem, &queues, &kicks, 1)?;
-        let Some(mut queue) = queues.pop() else {
-            return Err(ActivateError::InvalidQueue(0));
-        };
         let stats = self.stats.clone();
         let mut scratch = Vec::new();
-        let worker = QueueWorker::spawn("virtio-rnd".into(), kicks, move |_| {
-            if drain_queue(&mut queue, &mem, &stats.guest_errors, |chain| {
-                process_request(&stats, &mem, chain, &mut scratch)
-            }) {
-                interrupt.queue_used(0);
-            }
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
+        activate_single_queue(
+            &mut self.worker,
+            "virtio-rnd",
+            mem,
+            interrupt,
+            queues,
+            kicks,
+            move |queue, mem| {
+                drain_queue(queue, mem, &stats.guest_errors, |chain| {
+                    process_request(&stats, mem, chain, &mut scratch)
+                })
+            },
+        )
     }
 
     fn reset(&mut self) {
