@@ -24,6 +24,8 @@ testbed_say() { echo "TESTBED: $*"; }
 #   --append STR       L2 command line                          (default "console=ttyS0 quiet")
 #   --mem SIZE         guest memory, e.g. 512M                  (default 512M)
 #   --name NAME        VM name for rhyve                        (default vm0)
+#   --loaded           rhyve only: boot what rhyveload put into the named VM (no --kernel,
+#                      --initrd, --append are passed)
 #   --marker STR       line printed by L2's /init: its arrival time from VMM start is reported
 #                      as "TESTBED: l2-init-ms=N"               (default L2-INIT-REACHED)
 #   --timeout SECS     SIGKILL the VMM's process group after SECS (default 120)
@@ -36,7 +38,7 @@ testbed_say() { echo "TESTBED: $*"; }
 # Returns the VMM's exit status.
 testbed_boot() {
     local kernel="$L2_VMLINUZ" initrd="$L2_INITRD" append="console=ttyS0 quiet" mem=512M
-    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after=""
+    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after="" loaded=0
     while [ $# -gt 0 ]; do
         case "$1" in
             --kernel) kernel="$2"; shift 2 ;;
@@ -44,6 +46,7 @@ testbed_boot() {
             --append) append="$2"; shift 2 ;;
             --mem) mem="$2"; shift 2 ;;
             --name) name="$2"; shift 2 ;;
+            --loaded) loaded=1; shift ;;
             --marker) marker="$2"; shift 2 ;;
             --timeout) tmo="$2"; shift 2 ;;
             --tag) tag=".$2"; shift 2 ;;
@@ -60,9 +63,14 @@ testbed_boot() {
             set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none -no-reboot \
                 -nic none -kernel "$kernel" -initrd "$initrd" -append "$append" "$@" ;;
         rhyve)
-            set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
-                --kernel "$kernel" \
-                --initrd "$initrd" --append "$append" "$@" "$name" ;;
+            if [ "$loaded" = 1 ]; then
+                set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                    "$@" "$name"
+            else
+                set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                    --kernel "$kernel" \
+                    --initrd "$initrd" --append "$append" "$@" "$name"
+            fi ;;
         *) echo "testbed_boot: unknown TESTBED_VMM=$TESTBED_VMM" >&2; return 2 ;;
     esac
     local q="" a
