@@ -1,5 +1,6 @@
 //! rhyve: bhyve's userland hypervisor, on Linux KVM.
 
+mod adopt;
 mod cli;
 mod config;
 mod console;

@@ -129,9 +129,11 @@ fn parse(argv: &[String]) -> Result<Command, String> {
                     }
                     a.memory = Some(m);
                 }
-                'l' => return Err(format!(
+                'l' => {
+                    return Err(format!(
                     "-l {value}: other OS loaders are not supported (rhyveload loads Linux itself)"
-                )),
+                ))
+                }
                 _ => unreachable!("filtered above"),
             }
             break;
@@ -411,7 +413,10 @@ mod tests {
             (&["-d", "x"][..], "missing vmname"),
             (&["-d", "x", "a", "b"][..], "one vmname expected"),
             (&["vm"][..], "nothing to load from"),
-            (&["-d", "x", "-h", "y", "vm"][..], "give -d disk-path or -h host-path, not both"),
+            (
+                &["-d", "x", "-h", "y", "vm"][..],
+                "give -d disk-path or -h host-path, not both",
+            ),
             (&["-e", "novalue", "-d", "x", "vm"][..], "-e novalue"),
             (
                 &["-l", "/boot/userboot.so", "-d", "x", "vm"][..],

@@ -253,13 +253,14 @@ impl VmObject {
             name: name.to_string(),
             pid,
         })?;
+        // No config: a direct boot's (ephemeral) leftovers, not an object one can open.
+        let ram_bytes = read_config(&path)?.ok_or_else(|| Error::NoObject(name.to_string()))?;
         if let Some(pid) = recorded_pid(&mut pid_file) {
             return Err(Error::Stale {
                 name: name.to_string(),
                 pid,
             });
         }
-        let ram_bytes = read_config(&path)?.ok_or_else(|| Error::NoObject(name.to_string()))?;
         write_pid(&mut pid_file, &path)?;
         Ok(Self {
             name: name.to_string(),
