@@ -3,11 +3,6 @@
 //! object (creating it, or reusing an idle one of the same size: the reboot loop), leaves
 //! the boot vCPU's state in the object's `boot-state` and exits; `rhyve vmname` then runs it.
 
-// The `bootdisk` crate (branch `load`) replaces this stand-in once merged:
-// `use bootdisk;` plus the dependency in Cargo.toml.
-mod bootdisk_stub;
-use bootdisk_stub as bootdisk;
-
 use std::path::PathBuf;
 
 use loader::{BootBytes, BootState};
@@ -286,7 +281,7 @@ fn fill(
             rsdp_addr: Some(rsdp),
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("{from}: {e}"))?;
     let state = BootState {
         ram_bytes,
         format: loaded.format,
