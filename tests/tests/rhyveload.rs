@@ -518,6 +518,78 @@ fn reboot_loop_and_destroy_on_poweroff() {
     ));
     assert_eq!(rhyve_adopt(&run, "keep", &[]).code(), Some(1));
     assert!(object_exists(&run, "keep"));
+    // --kernel boots directly inside an existing object, which stays afterwards.
+    let rd = initrd_fixture(3000, 7);
+    let direct = rhyve_adopt(
+        &run,
+        "keep",
+        &[
+            "--kernel",
+            TESTGUEST_BZIMAGE,
+            "--initrd",
+            &format!("{h}/initrd.img"),
+        ]
+        .into_iter()
+        .chain(["--append", "rhyve.test=report direct=1"])
+        .collect::<Vec<_>>(),
+    );
+    check_guest(&direct, "rhyve.test=report direct=1", &rd, "bzimage");
+    assert!(object_exists(&run, "keep"));
+}
+
+/// SIGTERM presses the power button; the guest's ACPI power-off (exit 1) with -D destroys
+/// the object too, as bhyve's -D does for any guest-initiated power-off.
+#[test]
+fn sigterm_power_off_with_d_destroys_the_object() {
+    require_kvm();
+    let dir = scratch_dir("rl-term");
+    let root = dir.join("root");
+    tree(&root, &[("vmlinuz", kernel())]);
+    let run = dir.join("run");
+    let e = "cmdline=rhyve.test=powerbutton";
+    loaded_ok(&rhyveload(
+        &run,
+        &["-m", MEM, "-h", root.to_str().unwrap(), "-e", e, "pb"],
+    ));
+    let mut cmd = rhyve_cmd(&run);
+    cmd.args([
+        "-D",
+        "-m",
+        MEM,
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+        "-l",
+        "com1,stdio",
+        "pb",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut guard = KillOnDrop(cmd.spawn().expect("spawn rhyve"));
+    let mut stdout = guard.0.stdout.take().unwrap();
+    let seen = harness::read_until(
+        &mut stdout,
+        "waiting for the power button",
+        Duration::from_secs(30),
+    );
+    assert!(seen.is_ok(), "guest never armed the power button: {seen:?}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = guard.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "rhyve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        !object_exists(&run, "pb"),
+        "-D destroys the object on power-off"
+    );
 }
 
 /// One process per VM name (flock), and what a kill -9 leaves: a stale object that rhyve and
