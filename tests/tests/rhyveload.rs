@@ -520,6 +520,7 @@ fn reboot_loop_and_destroy_on_poweroff() {
     assert!(object_exists(&run, "keep"));
     // --kernel boots directly inside an existing object, which stays afterwards.
     let rd = initrd_fixture(3000, 7);
+    let initrd = format!("{h}/initrd.img");
     let direct = rhyve_adopt(
         &run,
         "keep",
@@ -527,11 +528,10 @@ fn reboot_loop_and_destroy_on_poweroff() {
             "--kernel",
             TESTGUEST_BZIMAGE,
             "--initrd",
-            &format!("{h}/initrd.img"),
-        ]
-        .into_iter()
-        .chain(["--append", "rhyve.test=report direct=1"])
-        .collect::<Vec<_>>(),
+            &initrd,
+            "--append",
+            "rhyve.test=report direct=1",
+        ],
     );
     check_guest(&direct, "rhyve.test=report direct=1", &rd, "bzimage");
     assert!(object_exists(&run, "keep"));
