@@ -496,6 +496,11 @@ fn reboot_loop_and_destroy_on_poweroff() {
         wrong.stderr
     );
 
+    // A rhyve that fails before the guest runs leaves the load in place for the next try.
+    let broken = rhyve_adopt(&run, "loop", &["-s", "2,virtio-blk,/nonexistent/disk.img"]);
+    assert_eq!(broken.code(), Some(4), "{}", broken.stderr);
+    assert!(run.join("loop/boot-state").exists(), "unused load kept");
+
     let second = rhyve_adopt(&run, "loop", &["-D"]);
     assert_eq!(second.code(), Some(1), "power-off: {}", second.stderr);
     assert!(
