@@ -473,9 +473,9 @@ fn read_entry_file(
                 tried.push(format!("{p} on {}", v.fs.describe()));
                 for m in [p.as_str(), missing.as_str()] {
                     if let Some(rest) = m.strip_prefix("/boot/") {
-                        for (oi, _) in vols.iter().enumerate() {
+                        for oi in std::iter::once(vi).chain(0..vols.len()) {
                             let t = (oi, format!("/{rest}"));
-                            if oi != vi && !tries.contains(&t) {
+                            if !tries.contains(&t) {
                                 tries.push(t);
                             }
                         }
