@@ -706,11 +706,37 @@ fn corrupt_images_fail_cleanly() {
         &run,
         &["-m", MEM, "-h", not_a_kernel.to_str().unwrap(), "x"],
     );
-    assert!(
-        out.stderr.contains("unknown kernel format"),
-        "{}",
-        out.stderr
+    let want = format!(
+        "rhyveload: {}: /vmlinuz: unknown kernel format",
+        not_a_kernel.display()
     );
+    assert!(out.stderr.starts_with(&want), "{}", out.stderr);
+
+    // Command-line mistakes: one line, naming the argument.
+    for (argv, want) in [
+        (
+            &["-m", "12Q", "-h", "/", "vm"][..],
+            "rhyveload: -m 12Q: invalid memory size",
+        ),
+        (&["-h", "/"][..], "rhyveload: missing vmname"),
+        (
+            &["-c", "/nonexistent/tty", "-h", "/", "vm"][..],
+            "rhyveload: -c /nonexistent/tty: no such device",
+        ),
+        (
+            &["-l", "/boot/userboot.so", "-d", "x", "vm"][..],
+            "rhyveload: -l /boot/userboot.so: other OS loaders are not supported",
+        ),
+    ] {
+        let out = rhyveload(&run, argv);
+        assert_eq!(out.code(), Some(1), "{argv:?}");
+        let err = out.stderr.trim_end();
+        assert!(
+            err.starts_with(want) && !err.contains('\n'),
+            "{argv:?}: {err:?}"
+        );
+    }
+    assert!(!object_exists(&run, "vm"));
 }
 
 /// Timing sanity: a load of the test guest from an image is quick (no busy loops, no
