@@ -37,9 +37,8 @@ pub fn parse(id: &str, text: &str) -> BlsEntry {
             "machine-id" => e.machine_id = Some(value),
             "sort-key" => e.sort_key = Some(value),
             "linux" => e.linux = Some(value),
-            "initrd" => e
-                .initrd
-                .extend(value.split_whitespace().map(str::to_string)),
+            // One path per line, which may contain spaces (the spec; systemd-boot agrees).
+            "initrd" if !value.is_empty() => e.initrd.push(value),
             "options" => e.options.push(value),
             _ => {}
         }
@@ -171,11 +170,11 @@ mod tests {
     fn parses_keys_and_repeats() {
         let e = parse(
             "fedora-6.5",
-            "# comment\ntitle Fedora Linux\nversion 6.5.0\nlinux /vmlinuz-6.5\ninitrd /a.img\ninitrd /b.img\noptions root=UUID=x ro\noptions quiet\n",
+            "# comment\ntitle Fedora Linux\nversion 6.5.0\nlinux /vmlinuz-6.5\ninitrd /a.img\ninitrd /b c.img\noptions root=UUID=x ro\noptions quiet\n",
         );
         assert_eq!(e.title.as_deref(), Some("Fedora Linux"));
         assert_eq!(e.linux.as_deref(), Some("/vmlinuz-6.5"));
-        assert_eq!(e.initrd, vec!["/a.img", "/b.img"]);
+        assert_eq!(e.initrd, vec!["/a.img", "/b c.img"]);
         assert_eq!(e.options.join(" "), "root=UUID=x ro quiet");
     }
 

@@ -96,7 +96,11 @@ impl FatFs {
             });
         }
         let clusters = (total - data_sector) / spc;
-        let ty = if clusters < 4085 {
+        // Like Linux: a zero 16-bit FAT size means FAT32 whatever the cluster count (mkfs.fat
+        // makes small FAT32 volumes); otherwise the count decides between FAT12 and FAT16.
+        let ty = if le16(&s, 22) == 0 {
+            FatType::Fat32
+        } else if clusters < 4085 {
             FatType::Fat12
         } else if clusters < 65525 {
             FatType::Fat16

@@ -450,6 +450,7 @@ fn debian_menu(vols: &[Volume], looked: &mut Vec<String>) -> Result<Option<Menu>
 fn read_entry_file(
     vols: &[Volume],
     c: &Candidate,
+    what: &str,
     path: &str,
     max: u64,
 ) -> Result<(String, Vec<u8>)> {
@@ -486,7 +487,7 @@ fn read_entry_file(
         }
     }
     Err(Error::NoKernel(format!(
-        "{} entry {:?} names {path}, not found (tried {})",
+        "{} entry {:?} names {what} {path}, not found (tried {})",
         c.source,
         c.title.as_deref().unwrap_or(""),
         tried.join(", ")
@@ -545,11 +546,11 @@ fn find_boot(vols: &[Volume], opts: &Options) -> Result<BootSelection> {
     }
     let (_, c) = pick(&menus, opts.entry.as_deref())?;
     let max = opts.max_file_bytes;
-    let (kernel_path, kernel) = read_entry_file(vols, c, &c.kernel, max)?;
+    let (kernel_path, kernel) = read_entry_file(vols, c, "kernel", &c.kernel, max)?;
     let mut initrd: Option<Vec<u8>> = None;
     let mut initrd_paths = Vec::new();
     for p in &c.initrd {
-        let (path, data) = read_entry_file(vols, c, p, max)?;
+        let (path, data) = read_entry_file(vols, c, "initrd", p, max)?;
         let buf = initrd.get_or_insert_with(Vec::new);
         // Several initrds are concatenated (the kernel unpacks each cpio archive in turn);
         // GRUB aligns each to 4 bytes.

@@ -191,6 +191,42 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
 "#;
 
 #[test]
+fn bls_on_a_whole_disk_fat32_esp_with_long_names() {
+    let t = Tmp::new("fat32");
+    let (k, i) = (rand_bytes(81, 150_000), rand_bytes(82, 65_537));
+    let e = "title Arch Linux\nlinux /EFI/Arch Linux/vmlinuz-linux\ninitrd /EFI/Arch Linux/initramfs-linux.img\noptions root=PARTUUID=abc rw\n";
+    // mtools needs a full-size FAT32 (65525+ clusters): 33 MiB, sparse (about 1 MiB written).
+    let esp = mkfat(
+        &t,
+        "esp.img",
+        34000,
+        &["-F", "32", "-s", "1"],
+        &[
+            ("/loader/loader.conf", b"timeout 3\ndefault arch-*\n"),
+            (
+                "/loader/entries/arch-fallback.conf",
+                b"title Fallback\nlinux /nope\n",
+            ),
+            ("/loader/entries/arch-linux.conf", e.as_bytes()),
+            ("/EFI/Arch Linux/vmlinuz-linux", &k),
+            ("/EFI/Arch Linux/initramfs-linux.img", &i),
+        ],
+    );
+    // loader.conf's "default arch-*" matches both; the first in sort order (arch-linux sorts
+    // before arch-fallback: file names in descending order) wins.
+    let s = boot(&esp, &opts());
+    assert_eq!(
+        (s.source, s.title.as_deref()),
+        (BootSource::Bls, Some("Arch Linux"))
+    );
+    assert!(s.kernel == k && s.initrd.as_deref() == Some(&i[..]));
+    assert_eq!(s.kernel_path, "/EFI/Arch Linux/vmlinuz-linux");
+    assert_eq!(s.cmdline, "root=PARTUUID=abc rw");
+    let e = err(&esp, &with_entry("Fallback"));
+    assert!(matches!(e, Error::NoKernel(_)), "{e}");
+}
+
+#[test]
 fn grub_cfg_on_an_mbr_root_partition_with_default_and_variables() {
     let t = Tmp::new("grub");
     let (k, i, ucode) = (
