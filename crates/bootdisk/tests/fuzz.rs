@@ -147,7 +147,8 @@ fn mutated_real_images_never_panic() {
         (2048 * 512, 2048 * 512 + (16 << 10)),
         (gpt_len - 33 * 512, gpt_len),
     ];
-    let cases: [(&str, &std::path::Path, &[(u64, u64)], bool); 4] = [
+    type Case<'a> = (&'a str, &'a std::path::Path, &'a [(u64, u64)], bool);
+    let cases: [Case; 4] = [
         ("ext4", &ext, &[(0, 96 << 10)], false),
         ("fat", &fat, &[(0, 16 << 10)], false),
         ("gpt", &gptd, &gpt_hot, false),
