@@ -458,6 +458,53 @@ fn debian_symlinks_on_gpt_and_on_a_separate_boot_partition() {
 }
 
 #[test]
+fn ext2_and_ext3_and_bls_on_the_root_filesystem() {
+    let t = Tmp::new("ext23");
+    let (k, i) = (rand_bytes(91, 30_000), rand_bytes(92, 5_000));
+    let items = [
+        Item::File("/boot/vmlinuz-6.5", &k),
+        Item::File("/boot/initramfs-6.5.img", &i),
+        Item::File(
+            "/boot/loader/entries/fedora-6.5.conf",
+            b"title Fedora 6.5\nversion 6.5\nlinux /vmlinuz-6.5\ninitrd /initramfs-6.5.img\noptions root=/dev/vda ro\n",
+        ),
+    ];
+    // ext2 with the 128-byte inodes of older systems too.
+    for (n, (fs, inode)) in [("ext2", "256"), ("ext3", "256"), ("ext2", "128")]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = t.p(&format!("{n}.d"));
+        make_tree(&dir, &items);
+        let img = t.p(&format!("{n}.img"));
+        run(
+            &format!("mkfs.{fs}"),
+            &[
+                "-q",
+                "-F",
+                "-I",
+                inode,
+                "-d",
+                dir.to_str().unwrap(),
+                img.to_str().unwrap(),
+                "4M",
+            ],
+            None,
+        );
+        // BLS paths on the root filesystem are relative to /boot.
+        let s = boot(&img, &opts());
+        assert_eq!(
+            (s.source, s.title.as_deref()),
+            (BootSource::Bls, Some("Fedora 6.5")),
+            "{fs}"
+        );
+        assert_eq!(s.kernel_path, "/boot/vmlinuz-6.5");
+        assert!(s.kernel == k && s.initrd.as_deref() == Some(&i[..]), "{fs}");
+        assert_eq!(s.cmdline, "root=/dev/vda ro");
+    }
+}
+
+#[test]
 fn corrupt_images_give_clean_errors() {
     let t = Tmp::new("corrupt");
     let k = rand_bytes(51, 20_000);

@@ -25,7 +25,7 @@ pub fn need(tool: &str) -> PathBuf {
     let pkg = match tool {
         "sfdisk" => "fdisk",
         "sgdisk" => "gdisk",
-        "mkfs.ext4" => "e2fsprogs",
+        "mkfs.ext4" | "mkfs.ext3" | "mkfs.ext2" => "e2fsprogs",
         "mkfs.vfat" => "dosfstools",
         "mcopy" | "mmd" => "mtools",
         "qemu-img" => "qemu-utils",
