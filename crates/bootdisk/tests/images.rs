@@ -5,6 +5,7 @@ mod common;
 
 use bootdisk::{find_boot_in_image, BootSource, Error, Options};
 use common::*;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 const ROOT_UUID: &str = "0b3a9a5e-63f4-4a43-9d52-3c1c5f1a7e01";
@@ -134,6 +135,20 @@ fn bls_entries_on_an_esp_in_gpt_raw_and_qcow2() {
             Error::EntryNotFound { .. }
         ));
     }
+}
+
+#[test]
+fn block_device_through_a_loop_device() {
+    let t = Tmp::new("loopdev");
+    let (disk, [_, _, k2, i2]) = bls_disk(&t);
+    let dev = Loop::attach(&disk);
+    assert!(std::fs::metadata(&dev.0)
+        .unwrap()
+        .file_type()
+        .is_block_device());
+    let s = boot(&dev.0, &opts());
+    assert_eq!(s.title.as_deref(), Some("Debian 6.10"));
+    assert!(s.kernel == k2 && s.initrd.as_deref() == Some(&i2[..]));
 }
 
 const GRUB_CFG: &str = r#"#
