@@ -520,6 +520,37 @@ fn ext2_and_ext3_and_bls_on_the_root_filesystem() {
 }
 
 #[test]
+fn mbr_logical_partitions_in_an_extended_partition() {
+    let t = Tmp::new("logical");
+    let k = rand_bytes(101, 25_000);
+    let root = mkext4(
+        &t,
+        "root.img",
+        4,
+        ROOT_UUID,
+        &[
+            Item::File("/boot/vmlinuz-1", &k),
+            Item::Link("/vmlinuz", "boot/vmlinuz-1"),
+        ],
+    );
+    let esp = mkfat(&t, "esp.img", 4096, &[], &[("/EFI/BOOT/README", b"x")]);
+    let disk = t.p("disk.img");
+    blank(&disk, 12);
+    let d = disk.to_str().unwrap();
+    let script = format!(
+        "label: dos\n{d}1 : start=2048, size=22528, type=5\n{d}5 : start=4096, size=8192, type=ef\n{d}6 : start=14336, size=8192, type=83\n"
+    );
+    run("sfdisk", &["-q", d], Some(&script));
+    place(&disk, 4096, &esp);
+    place(&disk, 14336, &root);
+    let s = boot(&disk, &opts());
+    assert_eq!(s.source, BootSource::DebianSymlinks);
+    assert!(s.kernel == k && s.initrd.is_none());
+    // Without an initrd the root is named by device: the second logical partition is vda6.
+    assert_eq!(s.cmdline, "root=/dev/vda6 ro");
+}
+
+#[test]
 fn corrupt_images_give_clean_errors() {
     let t = Tmp::new("corrupt");
     let k = rand_bytes(51, 20_000);
