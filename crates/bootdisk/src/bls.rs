@@ -219,6 +219,46 @@ mod tests {
     }
 
     #[test]
+    fn random_entries_and_versions_never_panic() {
+        let toks = [
+            "title ",
+            "version ",
+            "linux ",
+            "initrd ",
+            "options ",
+            "sort-key ",
+            "machine-id ",
+            "\n",
+            " ",
+            "~",
+            "1",
+            "09",
+            "a",
+            ".",
+            "-",
+            "^",
+            "#",
+            "é",
+            "*",
+            "?",
+        ];
+        let mut all = Vec::new();
+        for seed in 0..2000 {
+            let text = crate::random_config(seed, &toks, 30);
+            let e = parse(
+                &text.chars().take(12).collect::<String>().replace('\n', ""),
+                &text,
+            );
+            let _ = glob_match(&text.chars().take(8).collect::<String>(), &text);
+            all.push(e);
+        }
+        sort(&mut all);
+        for w in all.windows(2) {
+            let _ = version_cmp(&w[0].id, &w[1].id);
+        }
+    }
+
+    #[test]
     fn loader_conf_and_glob() {
         assert_eq!(
             loader_conf_default("timeout 3\ndefault debian-*\n").as_deref(),

@@ -576,6 +576,20 @@ fn find_boot(vols: &[Volume], opts: &Options) -> Result<BootSelection> {
     })
 }
 
+/// Random text made of the tokens config parsers care about, for their robustness tests.
+#[cfg(test)]
+pub(crate) fn random_config(seed: u64, tokens: &[&str], n: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = String::new();
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push_str(tokens[(x % tokens.len() as u64) as usize]);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
