@@ -468,9 +468,9 @@ fn read_entry_file(
         let Some(v) = vols.get(vi) else { continue };
         match fs::read_file(&*v.fs, &p, max) {
             Ok(r) => return Ok(r),
-            Err(Error::NotFound(what)) => {
+            Err(Error::NotFound(msg)) | Err(Error::NotADirectory(msg)) => {
                 // A symlink may have led to /boot/... on the root filesystem.
-                let missing = what.split(" on ").next().unwrap_or("").to_string();
+                let missing = msg.split(" on ").next().unwrap_or("").to_string();
                 tried.push(format!("{p} on {}", v.fs.describe()));
                 for m in [p.as_str(), missing.as_str()] {
                     if let Some(rest) = m.strip_prefix("/boot/") {
