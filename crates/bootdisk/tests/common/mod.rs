@@ -25,10 +25,11 @@ pub fn need(tool: &str) -> PathBuf {
     let pkg = match tool {
         "sfdisk" => "fdisk",
         "sgdisk" => "gdisk",
-        "mkfs.ext4" => "e2fsprogs",
+        "mkfs.ext4" | "mkfs.ext3" | "mkfs.ext2" => "e2fsprogs",
         "mkfs.vfat" => "dosfstools",
         "mcopy" | "mmd" => "mtools",
         "qemu-img" => "qemu-utils",
+        "losetup" => "mount",
         _ => "?",
     };
     panic!(
@@ -231,4 +232,32 @@ pub fn patch(path: &Path, offset: u64, bytes: &[u8]) {
     let mut f = OpenOptions::new().write(true).open(path).unwrap();
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.write_all(bytes).unwrap();
+}
+
+/// A read-only loop device over an image file, detached on drop.
+pub struct Loop(pub PathBuf);
+
+impl Loop {
+    pub fn attach(image: &Path) -> Loop {
+        let out = Command::new(need("losetup"))
+            .args(["-f", "--show", "-r"])
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup failed (needs root and loop devices): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new(need("losetup"))
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
 }
