@@ -53,3 +53,8 @@ fn stock_linux_brings_up_two_cpus_with_acpi() {
 fn rhyveload_boots_a_debian_style_disk() {
     scenario("rhyveload-disk");
 }
+
+#[test]
+fn stock_linux_in_the_rhyveload_reboot_loop() {
+    scenario("rhyveload-loop");
+}

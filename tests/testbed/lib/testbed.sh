@@ -33,6 +33,8 @@ testbed_say() { echo "TESTBED: $*"; }
 #   --after-marker CMD run CMD (sh -c, with $TESTBED_VMM_PID set) once the marker was seen,
 #                      e.g. to signal the VMM; prints "TESTBED: after-marker=CMD"
 #   --signal-after-marker SIG   shorthand: --after-marker 'kill -SIG "$TESTBED_VMM_PID"'
+#   --loaded           rhyve: no --kernel/--initrd/--append; run what rhyveload loaded into
+#                      the VM object NAME
 # Prints: TESTBED: vmm-cmd=..., TESTBED: l2-init-ms=N (if the marker was seen),
 #         TESTBED: vmm-exit=N, TESTBED: vmm-ms=N (VMM start to exit), TESTBED: vmm-timeout
 # Returns the VMM's exit status.
@@ -52,6 +54,7 @@ testbed_boot() {
             --tag) tag=".$2"; shift 2 ;;
             --after-marker) after="$2"; shift 2 ;;
             --signal-after-marker) after="kill -$2 \"\$TESTBED_VMM_PID\""; shift 2 ;;
+            --loaded) loaded=1; shift ;;
             --) shift; break ;;
             *) echo "testbed_boot: unknown option $1" >&2; return 2 ;;
         esac
@@ -64,6 +67,7 @@ testbed_boot() {
                 -nic none -kernel "$kernel" -initrd "$initrd" -append "$append" "$@" ;;
         rhyve)
             if [ "$loaded" = 1 ]; then
+                # Run what rhyveload loaded into the VM object: no --kernel.
                 set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
                     "$@" "$name"
             else
