@@ -481,7 +481,11 @@ fn ext2_and_ext3_and_bls_on_the_root_filesystem() {
         Item::File("/boot/initramfs-6.5.img", &i),
         Item::File(
             "/boot/loader/entries/fedora-6.5.conf",
-            b"title Fedora 6.5\nversion 6.5\nlinux /vmlinuz-6.5\ninitrd /initramfs-6.5.img\noptions root=/dev/vda ro\n",
+            b"title Fedora 6.5\nversion 6.5\nlinux /vmlinuz-6.5\ninitrd /initramfs-6.5.img\noptions $kernelopts quiet\n",
+        ),
+        Item::File(
+            "/boot/grub2/grubenv",
+            b"# GRUB Environment Block\nkernelopts=root=/dev/vda ro\n#####\n",
         ),
     ];
     // ext2 with the 128-byte inodes of older systems too.
@@ -515,7 +519,10 @@ fn ext2_and_ext3_and_bls_on_the_root_filesystem() {
         );
         assert_eq!(s.kernel_path, "/boot/vmlinuz-6.5");
         assert!(s.kernel == k && s.initrd.as_deref() == Some(&i[..]), "{fs}");
-        assert_eq!(s.cmdline, "root=/dev/vda ro");
+        assert_eq!(
+            s.cmdline, "root=/dev/vda ro quiet",
+            "$kernelopts from grubenv"
+        );
     }
 }
 
