@@ -128,6 +128,44 @@ pub fn sort(entries: &mut [BlsEntry]) {
     });
 }
 
+/// Replaces `$name` and `${name}` with values from `env` (Fedora/RHEL 8 entries say
+/// `options $kernelopts`, set in grubenv); unknown variables become empty, as in GRUB.
+pub fn expand_vars(s: &str, env: &std::collections::HashMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let mut name = String::new();
+        if chars.peek() == Some(&'{') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c == '}' {
+                    break;
+                }
+                name.push(c);
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    name.push(c);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            if name.is_empty() {
+                out.push('$');
+                continue;
+            }
+        }
+        out.push_str(env.get(&name).map(String::as_str).unwrap_or(""));
+    }
+    out
+}
+
 /// The `default` glob from loader.conf, if any.
 pub fn loader_conf_default(text: &str) -> Option<String> {
     text.lines().find_map(|l| {
@@ -256,6 +294,17 @@ mod tests {
         for w in all.windows(2) {
             let _ = version_cmp(&w[0].id, &w[1].id);
         }
+    }
+
+    #[test]
+    fn grubenv_variables_in_options() {
+        let env = [("kernelopts".to_string(), "root=/dev/vda2 ro".to_string())]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            expand_vars("$kernelopts ${tuned_params} x$", &env),
+            "root=/dev/vda2 ro  x$"
+        );
     }
 
     #[test]

@@ -221,6 +221,7 @@ fn bls_menu(vols: &[Volume], looked: &mut Vec<String>) -> Result<Option<Menu>> {
     let mut entries = Vec::new();
     let mut default_glob = None;
     for (vi, v) in vols.iter().enumerate() {
+        let mut grubenv = None;
         for (dir, base) in [("/loader/entries", "/"), ("/boot/loader/entries", "/boot")] {
             looked.push(format!("{dir}/*.conf on {}", v.fs.describe()));
             for name in fs::list_dir(&*v.fs, dir)? {
@@ -230,7 +231,16 @@ fn bls_menu(vols: &[Volume], looked: &mut Vec<String>) -> Result<Option<Menu>> {
                 let Some(text) = fs::read_text_opt(&*v.fs, &format!("{dir}/{name}"))? else {
                     continue;
                 };
-                let e = bls::parse(id, &text);
+                let mut e = bls::parse(id, &text);
+                if e.options.iter().any(|o| o.contains('$')) {
+                    let env = match &mut grubenv {
+                        Some(env) => env,
+                        None => grubenv.insert(bls_grubenv(&*v.fs)?),
+                    };
+                    for o in &mut e.options {
+                        *o = bls::expand_vars(o, env);
+                    }
+                }
                 if e.linux.is_some() {
                     entries.push((e, vi, base));
                 }
@@ -278,6 +288,21 @@ fn bls_menu(vols: &[Volume], looked: &mut Vec<String>) -> Result<Option<Menu>> {
         entries: cands,
         default,
     }))
+}
+
+/// GRUB's environment block next to BLS entries that use variables (Fedora, RHEL 8).
+fn bls_grubenv(fs: &dyn Fs) -> Result<std::collections::HashMap<String, String>> {
+    for p in [
+        "/grub2/grubenv",
+        "/boot/grub2/grubenv",
+        "/grub/grubenv",
+        "/boot/grub/grubenv",
+    ] {
+        if let Some(t) = fs::read_text_opt(fs, p)? {
+            return Ok(grub::parse_grubenv(&t));
+        }
+    }
+    Ok(Default::default())
 }
 
 fn grub_menu(vols: &[Volume], looked: &mut Vec<String>) -> Result<Option<Menu>> {

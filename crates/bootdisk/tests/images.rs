@@ -297,6 +297,64 @@ fn grub_cfg_on_an_mbr_root_partition_with_default_and_variables() {
     );
 }
 
+/// The layout of Debian's cloud images: root is partition 1 at the end, BIOS boot partition
+/// 14 (no filesystem) and ESP 15 (a grub.cfg stub without entries) before it.
+#[test]
+fn debian_cloud_layout_grub_on_root_partition_1() {
+    let t = Tmp::new("cloud");
+    let (k, i) = (rand_bytes(111, 45_000), rand_bytes(112, 9_999));
+    let cfg = "set default=0\nmenuentry 'Debian GNU/Linux' --class debian --id gnulinux-simple {\n\tsearch --no-floppy --fs-uuid --set=root 0b3a9a5e\n\tlinux\t/boot/vmlinuz-6.1.0-13-cloud-amd64 root=PARTUUID=e5b1c2d3-01 ro console=tty0 console=ttyS0,115200 earlyprintk=ttyS0,115200 consoleblank=0\n\tinitrd\t/boot/initrd.img-6.1.0-13-cloud-amd64\n}\n";
+    let root = mkext4(
+        &t,
+        "root.img",
+        8,
+        ROOT_UUID,
+        &[
+            Item::File("/boot/grub/grub.cfg", cfg.as_bytes()),
+            Item::File("/boot/vmlinuz-6.1.0-13-cloud-amd64", &k),
+            Item::File("/boot/initrd.img-6.1.0-13-cloud-amd64", &i),
+            Item::Link("/vmlinuz", "boot/vmlinuz-6.1.0-13-cloud-amd64"),
+        ],
+    );
+    let stub = "search.fs_uuid 0b3a9a5e-63f4-4a43-9d52-3c1c5f1a7e01 root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n";
+    let esp = mkfat(
+        &t,
+        "esp.img",
+        3072,
+        &[],
+        &[("/EFI/debian/grub.cfg", stub.as_bytes())],
+    );
+    let disk = t.p("disk.img");
+    gpt_numbered(
+        &disk,
+        16,
+        &[
+            (14, 2048, 4095, "ef02"),
+            (15, 4096, 10239, "ef00"),
+            (1, ROOT.0, ROOT.1, "8300"),
+        ],
+    );
+    place(&disk, 4096, &esp);
+    place(&disk, ROOT.0, &root);
+    let q = t.p("disk.qcow2");
+    to_qcow2(&disk, &q, &[]);
+    for img in [&disk, &q] {
+        let s = boot(img, &opts());
+        assert_eq!(
+            (s.source, s.title.as_deref()),
+            (BootSource::Grub, Some("Debian GNU/Linux"))
+        );
+        assert_eq!(s.kernel_path, "/boot/vmlinuz-6.1.0-13-cloud-amd64");
+        assert!(s.kernel == k && s.initrd.as_deref() == Some(&i[..]));
+        assert!(
+            s.cmdline
+                .starts_with("root=PARTUUID=e5b1c2d3-01 ro console=tty0"),
+            "{}",
+            s.cmdline
+        );
+    }
+}
+
 #[test]
 fn grub_on_a_separate_boot_partition_with_saved_default() {
     let t = Tmp::new("grubboot");
@@ -481,7 +539,11 @@ fn ext2_and_ext3_and_bls_on_the_root_filesystem() {
         Item::File("/boot/initramfs-6.5.img", &i),
         Item::File(
             "/boot/loader/entries/fedora-6.5.conf",
-            b"title Fedora 6.5\nversion 6.5\nlinux /vmlinuz-6.5\ninitrd /initramfs-6.5.img\noptions root=/dev/vda ro\n",
+            b"title Fedora 6.5\nversion 6.5\nlinux /vmlinuz-6.5\ninitrd /initramfs-6.5.img\noptions $kernelopts quiet\n",
+        ),
+        Item::File(
+            "/boot/grub2/grubenv",
+            b"# GRUB Environment Block\nkernelopts=root=/dev/vda ro\n#####\n",
         ),
     ];
     // ext2 with the 128-byte inodes of older systems too.
@@ -515,7 +577,10 @@ fn ext2_and_ext3_and_bls_on_the_root_filesystem() {
         );
         assert_eq!(s.kernel_path, "/boot/vmlinuz-6.5");
         assert!(s.kernel == k && s.initrd.as_deref() == Some(&i[..]), "{fs}");
-        assert_eq!(s.cmdline, "root=/dev/vda ro");
+        assert_eq!(
+            s.cmdline, "root=/dev/vda ro quiet",
+            "$kernelopts from grubenv"
+        );
     }
 }
 

@@ -202,6 +202,19 @@ pub fn gpt(path: &Path, mib: u64, parts: &[(u64, u64, &str)]) {
     run("sgdisk", &a, None);
 }
 
+/// GPT with explicit partition numbers: (number, first sector, last sector, type code).
+pub fn gpt_numbered(path: &Path, mib: u64, parts: &[(u32, u64, u64, &str)]) {
+    blank(path, mib);
+    let mut args = vec!["-o".to_string()];
+    for (n, a, b, ty) in parts {
+        args.push(format!("-n{n}:{a}:{b}"));
+        args.push(format!("-t{n}:{ty}"));
+    }
+    args.push(path.to_str().unwrap().to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("sgdisk", &a, None);
+}
+
 /// MBR with `sfdisk`: parts are (start sector, size in sectors, type hex like "83").
 pub fn mbr(path: &Path, mib: u64, parts: &[(u64, u64, &str)]) {
     blank(path, mib);
