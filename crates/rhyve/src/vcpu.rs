@@ -7,6 +7,8 @@ use std::sync::Arc;
 use devices::{Bus, StopReason, VmControl};
 use vmmapi::{MpState, Vcpu, VmExit};
 
+use crate::vcpu_ctl::VcpuCtl;
+
 /// Exit counters per vCPU (rhyvectl --get-stats reads them later).
 #[derive(Default, Debug)]
 pub struct VcpuStats {
@@ -14,6 +16,8 @@ pub struct VcpuStats {
     pub mmio: AtomicU64,
     pub interrupted: AtomicU64,
     pub other: AtomicU64,
+    /// Nanoseconds spent inside KVM_RUN (including in-kernel HLT), published after each exit.
+    pub run_ns: AtomicU64,
 }
 
 /// What a vCPU answers to the main thread's periodic "are you halted for good?" (bhyve exits
@@ -114,6 +118,8 @@ pub struct VcpuContext {
     pub control: Arc<VmControl>,
     pub stats: Arc<VcpuStats>,
     pub halt: Arc<HaltProbe>,
+    /// Pause/resume, register access and NMI from the control socket.
+    pub ctl: Arc<VcpuCtl>,
     pub strict_io: bool,
 }
 
@@ -141,12 +147,20 @@ fn hex(bytes: &[u8]) -> String {
 pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
     let id = vcpu.id();
     let mut reported_ports = HashSet::new();
+    let _attached = ctx.ctl.attach();
+    let mut run_ns = 0u64;
     loop {
+        ctx.halt.poll(&vcpu);
+        ctx.ctl.poll(&vcpu, &ctx.control);
         if ctx.control.stopping() {
             return;
         }
-        ctx.halt.poll(&vcpu);
-        let outcome: Option<StopReason> = match vcpu.run() {
+        let entered = std::time::Instant::now();
+        let exit = vcpu.run();
+        // Only this thread writes the counter: a plain store, no read-modify-write.
+        run_ns += entered.elapsed().as_nanos() as u64;
+        ctx.stats.run_ns.store(run_ns, Ordering::Relaxed);
+        let outcome: Option<StopReason> = match exit {
             Ok(VmExit::IoIn { port, data }) => {
                 ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
                 let claimed = ctx.pio.read(u64::from(port), data);

@@ -269,6 +269,13 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Queues a non-maskable interrupt (KVM_NMI), delivered at the next guest entry through
+    /// the in-kernel LAPIC (bhyvectl --inject-nmi). Call it from the vCPU's thread, or while
+    /// the vCPU is out of KVM_RUN: KVM serialises vCPU ioctls behind the running one.
+    pub fn nmi(&self) -> Result<()> {
+        self.fd.nmi().map_err(kvm_err("KVM_NMI"))
+    }
+
     /// The in-kernel LAPIC's register page.
     pub fn lapic(&self) -> Result<kvm_lapic_state> {
         self.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))
