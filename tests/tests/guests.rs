@@ -286,7 +286,11 @@ fn two_vms_with_one_name_are_refused() {
     second.args(["-m", MEM, "--kernel", TESTGUEST_BZIMAGE, "dupvm"]);
     let out = harness::run(&mut second, Run::default()).unwrap();
     assert_eq!(out.code(), Some(4));
-    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("dupvm is running (pid "),
+        "{}",
+        out.stderr
+    );
 }
 
 /// bhyve exits 2 when every vCPU is halted with interrupts off. The guest's S5 write goes to

@@ -11,7 +11,7 @@ use linux_loader::bootparam::{
 use vm_memory::{ByteValued, GuestMemoryBackend};
 
 use crate::layout::{self, HIGH_MEMORY_START, ZERO_PAGE_ADDR};
-use crate::{entry, BootConfig, Error, Image, KernelFormat, LoadedKernel};
+use crate::{entry, Error, Image, KernelFormat, LoadedKernel, Request};
 
 /// The setup header starts here in both the file and the zero page.
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
@@ -155,7 +155,7 @@ fn plan(hdr: &setup_header, file_len: u64, ram_bytes: u64) -> Result<Plan, Error
 
 pub(crate) fn load<M: GuestMemoryBackend>(
     mem: &M,
-    cfg: &BootConfig,
+    cfg: &Request,
     img: &mut Image,
     prefix: &[u8],
 ) -> Result<LoadedKernel, Error> {
@@ -221,7 +221,7 @@ pub(crate) fn load<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use crate::testutil::{debian_kernel, guest, tmpfile};
-    use crate::{load as load_kernel, E820Kind};
+    use crate::{load as load_kernel, BootConfig, E820Kind};
     use linux_loader::bootparam::XLF_CAN_BE_LOADED_ABOVE_4G;
     use std::path::Path;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -304,6 +304,51 @@ mod tests {
 
     fn zero_page(mem: &GuestMemoryMmap) -> boot_params {
         mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap()
+    }
+
+    /// `load_bytes` builds exactly what `load` builds from files (the rhyveload path).
+    #[test]
+    fn bytes_and_files_load_the_same() {
+        let ram = 64 * MIB;
+        let kernel = image(header());
+        let initrd: Vec<u8> = (0..5000u32).map(|i| (i * 13) as u8).collect();
+        let (file_mem, from_file) =
+            try_load_bytes(&kernel, ram, "root=/dev/vda1", Some(&initrd)).unwrap();
+        let mem = guest(ram);
+        let from_bytes = crate::load_bytes(
+            &mem,
+            &crate::BootBytes {
+                kernel: &kernel,
+                kernel_name: "/boot/vmlinuz",
+                initrd: Some(("/boot/initrd.img", &initrd)),
+                cmdline: "root=/dev/vda1",
+                ram_bytes: ram,
+                rsdp_addr: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(from_bytes.entry, from_file.entry);
+        assert_eq!(from_bytes.initrd_range, from_file.initrd_range);
+        assert_eq!(from_bytes.kernel_range, from_file.kernel_range);
+        let mut a = vec![0u8; 32 * MIB as usize];
+        let mut b = a.clone();
+        mem.read_slice(&mut a, GuestAddress(0)).unwrap();
+        file_mem.read_slice(&mut b, GuestAddress(0)).unwrap();
+        assert!(a == b, "guest memory differs");
+        // Errors name the in-guest path.
+        let e = crate::load_bytes(
+            &mem,
+            &crate::BootBytes {
+                kernel: b"not a kernel",
+                kernel_name: "/boot/vmlinuz-broken",
+                initrd: None,
+                cmdline: "",
+                ram_bytes: ram,
+                rsdp_addr: None,
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/boot/vmlinuz-broken"), "{e}");
     }
 
     #[test]

@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 pub mod acpi;
+pub mod boot_state;
 mod bzimage;
 pub mod entry;
 pub mod layout;
 pub mod mptable;
 mod pvh;
 
+pub use boot_state::{BootState, BootStateError};
 pub use entry::{EntryState, Segment};
 pub use layout::{e820_map, E820Entry, E820Kind};
 
@@ -223,31 +225,104 @@ pub fn probe(bytes_prefix: &[u8]) -> Option<KernelFormat> {
     (flag == BOOT_FLAG && magic == b"HdrS").then_some(KernelFormat::BzImage)
 }
 
+/// What to boot, with kernel and initrd already in memory (e.g. read out of a disk image by
+/// rhyveload). The names only label error messages.
+#[derive(Debug, Clone)]
+pub struct BootBytes<'a> {
+    /// Kernel image bytes (bzImage or ELF vmlinux with a PVH note).
+    pub kernel: &'a [u8],
+    /// Name of the kernel in error messages (e.g. its path inside the guest filesystem).
+    pub kernel_name: &'a str,
+    /// Optional initial ramdisk: (name, bytes).
+    pub initrd: Option<(&'a str, &'a [u8])>,
+    /// Kernel command line (no NUL bytes).
+    pub cmdline: &'a str,
+    /// Guest RAM size; the guest memory must be laid out as [`layout::ram_regions`].
+    pub ram_bytes: u64,
+    /// ACPI RSDP address to hand to the kernel, if the VMM builds ACPI tables.
+    pub rsdp_addr: Option<u64>,
+}
+
+/// A kernel or initrd: a file, or bytes already read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Input<'a> {
+    Path(&'a Path),
+    Bytes(&'a str, &'a [u8]),
+}
+
+impl<'a> Input<'a> {
+    fn open(self) -> Result<Image<'a>, Error> {
+        match self {
+            Input::Path(p) => Image::open(p),
+            Input::Bytes(name, data) => Ok(Image::from_bytes(name, data)),
+        }
+    }
+}
+
+/// Both entry points' request, in one shape for the format loaders.
+pub(crate) struct Request<'a> {
+    pub(crate) initrd: Option<Input<'a>>,
+    pub(crate) cmdline: &'a str,
+    pub(crate) ram_bytes: u64,
+    pub(crate) rsdp_addr: Option<u64>,
+}
+
 /// Loads kernel, initrd, command line and boot tables into `mem` (a guest memory whose
 /// regions are `layout::ram_regions(cfg.ram_bytes)`) and returns the entry state.
 pub fn load<M: GuestMemoryBackend>(mem: &M, cfg: &BootConfig) -> Result<LoadedKernel, Error> {
-    let mut img = Image::open(cfg.kernel)?;
+    let req = Request {
+        initrd: cfg.initrd.map(Input::Path),
+        cmdline: cfg.cmdline,
+        ram_bytes: cfg.ram_bytes,
+        rsdp_addr: cfg.rsdp_addr,
+    };
+    load_input(mem, Input::Path(cfg.kernel), &req)
+}
+
+/// [`load`] from in-memory kernel and initrd.
+pub fn load_bytes<M: GuestMemoryBackend>(mem: &M, cfg: &BootBytes) -> Result<LoadedKernel, Error> {
+    let req = Request {
+        initrd: cfg.initrd.map(|(n, d)| Input::Bytes(n, d)),
+        cmdline: cfg.cmdline,
+        ram_bytes: cfg.ram_bytes,
+        rsdp_addr: cfg.rsdp_addr,
+    };
+    load_input(mem, Input::Bytes(cfg.kernel_name, cfg.kernel), &req)
+}
+
+fn load_input<M: GuestMemoryBackend>(
+    mem: &M,
+    kernel: Input,
+    req: &Request,
+) -> Result<LoadedKernel, Error> {
+    let mut img = kernel.open()?;
     let prefix = img.prefix()?;
     if prefix.starts_with(ELF_MAGIC) {
-        pvh::load(mem, cfg, &mut img, &prefix)
+        pvh::load(mem, req, &mut img, &prefix)
     } else if prefix.get(BOOT_FLAG_OFFSET..BOOT_FLAG_OFFSET + 2) == Some(&BOOT_FLAG[..]) {
         // A boot sector: a bzImage, or a broken/old one that bzimage::load names precisely.
-        bzimage::load(mem, cfg, &mut img, &prefix)
+        bzimage::load(mem, req, &mut img, &prefix)
     } else {
         Err(Error::UnknownFormat {
-            path: cfg.kernel.to_path_buf(),
+            path: img.path().to_path_buf(),
         })
     }
 }
 
-/// An open, untrusted input file with bounds-checked access.
-pub(crate) struct Image {
+/// Where an [`Image`]'s bytes are.
+enum Data<'a> {
+    File(File),
+    Bytes(&'a [u8]),
+}
+
+/// An open, untrusted input (file or bytes) with bounds-checked access.
+pub(crate) struct Image<'a> {
     path: PathBuf,
-    file: File,
+    data: Data<'a>,
     len: u64,
 }
 
-impl Image {
+impl<'a> Image<'a> {
     pub(crate) fn open(path: &Path) -> Result<Self, Error> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -260,9 +335,17 @@ impl Image {
         }
         Ok(Image {
             path: path.to_path_buf(),
-            file,
+            data: Data::File(file),
             len: meta.len(),
         })
+    }
+
+    pub(crate) fn from_bytes(name: &str, data: &'a [u8]) -> Self {
+        Image {
+            path: PathBuf::from(name),
+            data: Data::Bytes(data),
+            len: data.len() as u64,
+        }
     }
 
     pub(crate) fn len(&self) -> u64 {
@@ -290,23 +373,40 @@ impl Image {
 
     /// The first [`PREFIX_LEN`] bytes (fewer for a short file).
     fn prefix(&mut self) -> Result<Vec<u8>, Error> {
-        let mut v = Vec::new();
-        (&self.file)
-            .take(PREFIX_LEN)
-            .read_to_end(&mut v)
-            .map_err(|e| self.io_err(e))?;
-        Ok(v)
+        match &self.data {
+            Data::File(file) => {
+                let mut v = Vec::new();
+                file.take(PREFIX_LEN)
+                    .read_to_end(&mut v)
+                    .map_err(|e| self.io_err(e))?;
+                Ok(v)
+            }
+            Data::Bytes(b) => Ok(b[..b.len().min(PREFIX_LEN as usize)].to_vec()),
+        }
+    }
+
+    /// The in-bounds byte range `[offset, offset + len)` as usize, or a truncation error.
+    fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, Error> {
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(self.truncated(offset.saturating_add(len)));
+        }
+        // Both are <= self.len, which came from a slice length or fits in memory anyway.
+        let start = usize::try_from(offset).map_err(|_| self.truncated(u64::MAX))?;
+        let count = usize::try_from(len).map_err(|_| self.truncated(u64::MAX))?;
+        Ok(start..start + count)
     }
 
     /// Bounds-checked read of `buf.len()` bytes at `offset`.
     pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|e| e > self.len) {
-            return Err(self.truncated(offset.saturating_add(len)));
+        let r = self.range(offset, buf.len() as u64)?;
+        match &self.data {
+            Data::File(file) => file.read_exact_at(buf, offset).map_err(|e| self.io_err(e)),
+            Data::Bytes(b) => {
+                buf.copy_from_slice(&b[r]);
+                Ok(())
+            }
         }
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| self.io_err(e))
     }
 
     /// Copies `len` bytes at file `offset` straight into guest memory at `gpa`.
@@ -317,16 +417,18 @@ impl Image {
         len: u64,
         gpa: u64,
     ) -> Result<(), Error> {
-        let end = offset.checked_add(len);
-        if end.is_none_or(|e| e > self.len) {
-            return Err(self.truncated(offset.saturating_add(len)));
+        let r = self.range(offset, len)?;
+        match &mut self.data {
+            Data::File(file) => {
+                file.seek(SeekFrom::Start(offset)).map_err(|e| Error::Io {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+                mem.read_exact_volatile_from(GuestAddress(gpa), file, r.len())
+                    .map_err(|source| Error::GuestMemory { addr: gpa, source })
+            }
+            Data::Bytes(b) => write_guest(mem, gpa, &b[r]),
         }
-        let count = usize::try_from(len).map_err(|_| self.truncated(u64::MAX))?;
-        self.file
-            .seek(SeekFrom::Start(offset))
-            .map_err(|e| self.io_err(e))?;
-        mem.read_exact_volatile_from(GuestAddress(gpa), &mut self.file, count)
-            .map_err(|source| Error::GuestMemory { addr: gpa, source })
     }
 }
 
@@ -380,11 +482,11 @@ pub(crate) fn place_high(size: u64, min_addr: u64, limit: u64) -> Option<u64> {
 /// Returns `[start, end)`.
 pub(crate) fn load_initrd<M: GuestMemoryBackend>(
     mem: &M,
-    path: &Path,
+    initrd: Input,
     min_addr: u64,
     limit: u64,
 ) -> Result<(u64, u64), Error> {
-    let mut img = Image::open(path)?;
+    let mut img = initrd.open()?;
     let size = img.len();
     let start = place_high(size, min_addr, limit).ok_or(Error::InitrdTooBig {
         size,

@@ -17,7 +17,7 @@ use crate::layout::{
     self, HIGH_MEMORY_START, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR,
     PVH_START_INFO_ADDR,
 };
-use crate::{entry, BootConfig, Error, Image, KernelFormat, LoadedKernel};
+use crate::{entry, Error, Image, KernelFormat, LoadedKernel, Request};
 
 /// Note type carrying the 32-bit physical PVH entry point.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
@@ -156,7 +156,7 @@ fn parse(img: &Image, prefix: &[u8]) -> Result<Elf, Error> {
 
 pub(crate) fn load<M: GuestMemoryBackend>(
     mem: &M,
-    cfg: &BootConfig,
+    cfg: &Request,
     img: &mut Image,
     prefix: &[u8],
 ) -> Result<LoadedKernel, Error> {
@@ -262,6 +262,7 @@ pub(crate) fn load<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use crate::testutil::{debian_kernel, guest, tmpfile};
+    use crate::BootConfig;
     use crate::{load as load_kernel, E820Kind};
     use std::path::Path;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

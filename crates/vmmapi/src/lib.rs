@@ -23,6 +23,7 @@ mod cpuid;
 mod hypervisor;
 pub mod irq_routing;
 mod memory;
+mod object;
 mod rundir;
 mod vcpu;
 mod vm;
@@ -31,6 +32,10 @@ pub use cpuid::Topology;
 pub use hypervisor::{Hypervisor, KVM_DEV_ENV, REQUIRED_CAPS};
 pub use irq_routing::{GsiTable, IrqRouting, Route};
 pub use memory::GuestRam;
+pub use object::{
+    base as rundir_base, destroy, destroy_in, list, list_in, ObjectInfo, ObjectState, VmObject,
+    BOOT_STATE_FILE, CONFIG_FILE, MEMORY_FILE, PID_FILE,
+};
 pub use rundir::{valid_name as valid_vm_name, RunDir, RUNDIR_ENV};
 pub use vcpu::{InternalError, MpState, Registers, Vcpu, VmExit};
 pub use vm::Vm;
@@ -68,6 +73,20 @@ pub enum Error {
     /// another live process owns this VM name
     #[error("a VM named {name:?} already exists (pid {pid})")]
     VmExists { name: String, pid: i32 },
+    /// a live process uses this VM object
+    #[error("{name} is running (pid {pid})")]
+    InUse { name: String, pid: i32 },
+    /// the object's last user died without releasing it
+    #[error(
+        "stale VM object {name} (pid {pid} gone); remove it with rhyvectl --vm={name} --destroy"
+    )]
+    Stale { name: String, pid: i32 },
+    /// create: the object is already there (idle)
+    #[error("VM object {0} already exists")]
+    Exists(String),
+    /// open/destroy: no such object
+    #[error("no VM object named {0}")]
+    NoObject(String),
     /// GSI routing problem
     #[error("interrupt routing: {0}")]
     IrqRouting(String),

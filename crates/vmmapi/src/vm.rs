@@ -10,7 +10,7 @@ use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq_routing::{GsiTable, IrqRouting};
-use crate::{cpuid, cpuid::Topology, kvm_err, GuestRam, Hypervisor, Result, RunDir, Vcpu};
+use crate::{cpuid, cpuid::Topology, kvm_err, Error, GuestRam, Hypervisor, Result, Vcpu, VmObject};
 
 /// KVM wants three pages for the VMX real-mode TSS and one for the identity map; put them
 /// just under the 4 GiB boundary, in the PCI hole, where no RAM lives.
@@ -25,8 +25,9 @@ pub struct Vm {
     supported_cpuid: CpuId,
     /// The GSI routing table: the PC's pins, then MSI routes (None: KVM cannot route).
     routing: Option<IrqRouting>,
-    // Dropped last: removes the runtime directory once KVM objects are gone.
-    rundir: RunDir,
+    // Dropped last: releases (or, if ephemeral, removes) the VM object once KVM objects
+    // are gone.
+    object: VmObject,
 }
 
 impl Vm {
@@ -34,9 +35,29 @@ impl Vm {
     /// length) — e.g. below and above the 3–4 GiB PCI hole — backed by one file in the VM's
     /// runtime directory. Also creates the in-kernel IOAPIC/PIC/LAPIC and the PIT.
     pub fn create(hv: &Hypervisor, name: &str, ram_regions: &[(u64, u64)]) -> Result<Self> {
-        let rundir = RunDir::create(name)?;
-        if let Some(pid) = rundir.stale_pid {
+        let object = VmObject::create_ephemeral(name)?;
+        if let Some(pid) = object.stale_pid() {
             log::warn!("VM {name}: cleared a stale runtime directory left by pid {pid}");
+        }
+        Self::create_with(hv, object, ram_regions)
+    }
+
+    /// Creates the VM of an existing `object` (ephemeral or persistent), mapping the object's
+    /// `memory` file as guest RAM. For a persistent object the regions must add up to its
+    /// RAM size, and what the file holds (e.g. a kernel rhyveload put there) is kept.
+    pub fn create_with(
+        hv: &Hypervisor,
+        object: VmObject,
+        ram_regions: &[(u64, u64)],
+    ) -> Result<Self> {
+        let name = object.name().to_string();
+        let total: u64 = ram_regions.iter().map(|r| r.1).sum();
+        if object.persistent() && total != object.ram_bytes() {
+            return Err(Error::Memory(format!(
+                "VM {name} has {} MiB of RAM, not {} MiB",
+                object.ram_bytes() >> 20,
+                total >> 20
+            )));
         }
         let fd = hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Only needed on Intel hosts for real-mode emulation; some KVMs refuse it.
@@ -64,7 +85,7 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let file = rundir.create_memory_file()?;
+        let file = object.memory_file()?;
         let ram = GuestRam::new(&file, ram_regions)?;
         for (slot, &(gpa, offset, len)) in ram.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -84,12 +105,12 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         Ok(Self {
-            name: name.to_string(),
+            name,
             fd,
             ram,
             supported_cpuid,
             routing,
-            rundir,
+            object,
         })
     }
 
@@ -100,7 +121,12 @@ impl Vm {
 
     /// The runtime directory (`memory`, `pid`, …).
     pub fn rundir(&self) -> &Path {
-        self.rundir.path()
+        self.object.path()
+    }
+
+    /// The VM object (its directory, boot-state, lifetime).
+    pub fn object(&self) -> &VmObject {
+        &self.object
     }
 
     /// Guest RAM.
