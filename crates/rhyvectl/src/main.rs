@@ -120,26 +120,26 @@ fn run(a: &Args, out: &mut Out) -> Result<(), String> {
 
 /// The running VM's socket, or why there is none.
 fn connect(name: &str, dir: &Path) -> Result<Client, String> {
-    if !dir.is_dir() {
-        return Err(format!("no VM named {name}"));
+    let state = vmmapi::list()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|o| o.name == name)
+        .map(|o| o.state);
+    match state {
+        None => Err(format!("no VM named {name}")),
+        Some(vmmapi::ObjectState::Running { pid }) => {
+            if !dir.join(client::SOCKET_NAME).exists() {
+                return Err(format!(
+                    "VM {name} is in use by pid {pid} but has no control socket (still loading?)"
+                ));
+            }
+            Client::connect(dir).map_err(|e| format!("VM {name}: {e}"))
+        }
+        Some(vmmapi::ObjectState::Stale { pid }) => Err(format!(
+            "VM {name} is stale (pid {pid} is gone): rhyvectl --vm={name} --destroy removes it"
+        )),
+        Some(s) => Err(format!("VM {name} is not running ({s})")),
     }
-    if !dir.join(client::SOCKET_NAME).exists() {
-        let state = vmmapi::list()
-            .ok()
-            .and_then(|l| l.into_iter().find(|o| o.name == name))
-            .map(|o| o.state);
-        return Err(match state {
-            Some(vmmapi::ObjectState::Running { pid }) => format!(
-                "VM {name} is in use by pid {pid} but has no control socket (still loading?)"
-            ),
-            Some(vmmapi::ObjectState::Stale { pid }) => format!(
-                "VM {name} is stale (pid {pid} is gone): rhyvectl --vm={name} --destroy removes it"
-            ),
-            Some(s) => format!("VM {name} is not running ({s})"),
-            None => format!("no VM named {name}"),
-        });
-    }
-    Client::connect(dir).map_err(|e| format!("VM {name}: {e}"))
 }
 
 fn fields(v: Value) -> Map<String, Value> {
