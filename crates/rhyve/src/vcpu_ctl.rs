@@ -82,11 +82,6 @@ impl VcpuCtl {
         }
     }
 
-    #[cfg(test)]
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -238,6 +233,13 @@ impl VcpuCtl {
 mod tests {
     use super::*;
 
+    /// Kicks go to test threads that never run a vCPU: give SIGRTMIN a no-op handler, as
+    /// rhyve does, so they are harmless.
+    fn harmless_kicks() {
+        extern "C" fn nop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        vmm_sys_util::signal::register_signal_handler(SIGRTMIN(), nop).unwrap();
+    }
+
     #[test]
     fn requests_to_a_vcpu_that_never_started_fail_at_once() {
         let c = VcpuCtl::new(3);
@@ -249,6 +251,7 @@ mod tests {
 
     #[test]
     fn an_ended_vcpu_fails_pending_and_later_requests() {
+        harmless_kicks();
         let c = std::sync::Arc::new(VcpuCtl::new(1));
         let attached = c.attach();
         // Park request never answered: the thread ends instead.
@@ -266,10 +269,8 @@ mod tests {
 
     #[test]
     fn waiting_for_a_park_times_out() {
-        // Attached to this test thread, which never polls: the kicks are harmless because
-        // the test installs a no-op SIGRTMIN handler first.
-        extern "C" fn nop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        vmm_sys_util::signal::register_signal_handler(SIGRTMIN(), nop).unwrap();
+        // Attached to this test thread, which never polls.
+        harmless_kicks();
         let c = VcpuCtl::new(0);
         let _a = c.attach();
         c.request_pause();
