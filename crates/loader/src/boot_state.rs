@@ -13,6 +13,7 @@
 //! kernel=/boot/vmlinuz-6.1.0-20-amd64
 //! initrd=/boot/initrd.img-6.1.0-20-amd64
 //! cmdline=root=/dev/vda1 console=ttyS0
+//! rsdp=0xf2000
 //! env.bootverbose=1
 //! rip=0x100200
 //! ...
@@ -48,6 +49,8 @@ pub struct BootState {
     pub initrd: Option<String>,
     /// The command line given to the kernel.
     pub cmdline: String,
+    /// The RSDP address given to the kernel: rhyve must build its ACPI tables there.
+    pub rsdp_addr: Option<u64>,
     /// Other `-e name=value` settings, recorded.
     pub env: Vec<(String, String)>,
 }
@@ -185,6 +188,9 @@ impl BootState {
             lines.push(format!("initrd={}", escape(i)));
         }
         lines.push(format!("cmdline={}", escape(&self.cmdline)));
+        if let Some(r) = self.rsdp_addr {
+            lines.push(format!("rsdp={r:#x}"));
+        }
         for (k, v) in &self.env {
             lines.push(format!("env.{}={}", escape(k), escape(v)));
         }
@@ -253,6 +259,7 @@ impl BootState {
                 "kernel",
                 "initrd",
                 "cmdline",
+                "rsdp",
                 "rip",
                 "rsp",
                 "rsi",
@@ -335,6 +342,10 @@ impl BootState {
             kernel: get("kernel")?.clone(),
             initrd: seen.get("initrd").cloned(),
             cmdline: get("cmdline")?.clone(),
+            rsdp_addr: match seen.get("rsdp") {
+                Some(v) => Some(num(v).map_err(|_| BootStateError::Missing("rsdp"))?),
+                None => None,
+            },
             env,
         })
     }
@@ -354,6 +365,7 @@ mod tests {
             kernel: "/boot/vmlinuz-6.1".into(),
             initrd: Some("/boot/initrd.img-6.1".into()),
             cmdline: "root=/dev/vda1 quote=\"a b\"".into(),
+            rsdp_addr: Some(0xf_2000),
             env: vec![("bootverbose".into(), "1".into())],
         }
     }
@@ -367,6 +379,7 @@ mod tests {
                 entry: crate::entry::pvh(0x100_0850, 0x1000),
                 title: None,
                 initrd: None,
+                rsdp_addr: None,
                 env: vec![],
                 ..sample()
             },

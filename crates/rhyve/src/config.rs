@@ -151,27 +151,13 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
 
 /// Parses `-m` sizes: a number with an optional K/M/G/T suffix; no suffix means MiB.
 pub fn parse_size(v: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError(format!("-m {v}: invalid memory size (use e.g. 512M, 2G)"));
-    let v = v.trim();
-    let (num, mult) = match v.chars().last().ok_or_else(bad)? {
-        'k' | 'K' => (&v[..v.len() - 1], 1u64 << 10),
-        'm' | 'M' => (&v[..v.len() - 1], 1 << 20),
-        'g' | 'G' => (&v[..v.len() - 1], 1 << 30),
-        't' | 'T' => (&v[..v.len() - 1], 1 << 40),
-        c if c.is_ascii_digit() => (v, 1 << 20),
-        _ => return Err(bad()),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let bytes = n.checked_mul(mult).ok_or_else(bad)?;
-    if bytes == 0 {
-        return Err(bad());
-    }
-    Ok(bytes)
+    rhyve::memsize::parse(v)
+        .ok_or_else(|| ConfigError(format!("-m {v}: invalid memory size (use e.g. 512M, 2G)")))
 }
 
 /// Smallest and largest RAM rhyve accepts.
-pub const MIN_MEMORY: u64 = 16 << 20;
-pub const MAX_MEMORY: u64 = 1 << 40;
+pub const MIN_MEMORY: u64 = rhyve::memsize::MIN;
+pub const MAX_MEMORY: u64 = rhyve::memsize::MAX;
 
 /// A console backend for a COM port.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,3 +2,4 @@
 //! guest with the same entry state).
 
 pub mod boot;
+pub mod memsize;

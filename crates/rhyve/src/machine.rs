@@ -17,7 +17,7 @@ use crate::config::{ConsoleBackend, VmConfig};
 use crate::emulations::PciContext;
 use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
 use crate::vcpu_ctl::VcpuCtl;
-use crate::{console, control_server, signals, terminal};
+use crate::{adopt, console, control_server, signals, terminal};
 use rhyve::boot;
 
 fn shared(d: impl BusDevice + 'static) -> Arc<Mutex<dyn BusDevice>> {
@@ -402,22 +402,13 @@ fn pin_current_thread(cpus: &[usize]) {
 
 /// Builds and runs the VM; returns bhyve's exit status.
 pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
-    let kernel = cfg
-        .kernel
-        .clone()
-        .ok_or_else(|| anyhow!("no guest to boot: give --kernel PATH (or -o boot.kernel=PATH)"))?;
     if cfg.acpi {
         log::debug!("-A: ACPI tables are always generated (accepted for compatibility)");
     }
-    if cfg.destroy_on_poweroff {
-        log::debug!("-D: the VM object is removed on every exit for now");
-    }
+    // Direct boot (--kernel) or what rhyveload loaded into the VM object: see adopt.rs.
+    let mut boot = adopt::Boot::prepare(&cfg)?;
     let hv = Hypervisor::open()?;
-    let vm = Arc::new(Vm::create(
-        &hv,
-        &cfg.name,
-        &loader::layout::ram_regions(cfg.memory),
-    )?);
+    let vm = Arc::new(boot.create_vm(&hv, &cfg)?);
     // Boot tables first: the loader hands the RSDP address to the kernel. ACPI tables are
     // always generated, as bhyve does on amd64 (-A is accepted for compatibility).
     if cfg.mptable {
@@ -433,23 +424,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
             com: std::array::from_fn(|i| cfg.com.iter().any(|(c, _)| *c == i)),
         },
     )?;
-    let loaded = loader::load(
-        vm.ram().memory(),
-        &loader::BootConfig {
-            kernel: &kernel,
-            initrd: cfg.initrd.as_deref(),
-            cmdline: &cfg.cmdline,
-            ram_bytes: cfg.memory,
-            rsdp_addr: Some(rsdp),
-        },
-    )?;
-    log::info!(
-        "loaded {:?} kernel at {:#x}..{:#x}, entry {:#x}",
-        loaded.format,
-        loaded.kernel_range.0,
-        loaded.kernel_range.1,
-        loaded.entry.rip
-    );
+    let entry = boot.entry(&vm, &cfg, rsdp)?;
 
     let control = Arc::new(VmControl::new());
     // Block termination signals before any thread exists, so only the signal thread sees them.
@@ -461,10 +436,11 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
     if stdio_console && terminal::stdin_is_tty() {
         terminal::enter_raw().context("stdin terminal")?;
     }
-    let result = run_vcpus(&vm, &cfg, &loaded, &control, start);
+    let result = run_vcpus(&vm, &cfg, &entry, &control, start);
     terminal::restore();
     console::cleanup();
     let reason = result?;
+    adopt::on_stop(&vm, &cfg, &reason);
     if let StopReason::Error(msg) = &reason {
         return Err(anyhow!("{msg}"));
     }
@@ -523,7 +499,7 @@ fn wait_for_stop(
 fn run_vcpus(
     vm: &Arc<Vm>,
     cfg: &VmConfig,
-    loaded: &loader::LoadedKernel,
+    entry: &loader::EntryState,
     control: &Arc<VmControl>,
     start: Instant,
 ) -> Result<StopReason> {
@@ -534,7 +510,7 @@ fn run_vcpus(
     for id in 0..cfg.cpus {
         let vcpu = vm.create_vcpu(id, &cfg.topology)?;
         if id == 0 {
-            boot::set_entry_state(&vcpu, &loaded.entry)?;
+            boot::set_entry_state(&vcpu, entry)?;
         }
         vcpus.push(vcpu);
     }

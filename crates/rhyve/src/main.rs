@@ -1,5 +1,6 @@
 //! rhyve: bhyve's userland hypervisor, on Linux KVM.
 
+mod adopt;
 mod cli;
 mod config;
 mod console;
@@ -30,7 +31,9 @@ SYNOPSIS
 
 DESCRIPTION
      rhyve runs the virtual machine vmname. The guest's Linux kernel is booted directly
-     (bzImage or ELF vmlinux with a PVH note), no firmware involved.
+     (bzImage or ELF vmlinux with a PVH note), no firmware involved: either --kernel, or,
+     without it, what rhyveload(8) loaded into the VM object vmname (-m must match the
+     object's size). rhyve consumes that load: after a guest reboot, run rhyveload again.
 
      -c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]
              Number of guest vCPUs (default 1); if a topology is given, cpus must equal
@@ -57,7 +60,8 @@ DESCRIPTION
      -p vcpu:hostcpu
              Pin a vCPU to a host CPU (may repeat).
      -e      Exit on unhandled I/O port or MMIO accesses.
-     -D      Destroy the VM on guest power-off.
+     -D      Destroy the VM object on guest power-off (exit 1); objects rhyveload created
+             otherwise outlive rhyve.
      -A      ACPI tables are always generated (accepted for compatibility).
      -H, -P  Yield the vCPU on HLT / PAUSE (KVM always does; accepted for compatibility).
      -a, -x, -w, -u, -W, -Y, -S, -C
@@ -68,7 +72,8 @@ DESCRIPTION
 ENVIRONMENT
      RHYVE_KVM_DEV   KVM device (default /dev/kvm).
      RHYVE_RUNDIR    Runtime directory base (default /run/rhyve); the VM lives in
-                     RUNDIR/vmname with its guest RAM file `memory` and its `pid`.
+                     RUNDIR/vmname with its guest RAM file `memory`, its `pid` and,
+                     once rhyveload ran, `config` and `boot-state`.
      RHYVE_LOG       Log level on stderr: error, warn (default), info, debug.
 
 EXIT STATUS

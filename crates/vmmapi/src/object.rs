@@ -253,13 +253,14 @@ impl VmObject {
             name: name.to_string(),
             pid,
         })?;
+        // No config: a direct boot's (ephemeral) leftovers, not an object one can open.
+        let ram_bytes = read_config(&path)?.ok_or_else(|| Error::NoObject(name.to_string()))?;
         if let Some(pid) = recorded_pid(&mut pid_file) {
             return Err(Error::Stale {
                 name: name.to_string(),
                 pid,
             });
         }
-        let ram_bytes = read_config(&path)?.ok_or_else(|| Error::NoObject(name.to_string()))?;
         write_pid(&mut pid_file, &path)?;
         Ok(Self {
             name: name.to_string(),
@@ -596,6 +597,31 @@ mod tests {
         p.remove_on_drop();
         let dir = p.path().to_path_buf();
         drop(p);
+        assert!(!dir.exists());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// A crashed direct boot leaves a directory without `config`: not an object to open,
+    /// taken over by the next direct boot (as before named objects existed).
+    #[test]
+    fn stale_ephemeral_leftovers_are_taken_over() {
+        let base = scratch("eph-stale");
+        let dir = base.join("vm6");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(PID_FILE), "999999998\n").unwrap();
+        std::fs::write(dir.join(MEMORY_FILE), "old").unwrap();
+        assert!(matches!(
+            VmObject::open_in(&base, "vm6"),
+            Err(Error::NoObject(_))
+        ));
+        assert_eq!(
+            list_in(&base).unwrap()[0].state,
+            ObjectState::Stale { pid: 999999998 }
+        );
+        let o = VmObject::create_ephemeral_in(&base, "vm6").unwrap();
+        assert_eq!(o.stale_pid(), Some(999999998));
+        assert_eq!(o.memory_file().unwrap().metadata().unwrap().len(), 0);
+        drop(o);
         assert!(!dir.exists());
         let _ = std::fs::remove_dir_all(&base);
     }
