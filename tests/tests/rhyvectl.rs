@@ -337,6 +337,37 @@ fn create_list_destroy_objects_and_destroy_a_running_vm() {
     assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.stderr());
     assert!(!base.join("busy0").exists());
     assert!(!ctl_ok(&base, &["--list"]).contains("busy0"));
+
+    // A persistent object made by rhyvectl, booted by rhyve: a reset keeps it (as bhyve's VM
+    // survives a reboot), --destroy of the running VM powers it off and removes it.
+    ctl_ok(&base, &["--vm=kept0", "--create", "--set-mem=64M"]);
+    let mut vm = Vm::start_in(&base, "kept0", FOREVER);
+    let list = ctl_ok(&base, &["--list"]);
+    let row = list.lines().find(|l| l.starts_with("kept0 ")).expect(&list);
+    let pid = vm.child.0.id().to_string();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cols,
+        ["kept0", "running", "1", "64M", &pid, "persistent"],
+        "{row}"
+    );
+    ctl_ok(&base, &["--vm=kept0", "--force-reset"]);
+    assert_eq!(vm.wait_exit().code(), Some(0), "{}", vm.stderr());
+    assert!(base.join("kept0").is_dir(), "a reset must keep the object");
+    let list = ctl_ok(&base, &["--list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("kept0 ") && l.contains("created")),
+        "{list}"
+    );
+    assert!(
+        !base.join("kept0/control.sock").exists(),
+        "socket left behind"
+    );
+    let mut vm = Vm::start_in(&base, "kept0", FOREVER);
+    ctl_ok(&base, &["--vm=kept0", "--destroy"]);
+    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.stderr());
+    assert!(!base.join("kept0").exists(), "object left behind");
 }
 
 #[test]
