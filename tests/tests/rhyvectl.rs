@@ -105,9 +105,14 @@ impl Vm {
     }
 
     fn start_in(base: &Path, name: &str, cmdline: &str) -> Vm {
+        Self::start_with(base, name, cmdline, &[])
+    }
+
+    fn start_with(base: &Path, name: &str, cmdline: &str, extra: &[&str]) -> Vm {
         require_kvm();
         let mut child = rhyve_cmd(base)
             .args(["-m", "64M", "-l", "com1,stdio", "-l", "pc-testdev"])
+            .args(extra)
             .args(["--kernel", TESTGUEST_BZIMAGE, "--append", cmdline, name])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -288,6 +293,39 @@ fn list_stats_registers_pause_resume_and_nmi() {
     );
     assert_eq!(status.code(), Some(255), "{}", vm.stderr());
     assert!(!vm.dir().exists(), "runtime directory left behind");
+}
+
+#[test]
+fn pause_reaches_an_ap_that_never_started() {
+    let _one = one_at_a_time();
+    // The test guest starts no AP in this mode: vCPU 1 sits in KVM_RUN waiting for a SIPI
+    // and must still be kicked out and parked.
+    let base = scratch_dir("ctl-smp");
+    let mut vm = Vm::start_with(&base, "ctl-smp", FOREVER, &["-c", "2"]);
+    ctl_ok(&base, &["--vm=ctl-smp", "--pause"]);
+    let ap = ctl_ok(&base, &["--vm=ctl-smp", "--cpu=1", "--get-rip", "--get-cs"]);
+    // The architectural reset state of an AP.
+    assert_eq!((reg(&ap, "rip"), reg(&ap, "cs")), (0xfff0, 0xf000), "{ap}");
+    let a = stat(&vm.stats(), "exits, port I/O");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        stat(&vm.stats(), "exits, port I/O"),
+        a,
+        "BSP ran while paused"
+    );
+    ctl_ok(&base, &["--vm=ctl-smp", "--resume"]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        stat(&vm.stats(), "exits, port I/O") > a,
+        "BSP did not resume"
+    );
+    let both = ctl_ok(&base, &["--vm=ctl-smp", "--get-stats"]);
+    assert!(
+        both.contains("vcpu0 stats:") && both.contains("vcpu1 stats:"),
+        "{both}"
+    );
+    ctl_ok(&base, &["--vm=ctl-smp", "--force-poweroff"]);
+    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.stderr());
 }
 
 #[test]
