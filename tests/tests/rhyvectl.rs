@@ -324,6 +324,8 @@ fn pause_reaches_an_ap_that_never_started() {
         both.contains("vcpu0 stats:") && both.contains("vcpu1 stats:"),
         "{both}"
     );
+    // A paused VM can still be powered off: the parked vCPUs see the stop.
+    ctl_ok(&base, &["--vm=ctl-smp", "--pause"]);
     ctl_ok(&base, &["--vm=ctl-smp", "--force-poweroff"]);
     assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.stderr());
 }
