@@ -220,6 +220,10 @@ fn list_stats_registers_pause_resume_and_nmi() {
     }
     let port = |s: &str| stat(s, "  pio  0x000000e0  pc-testdev ioport");
     assert!(port(&s2) > port(&s1) && port(&s1) > 0, "{s1}\n{s2}");
+    // The same port among vCPU 0's own per-device exits.
+    let mine = |s: &str| stat(s, "    pio  0x000000e0  pc-testdev ioport");
+    assert!(mine(&s2) > mine(&s1) && mine(&s1) > 0, "{s1}\n{s2}");
+    assert!(mine(&s1) <= port(&s1), "{s1}");
     let run_s = |s: &str| {
         let l = s
             .lines()

@@ -408,6 +408,23 @@ fn info(shared: &Shared) -> Value {
     })
 }
 
+/// One vCPU's nonzero per-device counts.
+fn vcpu_devices(s: &VcpuStats, vm: &VmHandles) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (bus_name, bus, counts) in [
+        ("pio", &vm.pio, &s.pio_devices),
+        ("mmio", &vm.mmio, &s.mmio_devices),
+    ] {
+        for ((name, base, _), n) in bus.stats().into_iter().zip(counts.iter()) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                out.push(json!({ "bus": bus_name, "name": name, "base": base, "exits": n }));
+            }
+        }
+    }
+    out
+}
+
 fn stats(vm: &VmHandles) -> Value {
     let vcpus: Vec<Value> = vm
         .stats
@@ -426,6 +443,7 @@ fn stats(vm: &VmHandles) -> Value {
                     "other": other,
                 },
                 "run_ns": l(&s.run_ns),
+                "devices": vcpu_devices(s, vm),
             })
         })
         .collect();

@@ -526,7 +526,10 @@ fn run_vcpus(
         .iter()
         .map(|v| Arc::new(VcpuCtl::new(v.id())))
         .collect();
-    let stats: Vec<Arc<VcpuStats>> = vcpus.iter().map(|_| Arc::default()).collect();
+    let stats: Vec<Arc<VcpuStats>> = vcpus
+        .iter()
+        .map(|_| Arc::new(VcpuStats::for_buses(pio.len(), mmio.len())))
+        .collect();
     // Dropped (socket removed) when this function returns, before the runtime directory goes.
     let _control_socket = control_server::ControlServer::start(
         vm.rundir(),

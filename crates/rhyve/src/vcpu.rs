@@ -18,6 +18,35 @@ pub struct VcpuStats {
     pub other: AtomicU64,
     /// Nanoseconds spent inside KVM_RUN (including in-kernel HLT), published after each exit.
     pub run_ns: AtomicU64,
+    /// This vCPU's exits per device, in the port-I/O and MMIO buses' device order.
+    pub pio_devices: Box<[AtomicU64]>,
+    pub mmio_devices: Box<[AtomicU64]>,
+}
+
+impl VcpuStats {
+    /// Counters for buses with `pio` and `mmio` devices.
+    pub fn for_buses(pio: usize, mmio: usize) -> Self {
+        let zeros = |n| (0..n).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            pio_devices: zeros(pio),
+            mmio_devices: zeros(mmio),
+            ..Self::default()
+        }
+    }
+}
+
+/// Counts one event on a counter only this vCPU's thread writes: a plain load and store,
+/// no locked read-modify-write on the exit path.
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
+/// Counts an access for the device that claimed it; whether one did.
+fn count_device(counts: &[AtomicU64], dev: Option<usize>) -> bool {
+    if let Some(c) = dev.and_then(|i| counts.get(i)) {
+        bump(c);
+    }
+    dev.is_some()
 }
 
 /// What a vCPU answers to the main thread's periodic "are you halted for good?" (bhyve exits
@@ -162,28 +191,32 @@ pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
         ctx.stats.run_ns.store(run_ns, Ordering::Relaxed);
         let outcome: Option<StopReason> = match exit {
             Ok(VmExit::IoIn { port, data }) => {
-                ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
-                let claimed = ctx.pio.read(u64::from(port), data);
+                bump(&ctx.stats.pio);
+                let dev = ctx.pio.read_indexed(u64::from(port), data);
+                let claimed = count_device(&ctx.stats.pio_devices, dev);
                 unclaimed(&ctx, claimed, "in", u64::from(port), &mut reported_ports)
             }
             Ok(VmExit::IoOut { port, data }) => {
-                ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
-                let claimed = ctx.pio.write(u64::from(port), data);
+                bump(&ctx.stats.pio);
+                let dev = ctx.pio.write_indexed(u64::from(port), data);
+                let claimed = count_device(&ctx.stats.pio_devices, dev);
                 unclaimed(&ctx, claimed, "out", u64::from(port), &mut reported_ports)
             }
             Ok(VmExit::MmioRead { addr, data }) => {
-                ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
-                let claimed = ctx.mmio.read(addr, data);
+                bump(&ctx.stats.mmio);
+                let dev = ctx.mmio.read_indexed(addr, data);
+                let claimed = count_device(&ctx.stats.mmio_devices, dev);
                 unclaimed(&ctx, claimed, "mmio read", addr, &mut reported_ports)
             }
             Ok(VmExit::MmioWrite { addr, data }) => {
-                ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
-                let claimed = ctx.mmio.write(addr, data);
+                bump(&ctx.stats.mmio);
+                let dev = ctx.mmio.write_indexed(addr, data);
+                let claimed = count_device(&ctx.stats.mmio_devices, dev);
                 unclaimed(&ctx, claimed, "mmio write", addr, &mut reported_ports)
             }
             Ok(VmExit::Interrupted) => {
                 // Perhaps a kick from the halt check: answered at the top of the loop.
-                ctx.stats.interrupted.fetch_add(1, Ordering::Relaxed);
+                bump(&ctx.stats.interrupted);
                 None
             }
             // With the in-kernel LAPIC, a HLT reaching userspace means the vCPU can never wake.
@@ -217,7 +250,7 @@ pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
                 describe_state(&vcpu)
             ))),
             Ok(VmExit::Other(what)) => {
-                ctx.stats.other.fetch_add(1, Ordering::Relaxed);
+                bump(&ctx.stats.other);
                 Some(StopReason::Error(format!(
                     "vcpu {id}: unhandled exit {what}; {}",
                     describe_state(&vcpu)
@@ -269,6 +302,24 @@ mod tests {
         assert!(!all_halted(&[Some(HaltedForGood), Some(Active)]));
         assert!(!all_halted(&[Some(Active)]));
         assert!(!all_halted(&[]));
+    }
+
+    #[test]
+    fn device_counts_follow_the_bus_index() {
+        let s = VcpuStats::for_buses(3, 1);
+        assert!(count_device(&s.pio_devices, Some(2)));
+        assert!(count_device(&s.pio_devices, Some(2)));
+        assert!(!count_device(&s.pio_devices, None));
+        // An index past the counters (a bus that grew) is claimed but not counted.
+        assert!(count_device(&s.mmio_devices, Some(5)));
+        let n: Vec<u64> = s
+            .pio_devices
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(n, [0, 0, 2]);
+        bump(&s.pio);
+        assert_eq!(s.pio.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -330,6 +330,19 @@ fn show_stats(s: &Value, only: Option<u32>, out: &mut Out) {
             ns % 1_000_000_000 / 1000
         );
         out.line(t);
+        let devs = v["devices"].as_array().unwrap_or(&empty);
+        if !devs.is_empty() {
+            out.line(format!("exits per device (vcpu{cpu}):"));
+        }
+        for d in devs {
+            out.line(format!(
+                "    {:<4} {:#010x}  {:<24}\t{}",
+                d["bus"].as_str().unwrap_or("?"),
+                d["base"].as_u64().unwrap_or(0),
+                d["name"].as_str().unwrap_or("?"),
+                d["exits"].as_u64().unwrap_or(0)
+            ));
+        }
     }
     out.line("device accesses (all vCPUs):");
     for d in s["devices"].as_array().unwrap_or(&empty) {
