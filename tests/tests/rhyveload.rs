@@ -496,6 +496,11 @@ fn reboot_loop_and_destroy_on_poweroff() {
         wrong.stderr
     );
 
+    // A rhyve that fails before the guest runs leaves the load in place for the next try.
+    let broken = rhyve_adopt(&run, "loop", &["-s", "2,virtio-blk,/nonexistent/disk.img"]);
+    assert_eq!(broken.code(), Some(4), "{}", broken.stderr);
+    assert!(run.join("loop/boot-state").exists(), "unused load kept");
+
     let second = rhyve_adopt(&run, "loop", &["-D"]);
     assert_eq!(second.code(), Some(1), "power-off: {}", second.stderr);
     assert!(
@@ -701,11 +706,37 @@ fn corrupt_images_fail_cleanly() {
         &run,
         &["-m", MEM, "-h", not_a_kernel.to_str().unwrap(), "x"],
     );
-    assert!(
-        out.stderr.contains("unknown kernel format"),
-        "{}",
-        out.stderr
+    let want = format!(
+        "rhyveload: {}: /vmlinuz: unknown kernel format",
+        not_a_kernel.display()
     );
+    assert!(out.stderr.starts_with(&want), "{}", out.stderr);
+
+    // Command-line mistakes: one line, naming the argument.
+    for (argv, want) in [
+        (
+            &["-m", "12Q", "-h", "/", "vm"][..],
+            "rhyveload: -m 12Q: invalid memory size",
+        ),
+        (&["-h", "/"][..], "rhyveload: missing vmname"),
+        (
+            &["-c", "/nonexistent/tty", "-h", "/", "vm"][..],
+            "rhyveload: -c /nonexistent/tty: no such device",
+        ),
+        (
+            &["-l", "/boot/userboot.so", "-d", "x", "vm"][..],
+            "rhyveload: -l /boot/userboot.so: other OS loaders are not supported",
+        ),
+    ] {
+        let out = rhyveload(&run, argv);
+        assert_eq!(out.code(), Some(1), "{argv:?}");
+        let err = out.stderr.trim_end();
+        assert!(
+            err.starts_with(want) && !err.contains('\n'),
+            "{argv:?}: {err:?}"
+        );
+    }
+    assert!(!object_exists(&run, "vm"));
 }
 
 /// Timing sanity: a load of the test guest from an image is quick (no busy loops, no
@@ -729,4 +760,82 @@ fn loading_is_fast() {
     ));
     let took = t.elapsed();
     assert!(took < Duration::from_secs(5), "rhyveload took {took:?}");
+}
+
+/// A stock Debian kernel (the uncompressed vmlinux: its PVH entry is quick here) in an ext4
+/// image with a Debian grub.cfg: rhyveload finds and loads it, rhyve adopts it with 2 vCPUs,
+/// and the kernel prints our command line and finds rhyve's ACPI tables where the boot-state
+/// said they would be. It is stopped once that is seen (on this KVM it later dies at its
+/// int3 self-test; debian_direct.rs covers that part).
+#[test]
+fn debian_kernel_from_a_grub_disk_image() {
+    require_kvm();
+    let cache = std::env::var("RHYVE_CACHE").unwrap_or_else(|_| "/var/cache/rhyve".into());
+    let vmlinux = Path::new(&cache).join("vmlinux");
+    assert!(
+        vmlinux.exists(),
+        "{} missing: run scripts/fetch-debian-kernel first (.ci/run does)",
+        vmlinux.display()
+    );
+    let dir = scratch_dir("rl-debian");
+    let root = dir.join("root");
+    let cmdline = "root=/dev/vda1 ro console=ttyS0 earlyprintk=serial,ttyS0,115200 noxsave \
+                   clearcpuid=cx16,rdtscp nopti nokaslr mitigations=off rhyve.marker=rhyveload";
+    tree(
+        &root,
+        &[
+            (
+                "boot/grub/grub.cfg",
+                format!(
+                    "set default=0\nmenuentry 'Debian GNU/Linux' --id debian {{\n\
+                     \tlinux /boot/vmlinux-6.1 {cmdline}\n}}\n"
+                )
+                .into_bytes(),
+            ),
+            ("boot/vmlinux-6.1", std::fs::read(&vmlinux).unwrap()),
+        ],
+    );
+    let img = dir.join("root.img");
+    ext4(&img, &root, 80);
+    let run = dir.join("run");
+    let out = rhyveload(&run, &["-m", "512M", "-d", img.to_str().unwrap(), "deb"]);
+    loaded_ok(&out);
+    assert_eq!(printed(&out, "kernel"), Some("/boot/vmlinux-6.1"));
+
+    let mut cmd = rhyve_cmd(&run);
+    cmd.args([
+        "-c",
+        "2",
+        "-m",
+        "512M",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+    ])
+    .args(["-l", "com1,stdio", "deb"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut guard = KillOnDrop(cmd.spawn().expect("spawn rhyve"));
+    let mut stdout = guard.0.stdout.take().unwrap();
+    let seen = harness::read_until(&mut stdout, "ACPI: XSDT", Duration::from_secs(120));
+    let text = seen.unwrap_or_else(|t| panic!("kernel never reached its ACPI tables:\n{t}"));
+    assert!(text.contains("Linux version 6."), "{text}");
+    assert!(
+        text.contains(&format!("Command line: {cmdline}\n"))
+            || text.contains(&format!("Command line: {cmdline}\r")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "ACPI: RSDP 0x{:016X} 000024 (v02 RHYVE",
+            loader::acpi::ACPI_START
+        )),
+        "{text}"
+    );
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(guard.0.id() as i32, libc::SIGKILL) };
+    let _ = guard.0.wait();
+    vmmapi::destroy_in(&run, "deb").unwrap();
 }

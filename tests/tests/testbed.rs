@@ -48,3 +48,8 @@ fn stock_linux_sees_the_power_button() {
 fn stock_linux_brings_up_two_cpus_with_acpi() {
     scenario("smp");
 }
+
+#[test]
+fn stock_linux_in_the_rhyveload_reboot_loop() {
+    scenario("rhyveload-loop");
+}

@@ -37,9 +37,8 @@ pub fn parse(id: &str, text: &str) -> BlsEntry {
             "machine-id" => e.machine_id = Some(value),
             "sort-key" => e.sort_key = Some(value),
             "linux" => e.linux = Some(value),
-            "initrd" => e
-                .initrd
-                .extend(value.split_whitespace().map(str::to_string)),
+            // One path per line, which may contain spaces (the spec; systemd-boot agrees).
+            "initrd" if !value.is_empty() => e.initrd.push(value),
             "options" => e.options.push(value),
             _ => {}
         }
@@ -171,11 +170,11 @@ mod tests {
     fn parses_keys_and_repeats() {
         let e = parse(
             "fedora-6.5",
-            "# comment\ntitle Fedora Linux\nversion 6.5.0\nlinux /vmlinuz-6.5\ninitrd /a.img\ninitrd /b.img\noptions root=UUID=x ro\noptions quiet\n",
+            "# comment\ntitle Fedora Linux\nversion 6.5.0\nlinux /vmlinuz-6.5\ninitrd /a.img\ninitrd /b c.img\noptions root=UUID=x ro\noptions quiet\n",
         );
         assert_eq!(e.title.as_deref(), Some("Fedora Linux"));
         assert_eq!(e.linux.as_deref(), Some("/vmlinuz-6.5"));
-        assert_eq!(e.initrd, vec!["/a.img", "/b.img"]);
+        assert_eq!(e.initrd, vec!["/a.img", "/b c.img"]);
         assert_eq!(e.options.join(" "), "root=UUID=x ro quiet");
     }
 
@@ -217,6 +216,46 @@ mod tests {
                 "linux-6.9"
             ]
         );
+    }
+
+    #[test]
+    fn random_entries_and_versions_never_panic() {
+        let toks = [
+            "title ",
+            "version ",
+            "linux ",
+            "initrd ",
+            "options ",
+            "sort-key ",
+            "machine-id ",
+            "\n",
+            " ",
+            "~",
+            "1",
+            "09",
+            "a",
+            ".",
+            "-",
+            "^",
+            "#",
+            "é",
+            "*",
+            "?",
+        ];
+        let mut all = Vec::new();
+        for seed in 0..2000 {
+            let text = crate::random_config(seed, &toks, 30);
+            let e = parse(
+                &text.chars().take(12).collect::<String>().replace('\n', ""),
+                &text,
+            );
+            let _ = glob_match(&text.chars().take(8).collect::<String>(), &text);
+            all.push(e);
+        }
+        sort(&mut all);
+        for w in all.windows(2) {
+            let _ = version_cmp(&w[0].id, &w[1].id);
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! ext2/3/4 through the `ext4-view` crate (read-only, no unsafe, written to reject corrupt
 //! metadata with errors). This file only adapts it to the `Fs` trait and maps its errors.
 
-use crate::block::{le16, Disk};
+use crate::block::{le16, le32, Disk};
 use crate::error::{Error, Result};
 use crate::fs::{Fs, Kind};
 use ext4_view::{Ext4, Ext4Error, Ext4Read};
@@ -44,17 +44,49 @@ fn map_err(e: Ext4Error, what: &str) -> Error {
     }
 }
 
+/// ext4-view sizes its block group table from the superblock before reading it; a hostile
+/// superblock could ask for billions of groups. Refuse what mke2fs would never make and
+/// filesystems larger than their device, which bounds the table by the image size.
+fn check_geometry(sb: &[u8], dev_len: u64, name: &str) -> Result<()> {
+    let bad = |m: String| Error::CorruptFs(format!("{name} (ext): {m}"));
+    let log = le32(sb, 0x18);
+    if log > 6 {
+        return Err(bad(format!("block size 2^{} bytes", log + 10)));
+    }
+    let block = 1024u64 << log;
+    let incompat = le32(sb, 0x60);
+    let mut blocks = le32(sb, 0x04) as u64;
+    if incompat & 0x80 != 0 {
+        blocks |= (le32(sb, 0x150) as u64) << 32;
+    }
+    let per_group = le32(sb, 0x20) as u64;
+    // mke2fs: 256 <= blocks per group <= 8 * block size (one bitmap block).
+    if per_group < 256 || per_group > 8 * block {
+        return Err(bad(format!("{per_group} blocks per group")));
+    }
+    let size = blocks.saturating_mul(block);
+    if size > dev_len {
+        return Err(Error::Truncated {
+            offset: 0,
+            len: size,
+            size: dev_len,
+        });
+    }
+    Ok(())
+}
+
 impl ExtFs {
     /// `Ok(None)` when the disk holds no ext superblock; an error when it holds a broken one.
     pub fn probe(disk: Rc<dyn Disk>, name: String) -> Result<Option<Self>> {
         if disk.len() < 2048 {
             return Ok(None);
         }
-        let mut sb = [0u8; 64];
+        let mut sb = [0u8; 1024];
         disk.read_at(1024, &mut sb)?;
         if le16(&sb, 56) != MAGIC {
             return Ok(None);
         }
+        check_geometry(&sb, disk.len(), &name)?;
         let fs = Ext4::load(Box::new(Reader(disk))).map_err(|e| map_err(e, &name))?;
         let uuid = fs.uuid().to_string();
         Ok(Some(ExtFs {
@@ -166,5 +198,29 @@ mod tests {
             ExtFs::probe(d, "bad".into()),
             Err(Error::CorruptFs(_)) | Err(Error::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_geometry_is_refused_before_ext4_view_sizes_its_tables() {
+        let sb = |blocks: u32, hi: u32, per_group: u32, log: u32| {
+            let mut d = vec![0u8; 1 << 20];
+            let s = &mut d[1024..2048];
+            s[0x04..0x08].copy_from_slice(&blocks.to_le_bytes());
+            s[0x18..0x1c].copy_from_slice(&log.to_le_bytes());
+            s[0x20..0x24].copy_from_slice(&per_group.to_le_bytes());
+            s[0x38..0x3a].copy_from_slice(&MAGIC.to_le_bytes());
+            s[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes());
+            s[0x150..0x154].copy_from_slice(&hi.to_le_bytes());
+            let disk: Rc<dyn Disk> = Rc::new(MemDisk {
+                data: d,
+                name: "h".into(),
+            });
+            ExtFs::probe(disk, "h".into())
+        };
+        // 2^40 blocks of 1 KiB on a 1 MiB device, with 1 block per group: billions of groups.
+        assert!(matches!(sb(0, 256, 256, 0), Err(Error::Truncated { .. })));
+        assert!(matches!(sb(1024, 0, 1, 0), Err(Error::CorruptFs(_))));
+        assert!(matches!(sb(1024, 0, 65536, 0), Err(Error::CorruptFs(_))));
+        assert!(matches!(sb(16, 0, 8192, 30), Err(Error::CorruptFs(_))));
     }
 }

@@ -125,6 +125,18 @@ mod tests {
     }
 
     #[test]
+    fn random_configs_never_panic() {
+        let toks = [
+            "LABEL ", "label", "DEFAULT ", "MENU ", "LABEL", "DEFAULT", "KERNEL ", "LINUX ",
+            "INITRD ", "APPEND ", "initrd=", ",", "-", "\n", " ", "\t", "a", "/k", "#", "é",
+        ];
+        for seed in 0..3000 {
+            let c = parse(&crate::random_config(seed, &toks, 50));
+            assert!(c.labels.is_empty() || c.default_index() < c.labels.len());
+        }
+    }
+
+    #[test]
     fn menu_default_and_fallbacks() {
         let c =
             parse("DEFAULT vesamenu.c32\nLABEL a\nKERNEL /a\nLABEL b\nMENU DEFAULT\nKERNEL /b\n");

@@ -39,7 +39,7 @@ pub struct FatFs {
     root_bytes: u64,
     root_cluster: u32,
     data_start: u64,
-    clusters: u32,
+    clusters: u64,
     name: String,
     /// One cached FAT sector: chains are walked entry by entry.
     sector: RefCell<Option<(u64, Vec<u8>)>>,
@@ -96,7 +96,11 @@ impl FatFs {
             });
         }
         let clusters = (total - data_sector) / spc;
-        let ty = if clusters < 4085 {
+        // Like Linux: a zero 16-bit FAT size means FAT32 whatever the cluster count (mkfs.fat
+        // makes small FAT32 volumes); otherwise the count decides between FAT12 and FAT16.
+        let ty = if le16(&s, 22) == 0 {
+            FatType::Fat32
+        } else if clusters < 4085 {
             FatType::Fat12
         } else if clusters < 65525 {
             FatType::Fat16
@@ -113,7 +117,7 @@ impl FatFs {
         if (clusters + 2) * fat_bits / 8 > fat_size * bps {
             return Err(corrupt(&name, "FAT too small for the cluster count"));
         }
-        if ty == FatType::Fat32 && !(2..clusters as u32 + 2).contains(&root_cluster) {
+        if ty == FatType::Fat32 && !(2..clusters + 2).contains(&(root_cluster as u64)) {
             return Err(corrupt(&name, format!("root cluster {root_cluster}")));
         }
         Ok(Some(FatFs {
@@ -126,7 +130,7 @@ impl FatFs {
             root_bytes: root_entries * 32,
             root_cluster,
             data_start: data_sector * bps,
-            clusters: clusters as u32,
+            clusters,
             name: format!("{name} (FAT)"),
             sector: RefCell::new(None),
         }))
@@ -181,7 +185,7 @@ impl FatFs {
     }
 
     fn valid(&self, c: u32) -> bool {
-        c >= 2 && (c as u64) < self.clusters as u64 + 2
+        c >= 2 && (c as u64) < self.clusters + 2
     }
 
     /// Reads up to `len` bytes following the chain from `first`. A chain that ends early, loops
@@ -189,7 +193,7 @@ impl FatFs {
     fn read_chain(&self, first: u32, len: u64, exact: bool) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
         let mut c = first;
-        let mut steps = 0u32;
+        let mut steps = 0u64;
         while (out.len() as u64) < len {
             if !self.valid(c) {
                 return Err(corrupt(&self.name, format!("cluster {c} out of range")));

@@ -602,6 +602,51 @@ menuentry 'Memtest' { linux16 (hd0,msdos1)/memtest.bin ; }
     }
 
     #[test]
+    fn random_scripts_never_panic() {
+        let toks = [
+            "menuentry ",
+            "submenu ",
+            "function ",
+            "{",
+            "}",
+            "\n",
+            ";",
+            " ",
+            "'",
+            "\"",
+            "\\",
+            "$",
+            "${",
+            "x",
+            "=",
+            "set ",
+            "default=",
+            "saved",
+            "linux ",
+            "initrd ",
+            "/k",
+            "(hd0)",
+            "--id ",
+            "--class",
+            "1>0",
+            ">",
+            "if ",
+            "then ",
+            "else ",
+            "fi",
+            "#",
+            "é",
+        ];
+        for seed in 0..3000 {
+            let text = crate::random_config(seed, &toks, 60);
+            let m = parse(&text, HashMap::new());
+            let d = m.default_index();
+            assert!(d == 0 || d < m.entries.len());
+            let _ = m.find(&text.chars().take(5).collect::<String>());
+        }
+    }
+
+    #[test]
     fn hostile_input_is_bounded() {
         let deep = "submenu x {\n".repeat(100) + &"}\n".repeat(100);
         let m = parse(&deep, HashMap::new());

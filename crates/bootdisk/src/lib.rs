@@ -450,6 +450,7 @@ fn debian_menu(vols: &[Volume], looked: &mut Vec<String>) -> Result<Option<Menu>
 fn read_entry_file(
     vols: &[Volume],
     c: &Candidate,
+    what: &str,
     path: &str,
     max: u64,
 ) -> Result<(String, Vec<u8>)> {
@@ -467,15 +468,15 @@ fn read_entry_file(
         let Some(v) = vols.get(vi) else { continue };
         match fs::read_file(&*v.fs, &p, max) {
             Ok(r) => return Ok(r),
-            Err(Error::NotFound(what)) => {
+            Err(Error::NotFound(msg)) | Err(Error::NotADirectory(msg)) => {
                 // A symlink may have led to /boot/... on the root filesystem.
-                let missing = what.split(" on ").next().unwrap_or("").to_string();
+                let missing = msg.split(" on ").next().unwrap_or("").to_string();
                 tried.push(format!("{p} on {}", v.fs.describe()));
                 for m in [p.as_str(), missing.as_str()] {
                     if let Some(rest) = m.strip_prefix("/boot/") {
-                        for (oi, _) in vols.iter().enumerate() {
+                        for oi in std::iter::once(vi).chain(0..vols.len()) {
                             let t = (oi, format!("/{rest}"));
-                            if oi != vi && !tries.contains(&t) {
+                            if !tries.contains(&t) {
                                 tries.push(t);
                             }
                         }
@@ -486,7 +487,7 @@ fn read_entry_file(
         }
     }
     Err(Error::NoKernel(format!(
-        "{} entry {:?} names {path}, not found (tried {})",
+        "{} entry {:?} names {what} {path}, not found (tried {})",
         c.source,
         c.title.as_deref().unwrap_or(""),
         tried.join(", ")
@@ -545,11 +546,11 @@ fn find_boot(vols: &[Volume], opts: &Options) -> Result<BootSelection> {
     }
     let (_, c) = pick(&menus, opts.entry.as_deref())?;
     let max = opts.max_file_bytes;
-    let (kernel_path, kernel) = read_entry_file(vols, c, &c.kernel, max)?;
+    let (kernel_path, kernel) = read_entry_file(vols, c, "kernel", &c.kernel, max)?;
     let mut initrd: Option<Vec<u8>> = None;
     let mut initrd_paths = Vec::new();
     for p in &c.initrd {
-        let (path, data) = read_entry_file(vols, c, p, max)?;
+        let (path, data) = read_entry_file(vols, c, "initrd", p, max)?;
         let buf = initrd.get_or_insert_with(Vec::new);
         // Several initrds are concatenated (the kernel unpacks each cpio archive in turn);
         // GRUB aligns each to 4 bytes.
@@ -573,6 +574,20 @@ fn find_boot(vols: &[Volume], opts: &Options) -> Result<BootSelection> {
         initrd,
         cmdline: opts.cmdline.clone().unwrap_or_else(|| c.cmdline.clone()),
     })
+}
+
+/// Random text made of the tokens config parsers care about, for their robustness tests.
+#[cfg(test)]
+pub(crate) fn random_config(seed: u64, tokens: &[&str], n: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = String::new();
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push_str(tokens[(x % tokens.len() as u64) as usize]);
+    }
+    out
 }
 
 #[cfg(test)]

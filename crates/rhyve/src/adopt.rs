@@ -38,7 +38,12 @@ fn no_guest(name: &str) -> anyhow::Error {
 impl Boot {
     /// Decides (see the module table) and locks the object if there is one.
     pub fn prepare(cfg: &VmConfig) -> Result<Self> {
-        let object = match VmObject::open(&cfg.name) {
+        Self::prepare_in(&vmmapi::rundir_base(), cfg)
+    }
+
+    /// [`Boot::prepare`] with objects under `base`.
+    fn prepare_in(base: &std::path::Path, cfg: &VmConfig) -> Result<Self> {
+        let object = match VmObject::open_in(base, &cfg.name) {
             Ok(o) => Some(o),
             Err(vmmapi::Error::NoObject(_)) => None,
             Err(e) => return Err(e.into()),
@@ -186,32 +191,31 @@ mod tests {
 
     #[test]
     fn decisions() {
-        // One test owns RHYVE_RUNDIR for this process (tests run as threads).
         let base = std::env::temp_dir().join(format!("rhyve-adopt-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
-        std::env::set_var(vmmapi::RUNDIR_ENV, &base);
         let mem = 32 << 20;
+        let prepare = |c: &VmConfig| Boot::prepare_in(&base, c);
 
         // Nothing there: direct boot is ephemeral, adoption has nothing to boot.
-        let b = Boot::prepare(&cfg("a0", Some("/k"), mem)).unwrap();
+        let b = prepare(&cfg("a0", Some("/k"), mem)).unwrap();
         assert!(b.object.is_none() && b.state.is_none());
-        let e = Boot::prepare(&cfg("a0", None, mem)).err().unwrap();
+        let e = prepare(&cfg("a0", None, mem)).err().unwrap();
         assert!(e.to_string().starts_with("no guest to boot"), "{e}");
 
         // An object without boot-state: still nothing; with --kernel it is used.
-        drop(VmObject::create("a1", mem).unwrap());
-        let e = Boot::prepare(&cfg("a1", None, mem)).err().unwrap();
+        drop(VmObject::create_in(&base, "a1", mem).unwrap());
+        let e = prepare(&cfg("a1", None, mem)).err().unwrap();
         assert!(
             e.to_string()
                 .starts_with("VM a1 has nothing loaded: run rhyveload"),
             "{e}"
         );
-        let b = Boot::prepare(&cfg("a1", Some("/k"), mem)).unwrap();
+        let b = prepare(&cfg("a1", Some("/k"), mem)).unwrap();
         assert!(b.object.is_some() && b.state.is_none());
         drop(b);
 
         // A loaded object is adopted, at its own size only.
-        let o = VmObject::open("a1").unwrap();
+        let o = VmObject::open_in(&base, "a1").unwrap();
         let state = BootState {
             ram_bytes: mem,
             format: loader::KernelFormat::BzImage,
@@ -226,29 +230,29 @@ mod tests {
         };
         o.write_boot_state(&state.to_text()).unwrap();
         drop(o);
-        let b = Boot::prepare(&cfg("a1", None, mem)).unwrap();
+        let b = prepare(&cfg("a1", None, mem)).unwrap();
         assert_eq!(b.state.as_deref(), Some(&state));
         drop(b);
-        let e = Boot::prepare(&cfg("a1", None, 64 << 20)).err().unwrap();
+        let e = prepare(&cfg("a1", None, 64 << 20)).err().unwrap();
         assert_eq!(
             e.to_string(),
             "-m 64M: VM a1 has 32M of memory (give -m 32M, or destroy it: rhyvectl --vm=a1 --destroy)"
         );
         // A corrupt boot-state is an error naming the VM.
-        let o = VmObject::open("a1").unwrap();
+        let o = VmObject::open_in(&base, "a1").unwrap();
         o.write_boot_state("rhyve-boot-state 1\nrip=x\n").unwrap();
         drop(o);
-        let e = Boot::prepare(&cfg("a1", None, mem)).err().unwrap();
+        let e = prepare(&cfg("a1", None, mem)).err().unwrap();
         assert!(
             format!("{e:#}").starts_with("VM a1: boot-state line 2"),
             "{e:#}"
         );
         // In use: refused.
-        let _held = VmObject::open("a1").unwrap();
-        let e = Boot::prepare(&cfg("a1", None, mem)).err().unwrap();
+        let _held = VmObject::open_in(&base, "a1").unwrap();
+        let e = prepare(&cfg("a1", None, mem)).err().unwrap();
         assert!(e.to_string().starts_with("a1 is running (pid "), "{e}");
         drop(_held);
-        vmmapi::destroy("a1").unwrap();
+        vmmapi::destroy_in(&base, "a1").unwrap();
         let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -9,9 +9,8 @@ use loader::{BootBytes, BootState};
 use rhyve::memsize;
 use vmmapi::{GuestRam, VmObject};
 
-const USAGE: &str = "\
-usage: rhyveload [-CS] [-c cons-dev] [-d disk-path] [-e name=value] [-h host-path]
-                 [-m memsize[K|k|M|m|G|g|T|t]] vmname";
+/// Appended to command-line errors, which stay on one line.
+const SEE_HELP: &str = " (rhyveload --help)";
 
 const HELP: &str = "\
 NAME
@@ -90,13 +89,13 @@ fn parse(argv: &[String]) -> Result<Command, String> {
             match c {
                 'C' | 'S' => continue,
                 'c' | 'd' | 'e' | 'h' | 'm' | 'l' => {}
-                _ => return Err(format!("-{c}: unknown option\n{USAGE}")),
+                _ => return Err(format!("-{c}: unknown option{SEE_HELP}")),
             }
             let rest = &flags[i + c.len_utf8()..];
             let value = if rest.is_empty() {
                 it.next()
                     .cloned()
-                    .ok_or_else(|| format!("-{c}: needs a value\n{USAGE}"))?
+                    .ok_or_else(|| format!("-{c}: needs a value{SEE_HELP}"))?
             } else {
                 rest.to_string()
             };
@@ -135,7 +134,7 @@ fn parse(argv: &[String]) -> Result<Command, String> {
         }
     }
     match names.len() {
-        0 => Err(format!("missing vmname\n{USAGE}")),
+        0 => Err(format!("missing vmname{SEE_HELP}")),
         1 => {
             a.name = names.remove(0);
             if !vmmapi::valid_vm_name(&a.name) {
@@ -146,7 +145,7 @@ fn parse(argv: &[String]) -> Result<Command, String> {
             }
             if a.disks.is_empty() && a.host.is_none() {
                 return Err(format!(
-                    "nothing to load from: give -d disk-path or -h host-path\n{USAGE}"
+                    "nothing to load from: give -d disk-path or -h host-path{SEE_HELP}"
                 ));
             }
             if !a.disks.is_empty() && a.host.is_some() {
@@ -155,7 +154,7 @@ fn parse(argv: &[String]) -> Result<Command, String> {
             Ok(Command::Load(a))
         }
         _ => Err(format!(
-            "one vmname expected, got {}\n{USAGE}",
+            "one vmname expected, got {}{SEE_HELP}",
             names.join(" ")
         )),
     }

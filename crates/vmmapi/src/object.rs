@@ -18,6 +18,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -165,6 +166,24 @@ fn read_config(dir: &Path) -> Result<Option<u64>> {
         })
 }
 
+/// Removes everything in `dir` but the pid file (whose lock the caller holds).
+fn clear_dir(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(io_err(dir, "cannot list"))?;
+    for e in entries.flatten() {
+        if e.file_name() == PID_FILE {
+            continue;
+        }
+        let p = e.path();
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(io_err(&p, "cannot remove"))?;
+    }
+    Ok(())
+}
+
 fn check_name(name: &str) -> Result<()> {
     if valid_name(name) {
         Ok(())
@@ -187,23 +206,30 @@ impl VmObject {
         }
         std::fs::create_dir_all(base).map_err(io_err(base, "cannot create"))?;
         let path = base.join(name);
-        match std::fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                // Say why it cannot be created: running, stale, or just there.
-                return Err(match Self::open_in(base, name) {
-                    Ok(_) => Error::Exists(name.to_string()),
-                    Err(Error::NoObject(_)) => Error::Exists(name.to_string()),
-                    Err(e) => e,
+        let fresh = match std::fs::create_dir(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(io_err(&path, "cannot create")(e)),
+        };
+        let mut pid_file = lock_pid_file(&path)?.map_err(|pid| Error::InUse {
+            name: name.to_string(),
+            pid,
+        })?;
+        if !fresh {
+            if path.join(CONFIG_FILE).exists() {
+                return Err(match recorded_pid(&mut pid_file) {
+                    Some(pid) => Error::Stale {
+                        name: name.to_string(),
+                        pid,
+                    },
+                    None => Error::Exists(name.to_string()),
                 });
             }
-            Err(e) => return Err(io_err(&path, "cannot create")(e)),
+            // No config: a crashed direct boot's leftovers (or an interrupted create). We
+            // hold the lock, so nobody uses them: start afresh.
+            clear_dir(&path)?;
         }
         let made = (|| {
-            let mut pid_file = lock_pid_file(&path)?.map_err(|pid| Error::InUse {
-                name: name.to_string(),
-                pid,
-            })?;
             write_pid(&mut pid_file, &path)?;
             let mem = path.join(MEMORY_FILE);
             let f = OpenOptions::new()
@@ -211,6 +237,7 @@ impl VmObject {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&mem)
                 .map_err(io_err(&mem, "cannot create"))?;
             f.set_len(ram_bytes)
@@ -218,23 +245,18 @@ impl VmObject {
             // `config` last: it is what makes the directory a persistent object.
             let cfg = path.join(CONFIG_FILE);
             std::fs::write(&cfg, format!("ram_bytes={ram_bytes}\n"))
-                .map_err(io_err(&cfg, "cannot write"))?;
-            Ok(pid_file)
+                .map_err(io_err(&cfg, "cannot write"))
         })();
-        match made {
-            Ok(pid_file) => Ok(Self {
-                name: name.to_string(),
-                path,
-                pid_file,
-                ram_bytes,
-                remove: AtomicBool::new(false),
-                stale_pid: None,
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&path);
-                Err(e)
-            }
-        }
+        let object = Self {
+            name: name.to_string(),
+            path,
+            pid_file,
+            ram_bytes,
+            // A failed create leaves nothing behind (we hold the lock until then).
+            remove: AtomicBool::new(made.is_err()),
+            stale_pid: None,
+        };
+        made.map(|()| object)
     }
 
     /// Opens and locks existing, idle, persistent object `name`.
@@ -289,7 +311,7 @@ impl VmObject {
             pid,
         })?;
         let old = recorded_pid(&mut pid_file);
-        if read_config(&path).ok().flatten().is_some() {
+        if path.join(CONFIG_FILE).exists() {
             // Release without touching the persistent object's pid file.
             return Err(match old {
                 Some(pid) => Error::Stale {
@@ -350,6 +372,8 @@ impl VmObject {
             .write(true)
             .create(ephemeral)
             .truncate(ephemeral)
+            // Guest RAM may hold the guest's secrets.
+            .mode(0o600)
             .open(&p)
             .map_err(io_err(&p, "cannot open"))
     }
@@ -623,6 +647,21 @@ mod tests {
         assert_eq!(o.memory_file().unwrap().metadata().unwrap().len(), 0);
         drop(o);
         assert!(!dir.exists());
+        // rhyveload's create takes such leftovers over as well.
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join(PID_FILE), "999999998\n").unwrap();
+        std::fs::write(dir.join("com1.pty"), "x").unwrap();
+        let o = VmObject::create_in(&base, "vm6", 4096).unwrap();
+        assert!(!dir.join("com1.pty").exists() && !dir.join("sub").exists());
+        let mode = std::fs::metadata(dir.join(MEMORY_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        drop(o);
+        assert_eq!(list_in(&base).unwrap()[0].state, ObjectState::Created);
         let _ = std::fs::remove_dir_all(&base);
     }
 

@@ -31,12 +31,14 @@ testbed_say() { echo "TESTBED: $*"; }
 #   --after-marker CMD run CMD (sh -c, with $TESTBED_VMM_PID set) once the marker was seen,
 #                      e.g. to signal the VMM; prints "TESTBED: after-marker=CMD"
 #   --signal-after-marker SIG   shorthand: --after-marker 'kill -SIG "$TESTBED_VMM_PID"'
+#   --loaded           rhyve: no --kernel/--initrd/--append; run what rhyveload loaded into
+#                      the VM object NAME
 # Prints: TESTBED: vmm-cmd=..., TESTBED: l2-init-ms=N (if the marker was seen),
 #         TESTBED: vmm-exit=N, TESTBED: vmm-ms=N (VMM start to exit), TESTBED: vmm-timeout
 # Returns the VMM's exit status.
 testbed_boot() {
     local kernel="$L2_VMLINUZ" initrd="$L2_INITRD" append="console=ttyS0 quiet" mem=512M
-    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after=""
+    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after="" loaded=0
     while [ $# -gt 0 ]; do
         case "$1" in
             --kernel) kernel="$2"; shift 2 ;;
@@ -49,6 +51,7 @@ testbed_boot() {
             --tag) tag=".$2"; shift 2 ;;
             --after-marker) after="$2"; shift 2 ;;
             --signal-after-marker) after="kill -$2 \"\$TESTBED_VMM_PID\""; shift 2 ;;
+            --loaded) loaded=1; shift ;;
             --) shift; break ;;
             *) echo "testbed_boot: unknown option $1" >&2; return 2 ;;
         esac
@@ -60,9 +63,15 @@ testbed_boot() {
             set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none -no-reboot \
                 -nic none -kernel "$kernel" -initrd "$initrd" -append "$append" "$@" ;;
         rhyve)
-            set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
-                --kernel "$kernel" \
-                --initrd "$initrd" --append "$append" "$@" "$name" ;;
+            if [ "$loaded" = 1 ]; then
+                # Run what rhyveload loaded into the VM object: no --kernel.
+                set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                    "$@" "$name"
+            else
+                set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                    --kernel "$kernel" \
+                    --initrd "$initrd" --append "$append" "$@" "$name"
+            fi ;;
         *) echo "testbed_boot: unknown TESTBED_VMM=$TESTBED_VMM" >&2; return 2 ;;
     esac
     local q="" a
