@@ -249,6 +249,7 @@ fn list_stats_registers_pause_resume_and_nmi() {
     assert_eq!(reg(&all, "efer") & 0x500, 0x500, "LME|LMA: {all}");
     assert_ne!(reg(&all, "cr0") & (1 << 31), 0, "CR0.PG: {all}");
     assert!(all.contains("cs desc[0]\t"), "{all}");
+    assert!(all.contains("dr7[0]\t"), "{all}");
     assert!(all.contains("vcpu0 stats:"), "{all}");
 
     // Registers can't be set on a running VM.
@@ -276,6 +277,16 @@ fn list_stats_registers_pause_resume_and_nmi() {
     );
     assert_eq!(reg(&set, "rax"), 0x5a, "{set}");
     assert_eq!(reg(&set, "rip"), r1, "{set}");
+    // A debug register (DR7 stays 0, so the breakpoint address is inert).
+    let dr = ctl_ok(
+        &base,
+        &[&name, "--set-dr0=0x1234", "--get-dr0", "--get-dr7"],
+    );
+    assert_eq!(
+        (reg(&dr, "dr0"), reg(&dr, "dr7") & 0xff),
+        (0x1234, 0),
+        "{dr}"
+    );
     let bad = ctl_err(&base, &[&name, "--cpu=1", "--get-rip"]);
     assert!(bad.contains("no vCPU 1"), "{bad}");
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use devices::{Bus, StopReason, VmControl};
-use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_debugregs, kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 use serde_json::{json, Map, Value};
 
 use crate::vcpu::VcpuStats;
@@ -317,11 +317,11 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
         "stats" => done(stats(vm)),
         "get-regs" => {
             let cpu = cpu_arg(&req, vm)?;
-            let r = vm.vcpus[cpu]
-                .run_on(|v| v.registers(), VCPU_TIMEOUT)
+            let (r, d) = vm.vcpus[cpu]
+                .run_on(|v| Ok((v.registers()?, v.debug_regs()?)), VCPU_TIMEOUT)
                 .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            let mut m = obj(regs_json(&r.regs, &r.sregs));
+                .map_err(|e: vmmapi::Error| e.to_string())?;
+            let mut m = obj(regs_json(&r.regs, &r.sregs, &d));
             m.insert("cpu".into(), json!(cpu));
             Ok((m, After::Nothing))
         }
@@ -511,6 +511,7 @@ fn set_regs(req: &Map<String, Value>, cpu: usize, shared: &Shared) -> Reply {
         &desc,
         &mut kvm_regs::default(),
         &mut kvm_sregs::default(),
+        &mut kvm_debugregs::default(),
     )?;
     // Held across the write so a resume cannot slip in between the check and the write.
     let paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
@@ -523,17 +524,23 @@ fn set_regs(req: &Map<String, Value>, cpu: usize, shared: &Shared) -> Reply {
     let result = shared.vm.vcpus[cpu]
         .run_on(
             move |v| -> std::result::Result<Value, String> {
-                let mut r = v.regs().map_err(|e| e.to_string())?;
-                let mut s = v.sregs().map_err(|e| e.to_string())?;
-                let (gp, sys) = apply_changes(&regs, &desc, &mut r, &mut s)?;
+                let err = |e: vmmapi::Error| e.to_string();
+                let mut r = v.regs().map_err(err)?;
+                let mut s = v.sregs().map_err(err)?;
+                let mut d = v.debug_regs().map_err(err)?;
+                let (gp, sys, dbg) = apply_changes(&regs, &desc, &mut r, &mut s, &mut d)?;
                 if sys {
-                    v.set_sregs(&s).map_err(|e| e.to_string())?;
+                    v.set_sregs(&s).map_err(err)?;
                 }
                 if gp {
-                    v.set_regs(&r).map_err(|e| e.to_string())?;
+                    v.set_regs(&r).map_err(err)?;
                 }
-                let after = v.registers().map_err(|e| e.to_string())?;
-                Ok(regs_json(&after.regs, &after.sregs))
+                if dbg {
+                    v.set_debug_regs(&d).map_err(err)?;
+                }
+                let after = v.registers().map_err(err)?;
+                let d = v.debug_regs().map_err(err)?;
+                Ok(regs_json(&after.regs, &after.sregs, &d))
             },
             VCPU_TIMEOUT,
         )
@@ -552,6 +559,7 @@ const GPRS: &[&str] = &[
 ];
 const CONTROL: &[&str] = &["cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"];
 const SEGMENTS: &[&str] = &["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr"];
+const DEBUG: &[&str] = &["dr0", "dr1", "dr2", "dr3", "dr6", "dr7"];
 const TABLES: &[&str] = &["gdtr", "idtr"];
 
 fn gpr_mut<'a>(r: &'a mut kvm_regs, name: &str) -> Option<&'a mut u64> {
@@ -587,6 +595,18 @@ fn control_mut<'a>(s: &'a mut kvm_sregs, name: &str) -> Option<&'a mut u64> {
         "cr8" => &mut s.cr8,
         "efer" => &mut s.efer,
         "apic_base" => &mut s.apic_base,
+        _ => return None,
+    })
+}
+
+fn debug_mut<'a>(d: &'a mut kvm_debugregs, name: &str) -> Option<&'a mut u64> {
+    Some(match name {
+        "dr0" => &mut d.db[0],
+        "dr1" => &mut d.db[1],
+        "dr2" => &mut d.db[2],
+        "dr3" => &mut d.db[3],
+        "dr6" => &mut d.dr6,
+        "dr7" => &mut d.dr7,
         _ => return None,
     })
 }
@@ -639,9 +659,9 @@ fn set_segment_access(s: &mut kvm_segment, a: u32) {
     s.unusable = (a >> 16 & 1) as u8;
 }
 
-/// Both register sets as the protocol's `regs`/`control`/`segments` objects.
-pub fn regs_json(r: &kvm_regs, s: &kvm_sregs) -> Value {
-    let (mut r, mut s) = (*r, *s);
+/// The register sets as the protocol's `regs`/`control`/`segments`/`debug` objects.
+pub fn regs_json(r: &kvm_regs, s: &kvm_sregs, d: &kvm_debugregs) -> Value {
+    let (mut r, mut s, mut d) = (*r, *s, *d);
     let mut gp = Map::new();
     for &n in GPRS {
         gp.insert(n.into(), json!(*gpr_mut(&mut r, n).unwrap_or(&mut 0)));
@@ -669,7 +689,11 @@ pub fn regs_json(r: &kvm_regs, s: &kvm_sregs) -> Value {
             segs.insert(n.into(), json!({ "base": t.base, "limit": t.limit }));
         }
     }
-    json!({ "regs": gp, "control": ctl, "segments": segs })
+    let mut dbg = Map::new();
+    for &n in DEBUG {
+        dbg.insert(n.into(), json!(*debug_mut(&mut d, n).unwrap_or(&mut 0)));
+    }
+    json!({ "regs": gp, "control": ctl, "segments": segs, "debug": dbg })
 }
 
 /// A register value: a JSON number, or a string in decimal or 0x-hex.
@@ -689,14 +713,15 @@ fn reg_value(name: &str, v: &Value) -> std::result::Result<u64, String> {
 }
 
 /// Applies `regs` (name → value; segment names set the selector) and `desc` (segment or
-/// table → {base, limit, access}); returns which of the two sets changed.
+/// table → {base, limit, access}); returns which of the three sets changed.
 fn apply_changes(
     regs: &Map<String, Value>,
     desc: &Map<String, Value>,
     r: &mut kvm_regs,
     s: &mut kvm_sregs,
-) -> std::result::Result<(bool, bool), String> {
-    let (mut gp, mut sys) = (false, false);
+    d: &mut kvm_debugregs,
+) -> std::result::Result<(bool, bool, bool), String> {
+    let (mut gp, mut sys, mut dbg) = (false, false, false);
     for (name, v) in regs {
         let val = reg_value(name, v)?;
         if let Some(slot) = gpr_mut(r, name) {
@@ -705,15 +730,19 @@ fn apply_changes(
         } else if let Some(slot) = control_mut(s, name) {
             *slot = val;
             sys = true;
+        } else if let Some(slot) = debug_mut(d, name) {
+            *slot = val;
+            dbg = true;
         } else if let Some(seg) = segment_mut(s, name) {
             seg.selector =
                 u16::try_from(val).map_err(|_| format!("{name}: selector {val:#x} > 0xffff"))?;
             sys = true;
         } else {
             return Err(format!(
-                "unknown register {name:?} (known: {}, {}, {})",
+                "unknown register {name:?} (known: {}, {}, {}, {})",
                 GPRS.join(" "),
                 CONTROL.join(" "),
+                DEBUG.join(" "),
                 SEGMENTS.join(" ")
             ));
         }
@@ -773,7 +802,7 @@ fn apply_changes(
         }
         sys = true;
     }
-    Ok((gp, sys))
+    Ok((gp, sys, dbg))
 }
 
 #[cfg(test)]
@@ -857,15 +886,17 @@ mod tests {
     fn register_changes_and_access_rights_round_trip() {
         let mut r = kvm_regs::default();
         let mut sr = kvm_sregs::default();
-        let regs = obj(json!({"rip": "0x1000", "rax": 5, "cr3": 4096, "cs": 16}));
+        let mut d = kvm_debugregs::default();
+        let regs = obj(json!({"rip": "0x1000", "rax": 5, "cr3": 4096, "cs": 16, "dr7": 0x400}));
         let desc = obj(
             json!({"cs": {"base": 0, "limit": 0xffffffffu32, "access": 0xa09b},
                               "gdtr": {"base": "0x5000", "limit": 39}}),
         );
         assert_eq!(
-            apply_changes(&regs, &desc, &mut r, &mut sr),
-            Ok((true, true))
+            apply_changes(&regs, &desc, &mut r, &mut sr, &mut d),
+            Ok((true, true, true))
         );
+        assert_eq!(d.dr7, 0x400);
         assert_eq!(
             (r.rip, r.rax, sr.cr3, sr.cs.selector),
             (0x1000, 5, 4096, 16)
@@ -876,13 +907,14 @@ mod tests {
         );
         assert_eq!(segment_access(&sr.cs), 0xa09b);
         assert_eq!((sr.gdt.base, sr.gdt.limit), (0x5000, 39));
-        let v = regs_json(&r, &sr);
+        let v = regs_json(&r, &sr, &d);
+        assert_eq!(v["debug"]["dr7"], json!(0x400));
         assert_eq!(v["regs"]["rip"], json!(0x1000));
         assert_eq!(v["segments"]["cs"]["access"], json!(0xa09b));
         assert_eq!(v["control"]["cr3"], json!(4096));
         let bad = obj(json!({"gdtr": {"access": 1}}));
-        assert!(apply_changes(&Map::new(), &bad, &mut r, &mut sr).is_err());
+        assert!(apply_changes(&Map::new(), &bad, &mut r, &mut sr, &mut d).is_err());
         let big = obj(json!({"ds": 0x10000}));
-        assert!(apply_changes(&big, &Map::new(), &mut r, &mut sr).is_err());
+        assert!(apply_changes(&big, &Map::new(), &mut r, &mut sr, &mut d).is_err());
     }
 }

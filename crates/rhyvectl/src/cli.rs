@@ -9,6 +9,8 @@ pub const GPRS: &[&str] = &[
 ];
 /// Control registers and EFER (`--get-cr0`, …).
 pub const CONTROL: &[&str] = &["cr0", "cr2", "cr3", "cr4", "cr8", "efer"];
+/// Debug registers (`--get-dr7`, `--set-dr7=V`).
+pub const DEBUG: &[&str] = &["dr0", "dr1", "dr2", "dr3", "dr6", "dr7"];
 /// Segment registers: `--get-cs` is the selector, `--get-desc-cs` the descriptor.
 pub const SEGMENTS: &[&str] = &["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr"];
 /// Descriptor tables (`--get-desc-gdtr`).
@@ -181,12 +183,14 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
                 } else if let Some(r) = opt.strip_prefix("get-") {
                     let n = lookup(GPRS, r)
                         .or_else(|| lookup(CONTROL, r))
+                        .or_else(|| lookup(DEBUG, r))
                         .or_else(|| lookup(SEGMENTS, r))
                         .ok_or_else(|| format!("--{opt}: unknown option"))?;
                     a.gets.push(Get::Reg(n));
                 } else if let Some(r) = opt.strip_prefix("set-") {
                     let n = lookup(GPRS, r)
                         .or_else(|| lookup(CONTROL, r))
+                        .or_else(|| lookup(DEBUG, r))
                         .or_else(|| lookup(SEGMENTS, r))
                         .ok_or_else(|| format!("--{opt}: unknown option"))?;
                     a.sets.insert(n, number(opt, &val())?);
@@ -260,6 +264,9 @@ mod tests {
         .unwrap();
         assert_eq!(a.sets.get("rip"), Some(&0x1000));
         assert_eq!(a.sets.get("rax"), Some(&8));
+        let a = p(&["--vm=x", "--get-dr7", "--set-dr0=1"]).unwrap();
+        assert_eq!(a.gets, [Get::Reg("dr7")]);
+        assert_eq!(a.sets.get("dr0"), Some(&1));
         let a = p(&["--vm=x", "--create", "--set-mem=1G"]).unwrap();
         assert_eq!(a.mem_bytes, Some(1 << 30));
         let a = p(&["--vm=x", "--create", "--set-mem=128"]).unwrap();

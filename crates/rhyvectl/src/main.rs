@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use cli::{Args, Get, CONTROL, GPRS, SEGMENTS, TABLES};
+use cli::{Args, Get, CONTROL, DEBUG, GPRS, SEGMENTS, TABLES};
 use client::Client;
 
 const USAGE: &str = "\
@@ -27,7 +27,8 @@ A running VM (through RUNDIR/NAME/control.sock):
   --get-stats                 per vCPU exits by reason and time in KVM_RUN; device accesses
   --get-all                   registers, control registers, segments and stats of --cpu (default 0)
   --get-REG                   REG: rax rbx rcx rdx rsi rdi rbp rsp r8..r15 rip rflags
-                              cr0 cr2 cr3 cr4 cr8 efer; cs ds es fs gs ss tr ldtr (selectors)
+                              cr0 cr2 cr3 cr4 cr8 efer; dr0-dr3 dr6 dr7;
+                              cs ds es fs gs ss tr ldtr (selectors)
   --get-desc-SEG              descriptor base/limit/access of SEG (or gdtr, idtr)
   --set-REG=VALUE             set a register (the VM must be paused: --pause)
   --set-desc-SEG --desc-base=B --desc-limit=L --desc-access=A
@@ -249,7 +250,12 @@ fn show_set(v: &Value) -> String {
 }
 
 fn all_gets() -> Vec<Get> {
-    let mut g: Vec<Get> = GPRS.iter().chain(CONTROL).map(|&n| Get::Reg(n)).collect();
+    let mut g: Vec<Get> = GPRS
+        .iter()
+        .chain(CONTROL)
+        .chain(DEBUG)
+        .map(|&n| Get::Reg(n))
+        .collect();
     g.extend(SEGMENTS.iter().chain(TABLES).map(|&n| Get::Desc(n)));
     g.extend(SEGMENTS.iter().map(|&n| Get::Reg(n)));
     g
@@ -276,6 +282,7 @@ fn show_get(
             let v = r["regs"][n]
                 .as_u64()
                 .or_else(|| r["control"][n].as_u64())
+                .or_else(|| r["debug"][n].as_u64())
                 .ok_or_else(|| missing(n))?;
             out.line(format!("{n}[{cpu}]\t\t0x{v:016x}"));
             regs.insert(n.into(), json!(v));
@@ -504,7 +511,7 @@ mod tests {
         assert!(g.contains(&Get::Desc("idtr")) && g.contains(&Get::Reg("ldtr")));
         assert_eq!(
             g.len(),
-            GPRS.len() + CONTROL.len() + 2 * SEGMENTS.len() + TABLES.len()
+            GPRS.len() + CONTROL.len() + DEBUG.len() + 2 * SEGMENTS.len() + TABLES.len()
         );
     }
 }
