@@ -91,49 +91,70 @@ impl Bus {
         Ok(())
     }
 
-    fn find(&self, addr: u64, size: usize) -> Option<&BusEntry> {
+    fn find(&self, addr: u64, size: usize) -> Option<(usize, &BusEntry)> {
         let idx = self
             .entries
             .partition_point(|e| e.base <= addr)
             .checked_sub(1)?;
         let e = self.entries.get(idx)?;
         let last = addr.checked_add(size.max(1) as u64 - 1)?;
-        (last < e.base + e.len).then_some(e)
+        (last < e.base + e.len).then_some((idx, e))
     }
 
     /// Dispatches a read; unclaimed addresses read as all-ones (a floating ISA bus).
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.read_indexed(addr, data).is_some()
+    }
+
+    /// Dispatches a write; unclaimed addresses are ignored (and counted).
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        self.write_indexed(addr, data).is_some()
+    }
+
+    /// Number of devices on the bus (the indices [`Self::read_indexed`] returns are below it).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the bus has no devices.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// [`Self::read`], returning which device (index in [`Self::stats`] order) claimed it, so
+    /// a vCPU can keep its own per-device counts.
+    pub fn read_indexed(&self, addr: u64, data: &mut [u8]) -> Option<usize> {
         match self.find(addr, data.len()) {
-            Some(e) => {
+            Some((i, e)) => {
                 e.accesses.fetch_add(1, Ordering::Relaxed);
                 e.device
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .read(addr - e.base, data);
-                true
+                Some(i)
             }
             None => {
                 self.unhandled.fetch_add(1, Ordering::Relaxed);
                 data.fill(0xff);
-                false
+                None
             }
         }
     }
 
-    /// Dispatches a write; unclaimed addresses are ignored (and counted).
-    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+    /// [`Self::write`], returning which device claimed it (see [`Self::read_indexed`]).
+    pub fn write_indexed(&self, addr: u64, data: &[u8]) -> Option<usize> {
         match self.find(addr, data.len()) {
-            Some(e) => {
+            Some((i, e)) => {
                 e.accesses.fetch_add(1, Ordering::Relaxed);
                 e.device
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .write(addr - e.base, data);
-                true
+                Some(i)
             }
             None => {
                 self.unhandled.fetch_add(1, Ordering::Relaxed);
-                false
+                None
             }
         }
     }
@@ -203,6 +224,12 @@ mod tests {
         assert_eq!(b[0], 0x42);
         assert!(bus.read(0x2f9, &mut b));
         assert_eq!(b[0], 0);
+        // Indices follow the stats order (sorted by base).
+        assert_eq!(bus.len(), 2);
+        assert_eq!(bus.read_indexed(0x2f8, &mut b), Some(0));
+        assert_eq!(bus.write_indexed(0x3ff, &[1]), Some(1));
+        assert_eq!(bus.write_indexed(0x400, &[1]), None);
+        assert_eq!(bus.stats()[1].0, "a");
     }
 
     #[test]

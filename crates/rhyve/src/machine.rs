@@ -16,7 +16,8 @@ use vmmapi::{Hypervisor, Vm};
 use crate::config::{ConsoleBackend, VmConfig};
 use crate::emulations::PciContext;
 use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
-use crate::{adopt, console, signals, terminal};
+use crate::vcpu_ctl::VcpuCtl;
+use crate::{adopt, console, control_server, signals, terminal};
 use rhyve::boot;
 
 fn shared(d: impl BusDevice + 'static) -> Arc<Mutex<dyn BusDevice>> {
@@ -521,7 +522,29 @@ fn run_vcpus(
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let probes: Vec<Arc<HaltProbe>> = vcpus.iter().map(|_| Arc::default()).collect();
-    for (vcpu, probe) in vcpus.into_iter().zip(&probes) {
+    let ctls: Vec<Arc<VcpuCtl>> = vcpus
+        .iter()
+        .map(|v| Arc::new(VcpuCtl::new(v.id())))
+        .collect();
+    let stats: Vec<Arc<VcpuStats>> = vcpus
+        .iter()
+        .map(|_| Arc::new(VcpuStats::for_buses(pio.len(), mmio.len())))
+        .collect();
+    // Dropped (socket removed) when this function returns, before the runtime directory goes.
+    let _control_socket = control_server::ControlServer::start(
+        vm.rundir(),
+        control_server::VmHandles {
+            name: cfg.name.clone(),
+            memory: cfg.memory,
+            started: start,
+            vcpus: ctls.clone(),
+            stats: stats.clone(),
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            control: control.clone(),
+        },
+    )?;
+    for (((vcpu, probe), ctl), stats) in vcpus.into_iter().zip(&probes).zip(&ctls).zip(&stats) {
         let id = vcpu.id();
         let pins = cfg
             .pins
@@ -532,8 +555,9 @@ fn run_vcpus(
             pio: pio.clone(),
             mmio: mmio.clone(),
             control: control.clone(),
-            stats: Arc::new(VcpuStats::default()),
+            stats: stats.clone(),
             halt: probe.clone(),
+            ctl: ctl.clone(),
             strict_io: cfg.strict_io,
         };
         let handle = std::thread::Builder::new()

@@ -4,12 +4,14 @@ mod adopt;
 mod cli;
 mod config;
 mod console;
+mod control_server;
 mod emulations;
 mod logger;
 mod machine;
 mod signals;
 mod terminal;
 mod vcpu;
+mod vcpu_ctl;
 
 use std::time::Instant;
 

@@ -1,10 +1,10 @@
 //! A virtual CPU: registers, LAPIC, MSRs and the run loop's typed exits.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_MP_STATE_HALTED,
-    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
-    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -267,6 +267,27 @@ impl Vcpu {
             .inspect_err(|_| log::error!("KVM refused MSR {bad:#x}"));
         }
         Ok(())
+    }
+
+    /// Debug registers DR0–DR3, DR6, DR7 (KVM_GET_DEBUGREGS).
+    pub fn debug_regs(&self) -> Result<kvm_debugregs> {
+        self.fd
+            .get_debug_regs()
+            .map_err(kvm_err("KVM_GET_DEBUGREGS"))
+    }
+
+    /// Sets the debug registers (KVM_SET_DEBUGREGS).
+    pub fn set_debug_regs(&self, d: &kvm_debugregs) -> Result<()> {
+        self.fd
+            .set_debug_regs(d)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))
+    }
+
+    /// Queues a non-maskable interrupt (KVM_NMI), delivered at the next guest entry through
+    /// the in-kernel LAPIC (bhyvectl --inject-nmi). Call it from the vCPU's thread, or while
+    /// the vCPU is out of KVM_RUN: KVM serialises vCPU ioctls behind the running one.
+    pub fn nmi(&self) -> Result<()> {
+        self.fd.nmi().map_err(kvm_err("KVM_NMI"))
     }
 
     /// The in-kernel LAPIC's register page.
