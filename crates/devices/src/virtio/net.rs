@@ -363,6 +363,30 @@ const TOKEN_TAP: u64 = 3;
 const TOKEN_STOP: u64 = 4;
 
 impl Worker {
+    fn new(
+        shared: Arc<Shared>,
+        mem: GuestMemoryMmap,
+        irq: Arc<dyn VirtioInterrupt>,
+        features: u64,
+        [rx, tx]: [Queue; 2],
+        ctrl: Option<Queue>,
+    ) -> io::Result<Worker> {
+        Ok(Worker {
+            shared,
+            mem,
+            irq,
+            features,
+            rx,
+            tx,
+            ctrl,
+            epoll: Epoll::new()?,
+            tap_polled: false,
+            rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
+            pending: None,
+            tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
+        })
+    }
+
     fn has(&self, bit: u32) -> bool {
         self.features & (1u64 << bit) != 0
     }
@@ -895,7 +919,16 @@ impl VirtioDevice for Net {
             );
         }
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
+        let mut worker = Worker::new(
+            self.shared.clone(),
+            mem,
+            interrupt,
+            self.acked,
+            [rx, tx],
+            ctrl,
+        )
+        .map_err(ActivateError::Worker)?;
+        let epoll = &worker.epoll;
         for (i, k) in kicks.iter().enumerate() {
             epoll
                 .ctl(
@@ -912,20 +945,6 @@ impl VirtioDevice for Net {
                 EpollEvent::new(EventSet::IN, TOKEN_STOP),
             )
             .map_err(ActivateError::Worker)?;
-        let mut worker = Worker {
-            shared: self.shared.clone(),
-            mem,
-            irq: interrupt,
-            features: self.acked,
-            rx,
-            tx,
-            ctrl,
-            epoll,
-            tap_polled: false,
-            rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
-            pending: None,
-            tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
-        };
         worker.poll_tap(true);
         let stop_thread = stop.try_clone().map_err(ActivateError::Worker)?;
         let handle = std::thread::Builder::new()
@@ -947,5 +966,632 @@ impl VirtioDevice for Net {
             log::warn!("virtio-net: TUNSETOFFLOAD 0 on reset: {e}");
         }
         self.acked = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+    use std::fs::File;
+    use std::io::{Read, Write};
+
+    /// One split ring of the test driver, at `[base, base + 0x2c04)` of the shared memory.
+    struct Ring {
+        desc: u64,
+        avail: u64,
+        used: u64,
+        size: u16,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl Ring {
+        fn new(i: u64, size: u16) -> Ring {
+            let base = 0x1000 + i * 0x3000;
+            Ring {
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x1400,
+                size,
+                next_desc: 0,
+                avail_idx: 0,
+            }
+        }
+
+        fn queue(&self, mem: &GuestMemoryMmap) -> Queue {
+            let mut q = Queue::new(self.size).unwrap();
+            q.set_size(self.size);
+            q.try_set_desc_table_address(GuestAddress(self.desc))
+                .unwrap();
+            q.try_set_avail_ring_address(GuestAddress(self.avail))
+                .unwrap();
+            q.try_set_used_ring_address(GuestAddress(self.used))
+                .unwrap();
+            q.set_ready(true);
+            assert!(q.is_valid(mem));
+            q
+        }
+
+        fn write_desc(&self, d: &Driver, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let b = GuestAddress(self.desc + 16 * u64::from(idx % self.size));
+            d.mem.write_obj(addr, b).unwrap();
+            d.mem.write_obj(len, b.unchecked_add(8)).unwrap();
+            d.mem.write_obj(flags, b.unchecked_add(12)).unwrap();
+            d.mem.write_obj(next, b.unchecked_add(14)).unwrap();
+        }
+
+        /// A chain of `(addr, len, device-writable)`, made available.
+        fn push(&mut self, d: &Driver, descs: &[(u64, u32, bool)]) -> u16 {
+            let head = self.next_desc;
+            for (i, &(a, l, w)) in descs.iter().enumerate() {
+                let idx = (head + i as u16) % self.size;
+                let last = i + 1 == descs.len();
+                let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                self.write_desc(d, idx, a, l, flags, (idx + 1) % self.size);
+            }
+            self.next_desc = (head + descs.len() as u16) % self.size;
+            self.publish(d, head);
+            head
+        }
+
+        fn publish(&mut self, d: &Driver, head: u16) {
+            let slot = u64::from(self.avail_idx % self.size);
+            d.mem
+                .write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            d.mem
+                .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+                .unwrap();
+        }
+
+        fn used_idx(&self, d: &Driver) -> u16 {
+            d.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        }
+
+        fn used(&self, d: &Driver, i: u16) -> (u32, u32) {
+            let a = self.used + 4 + 8 * u64::from(i % self.size);
+            (
+                d.mem.read_obj(GuestAddress(a)).unwrap(),
+                d.mem.read_obj(GuestAddress(a + 4)).unwrap(),
+            )
+        }
+    }
+
+    struct H {
+        drv: Driver,
+        rx: Ring,
+        tx: Ring,
+        ctrl: Ring,
+        w: Worker,
+        peer: File,
+        irq: Arc<CountingInterrupt>,
+    }
+
+    fn bits(b: &[u32]) -> u64 {
+        b.iter()
+            .fold(1u64 << VIRTIO_F_VERSION_1, |a, &x| a | 1 << x)
+    }
+
+    fn harness(features: u64, vnet_hdr: bool) -> H {
+        let drv = Driver::new(256);
+        let (rx, tx, ctrl) = (Ring::new(0, 256), Ring::new(1, 256), Ring::new(2, 64));
+        let (tap, peer) = Tap::socket_pair(vnet_hdr);
+        let shared = Arc::new(Shared {
+            tap,
+            stats: NetStats::default(),
+        });
+        let irq = Arc::new(CountingInterrupt::default());
+        let w = Worker::new(
+            shared,
+            drv.mem.clone(),
+            irq.clone(),
+            features,
+            [rx.queue(&drv.mem), tx.queue(&drv.mem)],
+            Some(ctrl.queue(&drv.mem)),
+        )
+        .unwrap();
+        let mut h = H {
+            drv,
+            rx,
+            tx,
+            ctrl,
+            w,
+            peer,
+            irq,
+        };
+        h.w.poll_tap(true);
+        h
+    }
+
+    fn stats(h: &H) -> &NetStats {
+        &h.w.shared.stats
+    }
+
+    fn n(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// A frame of `len` bytes (pattern seeded by `seed`).
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+            .collect()
+    }
+
+    fn with_hdr(f: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; VNET_HDR_LEN];
+        v.extend_from_slice(f);
+        v
+    }
+
+    /// What the host side got, one datagram, if any.
+    fn host_recv(h: &mut H) -> Option<Vec<u8>> {
+        let mut b = vec![0u8; 70000];
+        match h.peer.read(&mut b) {
+            Ok(n) => {
+                b.truncate(n);
+                Some(b)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn host_send(h: &mut H, data: &[u8]) {
+        assert_eq!(h.peer.write(data).unwrap(), data.len());
+    }
+
+    #[test]
+    fn options_macs_and_errors() {
+        let kv = |s: &'static str| {
+            s.split(',')
+                .map(|o| o.split_once('=').unwrap_or(("path", o)))
+                .collect::<Vec<_>>()
+        };
+        let c = NetConfig::from_keys(kv("tap0")).unwrap();
+        assert_eq!(c.backend, Backend::Tap("tap0".into()));
+        assert_eq!((c.mac, c.mtu), (None, 1500));
+        let c = NetConfig::from_keys(kv("/dev/tap3,mac=02:aa:bb:cc:dd:ee,mtu=9000")).unwrap();
+        assert_eq!(c.backend, Backend::Tap("tap3".into()));
+        assert_eq!(c.mac, Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]));
+        assert_eq!(c.mtu, 9000);
+        assert_eq!(
+            NetConfig::from_keys(kv("fd=7")).unwrap().backend,
+            Backend::Fd(7)
+        );
+        for bad in [
+            "tap0,mac=01:00:00:00:00:00",
+            "tap0,mac=00:00:00:00:00:00",
+            "tap0,mac=zz:00:00:00:00:01",
+            "tap0,mac=02:00:00:00:00",
+            "tap0,mac=02:00:00:00:00:00:00",
+            "tap0,mac=002:00:00:00:00:00",
+            "tap0,mtu=67",
+            "tap0,mtu=65522",
+            "tap0,mtu=x",
+            "fd=-1",
+            "fd=x",
+        ] {
+            let e = NetConfig::from_keys(kv(bad)).unwrap_err();
+            assert!(matches!(e, NetConfigError::BadValue { .. }), "{bad}: {e}");
+        }
+        assert_eq!(
+            NetConfig::from_keys(kv("tap0,fd=3")).unwrap_err(),
+            NetConfigError::TwoBackends
+        );
+        assert_eq!(
+            NetConfig::from_keys(Vec::new()).unwrap_err(),
+            NetConfigError::MissingBackend
+        );
+        assert!(matches!(
+            NetConfig::from_keys(kv("tap0,frob=1")).unwrap_err(),
+            NetConfigError::UnknownOption(_)
+        ));
+        let m = default_mac("vm0", 2, 0);
+        assert_eq!(&m[..3], &[0x58, 0x9c, 0xfc]);
+        assert_eq!(m, default_mac("vm0", 2, 0), "stable");
+        assert_ne!(m, default_mac("vm0", 3, 0));
+        assert_ne!(m, default_mac("vm1", 2, 0));
+    }
+
+    #[test]
+    fn features_config_and_offloads() {
+        let (tap, _peer) = Tap::socket_pair(true);
+        let mut net = Net::with_tap(tap, [2, 1, 2, 3, 4, 5], 9000);
+        let f = net.features();
+        for b in [
+            F_MAC,
+            F_STATUS,
+            F_MTU,
+            F_CSUM,
+            F_GUEST_TSO4,
+            F_MRG_RXBUF,
+            F_CTRL_VQ,
+        ] {
+            assert!(f & (1 << b) != 0, "feature {b}");
+        }
+        let mut cfg = [0u8; 14];
+        net.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..6], &[2, 1, 2, 3, 4, 5]);
+        assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), S_LINK_UP);
+        assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 9000);
+        assert_eq!(&cfg[12..], &[0, 0]);
+        net.write_config(0, &[0xff; 6]);
+        assert_eq!(net.mac(), [2, 1, 2, 3, 4, 5], "read-only");
+        net.ack_features(u64::MAX);
+        assert_eq!(net.acked_features(), f);
+        assert_eq!(
+            tun_offloads(bits(&[
+                F_GUEST_CSUM,
+                F_GUEST_TSO4,
+                F_GUEST_TSO6,
+                F_GUEST_ECN
+            ])),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        );
+        assert_eq!(tun_offloads(bits(&[F_GUEST_TSO4])), 0, "TSO needs CSUM");
+        assert_eq!(tun_offloads(bits(&[F_GUEST_CSUM, F_GUEST_ECN])), TUN_F_CSUM);
+        // A tap without a vnet header offers no offloads.
+        let (tap, _peer) = Tap::socket_pair(false);
+        let f = Net::with_tap(tap, [2, 0, 0, 0, 0, 1], 1500).features();
+        assert_eq!(f & (1 << F_CSUM | 1 << F_GUEST_CSUM | 1 << F_HOST_TSO4), 0);
+    }
+
+    #[test]
+    fn transmit_any_layout_one_interrupt_per_batch() {
+        let mut h = harness(bits(&[]), true);
+        let f1 = frame(60, 1);
+        let f2 = frame(1514, 2);
+        let f3 = frame(65535 + 14, 3);
+        // Header + frame in one descriptor; split unevenly; an indirect table.
+        let a = h.drv.buf(&with_hdr(&f1));
+        h.tx.push(&h.drv, &[(a, 72, false)]);
+        let b = h.drv.buf(&with_hdr(&f2));
+        h.tx.push(
+            &h.drv,
+            &[(b, 5, false), (b + 5, 700, false), (b + 705, 821, false)],
+        );
+        let c = h.drv.buf(&with_hdr(&f3));
+        let table = h.drv.alloc(32);
+        let t = Ring {
+            desc: table,
+            ..Ring::new(1, 2)
+        };
+        t.write_desc(&h.drv, 0, c, 12, F_NEXT, 1);
+        t.write_desc(&h.drv, 1, c + 12, f3.len() as u32, 0, 0);
+        let head = h.tx.next_desc;
+        h.tx.write_desc(&h.drv, head, table, 32, F_INDIRECT, 0);
+        h.tx.next_desc += 1;
+        h.tx.publish(&h.drv, head);
+        h.w.process_tx();
+        assert_eq!(h.tx.used_idx(&h.drv), 3);
+        assert_eq!(h.irq.used.load(Ordering::SeqCst), 1, "one interrupt");
+        for (i, f) in [&f1, &f2, &f3].into_iter().enumerate() {
+            assert_eq!(h.tx.used(&h.drv, i as u16).1, 0);
+            assert!(host_recv(&mut h).unwrap() == with_hdr(f), "frame {i}");
+        }
+        assert!(host_recv(&mut h).is_none());
+        assert_eq!(n(&stats(&h).tx_frames), 3);
+        assert_eq!(n(&stats(&h).guest_errors), 0);
+    }
+
+    #[test]
+    fn transmit_strips_the_header_for_a_tap_without_one() {
+        let mut h = harness(bits(&[]), false);
+        let f = frame(100, 9);
+        let a = h.drv.buf(&with_hdr(&f));
+        h.tx.push(&h.drv, &[(a, 112, false)]);
+        h.w.process_tx();
+        assert_eq!(host_recv(&mut h).unwrap(), f);
+    }
+
+    #[test]
+    fn malformed_transmit_chains_are_dropped_and_counted() {
+        let mut h = harness(bits(&[]), true);
+        let f = with_hdr(&frame(200, 4));
+        let a = h.drv.buf(&f);
+        let big = h.drv.alloc((VNET_HDR_LEN + MAX_FRAME + 1) as u64);
+        h.tx.push(&h.drv, &[(a, 8, false)]); // shorter than the header
+        h.tx.push(&h.drv, &[(a, 12 + 13, false)]); // no room for an Ethernet header
+        h.tx.push(&h.drv, &[(a, 12, false), (a + 12, 200, true)]); // device-writable
+        h.tx.push(
+            &h.drv,
+            &[(big, (VNET_HDR_LEN + MAX_FRAME + 1) as u32, false)],
+        ); // too long
+        h.tx.push(&h.drv, &[(a, 12, false), (u64::MAX - 50, 100, false)]); // bad address
+        h.tx.push(&h.drv, &[((MEM_SIZE - 10) as u64, 100, false)]); // crosses the end
+        h.tx.write_desc(&h.drv, 100, a, 16, F_NEXT, 100); // loops
+        h.tx.publish(&h.drv, 100);
+        h.tx.publish(&h.drv, 9999); // head out of range
+        h.w.process_tx();
+        assert!(host_recv(&mut h).is_none(), "nothing reaches the tap");
+        assert_eq!(n(&stats(&h).tx_frames), 0);
+        assert!(n(&stats(&h).guest_errors) >= 8);
+        assert_eq!(h.tx.used_idx(&h.drv), 7, "every valid head comes back");
+        // Still works.
+        h.tx.push(&h.drv, &[(a, f.len() as u32, false)]);
+        h.w.process_tx();
+        assert_eq!(host_recv(&mut h).unwrap(), f);
+    }
+
+    /// Posts `count` receive buffers of `size` bytes; their addresses.
+    fn post_rx(h: &mut H, count: usize, size: u32) -> Vec<u64> {
+        (0..count)
+            .map(|_| {
+                let a = h.drv.alloc(u64::from(size));
+                h.rx.push(&h.drv, &[(a, size, true)]);
+                a
+            })
+            .collect()
+    }
+
+    #[test]
+    fn receive_into_single_buffers_and_drop_oversized() {
+        let mut h = harness(bits(&[F_GUEST_CSUM]), true);
+        let bufs = post_rx(&mut h, 2, 1526);
+        let f1 = frame(1514, 5);
+        let mut hdr_f1 = with_hdr(&f1);
+        hdr_f1[0] = 1; // NEEDS_CSUM from the host: kept, GUEST_CSUM was negotiated
+        host_send(&mut h, &hdr_f1);
+        host_send(&mut h, &with_hdr(&frame(1515, 6))); // one byte too many: dropped
+        let f3 = frame(60, 7);
+        host_send(&mut h, &with_hdr(&f3));
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 2);
+        assert_eq!(h.rx.used(&h.drv, 0), (0, 1526));
+        assert_eq!(h.rx.used(&h.drv, 1), (1, 72));
+        let got = h.drv.read(bufs[0], 1526);
+        assert_eq!(got[0], 1);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert_eq!(&got[12..], &f1[..]);
+        assert_eq!(&h.drv.read(bufs[1], 72)[12..], &f3[..]);
+        assert_eq!(n(&stats(&h).rx_dropped), 1);
+        assert_eq!(n(&stats(&h).rx_frames), 2);
+        assert_eq!(h.irq.used.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn receive_clears_checksum_hints_without_guest_csum() {
+        let mut h = harness(bits(&[]), true);
+        let b = post_rx(&mut h, 1, 200);
+        let mut f = with_hdr(&frame(100, 1));
+        f[0] = 2; // DATA_VALID
+        host_send(&mut h, &f);
+        h.w.process_rx();
+        assert_eq!(h.drv.read(b[0], 1)[0], 0);
+    }
+
+    #[test]
+    fn mergeable_buffers_carry_num_buffers() {
+        let mut h = harness(bits(&[F_MRG_RXBUF]), false);
+        let bufs = post_rx(&mut h, 8, 100);
+        let f = frame(300, 8); // 312 bytes with the header: 4 buffers
+        host_send(&mut h, &f);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 4);
+        let mut all = Vec::new();
+        for i in 0..4u16 {
+            let (id, len) = h.rx.used(&h.drv, i);
+            assert_eq!(id, u32::from(i));
+            all.extend(h.drv.read(bufs[i as usize], len as usize));
+        }
+        assert_eq!(u16::from_le_bytes([all[10], all[11]]), 4);
+        assert_eq!(&all[..10], &[0; 10], "zero header from a tap without one");
+        assert_eq!(&all[12..], &f[..]);
+        // Bigger than every buffer of the whole ring: dropped (4 buffers left of 8 x 100).
+        host_send(&mut h, &frame(2000, 1));
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 4);
+        assert!(
+            h.w.pending.is_some(),
+            "waits: the ring is not full of buffers"
+        );
+    }
+
+    #[test]
+    fn no_buffers_stops_polling_the_tap_until_the_kick() {
+        let mut h = harness(bits(&[]), true);
+        for i in 0..5u8 {
+            host_send(&mut h, &with_hdr(&frame(64, i)));
+        }
+        h.w.process_rx();
+        assert!(h.w.pending.is_some(), "one frame waits inside rhyve");
+        assert!(!h.w.tap_polled, "the tap is not polled without buffers");
+        let flags: u16 = h.drv.mem.read_obj(GuestAddress(h.rx.used)).unwrap();
+        assert_eq!(flags & 1, 0, "kicks are enabled");
+        // Two buffers, then the kick.
+        let bufs = post_rx(&mut h, 2, 100);
+        h.w.poll_tap(true);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 2);
+        assert_eq!(&h.drv.read(bufs[0], 76)[12..], &frame(64, 0)[..]);
+        assert_eq!(&h.drv.read(bufs[1], 76)[12..], &frame(64, 1)[..]);
+        assert!(!h.w.tap_polled);
+        let bufs = post_rx(&mut h, 10, 100);
+        h.w.poll_tap(true);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 5);
+        assert_eq!(&h.drv.read(bufs[2], 76)[12..], &frame(64, 4)[..]);
+        assert!(h.w.tap_polled, "buffers left: polling again");
+        assert_eq!(n(&stats(&h).rx_dropped), 0, "nothing lost");
+    }
+
+    fn ctrl(h: &mut H, cmd: &[u8]) -> u8 {
+        let c = h.drv.buf(cmd);
+        let ack = h.drv.buf(&[0xee]);
+        h.ctrl
+            .push(&h.drv, &[(c, cmd.len() as u32, false), (ack, 1, true)]);
+        h.w.process_ctrl();
+        h.drv.read(ack, 1)[0]
+    }
+
+    #[test]
+    fn control_queue_commands() {
+        let feats = bits(&[
+            F_CTRL_VQ,
+            F_CTRL_RX,
+            F_CTRL_GUEST_OFFLOADS,
+            F_GUEST_CSUM,
+            F_GUEST_TSO4,
+        ]);
+        let mut h = harness(feats, true);
+        assert_eq!(ctrl(&mut h, &[CTRL_RX, 0, 1]), CTRL_OK); // promiscuous on
+        assert_eq!(ctrl(&mut h, &[CTRL_RX, 1, 0]), CTRL_OK); // all-multicast off
+        assert_eq!(ctrl(&mut h, &[CTRL_RX, 9, 0]), CTRL_ERR);
+        let mut table = vec![CTRL_MAC, CTRL_MAC_TABLE_SET];
+        table.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0x5e, 0, 0, 1]);
+        assert_eq!(ctrl(&mut h, &table), CTRL_OK);
+        assert_eq!(ctrl(&mut h, &[CTRL_MAC, 1, 2, 0, 0, 0, 0, 1]), CTRL_ERR);
+        assert_eq!(ctrl(&mut h, &[42, 0]), CTRL_ERR);
+        assert_eq!(ctrl(&mut h, &[CTRL_RX]), CTRL_ERR, "too short");
+        let mut off = vec![CTRL_GUEST_OFFLOADS, CTRL_GUEST_OFFLOADS_SET];
+        off.extend_from_slice(&(1u64 << F_GUEST_CSUM | 1 << F_GUEST_TSO4).to_le_bytes());
+        assert_eq!(ctrl(&mut h, &off), CTRL_OK);
+        assert_eq!(h.w.shared.tap.test_offload(), TUN_F_CSUM | TUN_F_TSO4);
+        off.truncate(2);
+        off.extend_from_slice(&(1u64 << F_GUEST_TSO6).to_le_bytes()); // not negotiated
+        assert_eq!(ctrl(&mut h, &off), CTRL_ERR);
+        off.truncate(2);
+        off.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(ctrl(&mut h, &off), CTRL_OK);
+        assert_eq!(h.w.shared.tap.test_offload(), 0);
+        // No ack byte; ack before the command: counted, no panic.
+        let c = h.drv.buf(&[CTRL_RX, 0, 1]);
+        h.ctrl.push(&h.drv, &[(c, 3, false)]);
+        h.ctrl.push(&h.drv, &[(c, 1, true), (c, 3, false)]);
+        h.w.process_ctrl();
+        assert!(n(&stats(&h).guest_errors) >= 2);
+        // Without CTRL_RX negotiated, RX commands are refused.
+        let mut h = harness(bits(&[F_CTRL_VQ]), true);
+        assert_eq!(ctrl(&mut h, &[CTRL_RX, 0, 1]), CTRL_ERR);
+    }
+
+    #[test]
+    fn hostile_random_descriptor_tables() {
+        for mrg in [false, true] {
+            let feats = match mrg {
+                true => bits(&[F_CTRL_VQ, F_CTRL_RX, F_MRG_RXBUF]),
+                false => bits(&[F_CTRL_VQ, F_CTRL_RX]),
+            };
+            let mut h = harness(feats, true);
+            let mut rng = XorShift(0x2545_f491_4f6c_dd1d ^ mrg as u64);
+            for round in 0..1500 {
+                for ring in 0..3 {
+                    let r = [&h.rx, &h.tx, &h.ctrl][ring];
+                    let size = u64::from(r.size);
+                    for _ in 0..rng.below(6) + 1 {
+                        let idx = rng.below(size) as u16;
+                        let addr = match rng.below(4) {
+                            0 => rng.next(),
+                            1 => (MEM_SIZE as u64).wrapping_sub(rng.below(4096)),
+                            _ => DATA + rng.below(0x20000),
+                        };
+                        let len = match rng.below(4) {
+                            0 => rng.next() as u32,
+                            1 => rng.below(16) as u32,
+                            _ => rng.below(4096) as u32,
+                        };
+                        let next = if rng.below(4) == 0 {
+                            rng.next() as u16
+                        } else {
+                            rng.below(size) as u16
+                        };
+                        r.write_desc(&h.drv, idx, addr, len, (rng.next() & 7) as u16, next);
+                    }
+                }
+                for _ in 0..rng.below(3) {
+                    let head = rng.below(300) as u16;
+                    match rng.below(3) {
+                        0 => h.rx.publish(&h.drv, head),
+                        1 => h.tx.publish(&h.drv, head),
+                        _ => h.ctrl.publish(&h.drv, head),
+                    }
+                }
+                if rng.below(3) == 0 {
+                    let len = rng.below(3000) as usize + 1;
+                    let _ = h.peer.write(&frame(len, round as u8));
+                }
+                if round % 211 == 0 {
+                    // A corrupt avail index.
+                    let _ = h
+                        .drv
+                        .mem
+                        .write_obj(rng.next() as u16, GuestAddress(h.rx.avail + 2));
+                }
+                h.w.process_tx();
+                h.w.process_ctrl();
+                h.w.poll_tap(true);
+                h.w.process_rx();
+                while host_recv(&mut h).is_some() {}
+            }
+            assert!(n(&stats(&h).guest_errors) > 0);
+        }
+    }
+
+    #[test]
+    fn activate_runs_the_thread_reset_stops_it() {
+        let (tap, mut peer) = Tap::socket_pair(true);
+        let mut net = Net::with_tap(tap, [2, 0, 0, 0, 0, 9], 1500);
+        let irq = Arc::new(CountingInterrupt::default());
+        net.ack_features(bits(&[F_GUEST_CSUM, F_GUEST_TSO4, F_MRG_RXBUF]));
+        for _round in 0..2 {
+            let mut drv = Driver::new(256);
+            let (mut rx, mut tx, ctrl) = (Ring::new(0, 256), Ring::new(1, 256), Ring::new(2, 64));
+            let kicks: Vec<EventFd> = (0..3)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect();
+            let mut unready = ctrl.queue(&drv.mem);
+            unready.set_ready(false); // CTRL_VQ not negotiated: the queue may stay off
+            net.activate(
+                drv.mem.clone(),
+                irq.clone(),
+                vec![rx.queue(&drv.mem), tx.queue(&drv.mem), unready],
+                kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+            )
+            .unwrap();
+            assert!(net.is_active());
+            assert_eq!(net.shared.tap.test_offload(), TUN_F_CSUM | TUN_F_TSO4);
+            // Guest → host through a kick.
+            let f = with_hdr(&frame(300, 3));
+            let a = drv.buf(&f);
+            tx.push(&drv, &[(a, f.len() as u32, false)]);
+            kicks[TXQ].write(1).unwrap();
+            let mut got = vec![0u8; 4096];
+            assert!(wait_for(|| match peer.read(&mut got) {
+                Ok(n) => {
+                    got.truncate(n);
+                    true
+                }
+                Err(_) => false,
+            }));
+            assert_eq!(got, f);
+            // Host → guest: the frame waits until a buffer is posted and kicked.
+            let g = with_hdr(&frame(500, 4));
+            peer.write_all(&g).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(rx.used_idx(&drv), 0);
+            let b = drv.alloc(2048);
+            rx.push(&drv, &[(b, 2048, true)]);
+            kicks[RXQ].write(1).unwrap();
+            assert!(wait_for(|| rx.used_idx(&drv) == 1));
+            let mut want = g.clone();
+            want[10] = 1; // num_buffers
+            assert_eq!(drv.read(b, g.len()), want);
+            assert!(wait_for(|| irq.used.load(Ordering::SeqCst) >= 2));
+            net.reset();
+            assert!(!net.is_active());
+            assert_eq!(net.shared.tap.test_offload(), 0);
+            net.ack_features(bits(&[F_GUEST_CSUM, F_GUEST_TSO4, F_MRG_RXBUF]));
+            drv = Driver::new(16);
+            let _ = drv;
+        }
+        // Wrong queue counts are refused.
+        let drv = Driver::new(16);
+        assert!(matches!(
+            net.activate(drv.mem.clone(), irq, vec![], vec![]),
+            Err(ActivateError::QueueCount { .. })
+        ));
     }
 }

@@ -50,6 +50,10 @@ pub struct Tap {
     file: File,
     name: String,
     vnet_hdr: bool,
+    /// Unit tests run the device on a SOCK_SEQPACKET pair (one read, one frame, as a tap);
+    /// TUNSETOFFLOAD is recorded here instead.
+    #[cfg(test)]
+    test_offload: Option<std::sync::atomic::AtomicU32>,
 }
 
 fn ifreq_with_name(name: &str) -> libc::ifreq {
@@ -125,6 +129,8 @@ impl Tap {
             file,
             name: name_of(&ifr),
             vnet_hdr: true,
+            #[cfg(test)]
+            test_offload: None,
         };
         tap.setup()?;
         Ok(tap)
@@ -164,6 +170,8 @@ impl Tap {
             file,
             name: name_of(&ifr),
             vnet_hdr: flags & libc::IFF_VNET_HDR != 0,
+            #[cfg(test)]
+            test_offload: None,
         };
         // SAFETY: F_GETFL/F_SETFL on our own descriptor.
         let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -212,6 +220,11 @@ impl Tap {
         if !self.vnet_hdr {
             return Ok(());
         }
+        #[cfg(test)]
+        if let Some(o) = &self.test_offload {
+            o.store(flags, std::sync::atomic::Ordering::SeqCst);
+            return Ok(());
+        }
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
         let r = unsafe {
             libc::ioctl(
@@ -257,6 +270,40 @@ impl Tap {
             iov_base: buf.as_ptr() as *mut libc::c_void,
             iov_len: buf.len(),
         }])
+    }
+}
+
+#[cfg(test)]
+impl Tap {
+    /// A stand-in tap for unit tests: one end of a non-blocking SOCK_SEQPACKET pair; the
+    /// other end (returned) plays the host network.
+    pub(crate) fn socket_pair(vnet_hdr: bool) -> (Tap, File) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into the array we pass.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0, "socketpair: {}", io::Error::last_os_error());
+        // SAFETY: both descriptors are fresh and ours.
+        let (a, b) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let tap = Tap {
+            file: a,
+            name: "testpair".into(),
+            vnet_hdr,
+            test_offload: Some(std::sync::atomic::AtomicU32::new(0)),
+        };
+        (tap, b)
+    }
+
+    pub(crate) fn test_offload(&self) -> u32 {
+        self.test_offload
+            .as_ref()
+            .map_or(0, |o| o.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 
