@@ -57,11 +57,25 @@ net_stats() {
     testbed_say "net-tap-stats$1=${l:-none}"
 }
 
+# net_cpu LABEL: CPU time so far (clock ticks) of the VMM process (all threads; gtime = time in
+# L2) and of the whole of L1 (/proc/stat "cpu" line), to see where a transfer's time went.
+net_cpu() {
+    local label="$1" vpid st l1
+    vpid=$(cat /tmp/testbed.vpid 2>/dev/null)
+    st=$( [ -n "$vpid" ] && sed 's/^.*) //' "/proc/$vpid/stat" 2>/dev/null)
+    l1=$(sed -n 's/^cpu  *//p' /proc/stat)
+    # after "comm) ": field 3 is state, so utime/stime/gtime are words 12/13/41
+    # shellcheck disable=SC2086
+    set -- $st
+    testbed_say "net-cpu.$label=vmm utime=${12:-?} stime=${13:-?} gtime=${41:-?} l1 ${l1}"
+}
+
 # net_peer MODE MIB: L1's side of the exchange (run in the background while the VMM runs).
 net_peer() {
     local mode="$1" mib="$2" bytes=$(($2 << 20)) got want out rc t0 t1
     rm -f /tmp/net.hold /tmp/net.rx /tmp/net.tx
     mkfifo /tmp/net.hold
+    net_cpu start
     # stdin: a FIFO nc holds open itself (busybox nc half-closes on stdin EOF)
     if [ "$mode" = bench ]; then
         got=$(nc -l -p 5001 <>/tmp/net.hold | wc -c)
@@ -77,12 +91,14 @@ net_peer() {
             [ "$got" = "$want" ] && testbed_say "net-rx-data=truncated" || testbed_say "net-rx-data=differs"
         fi
     fi
+    net_cpu rx-done
     out=$(ping -c 3 -W 5 "$NET_L2" 2>&1)
     echo "$out" | sed 's/^/net-ping| /'
     case "$out" in
         *" 3 packets received"*) testbed_say "net-ping-l2=ok" ;;
         *) testbed_say "net-ping-l2=failed" ;;
     esac
+    net_cpu tx-start
     if [ "$mode" = bench ]; then
         t0=$(net_now_us)
         dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null | nc "$NET_L2" 5002
@@ -95,6 +111,7 @@ net_peer() {
         nc "$NET_L2" 5002 </tmp/net.tx
         testbed_say "net-tx-done rc=$?"
     fi
+    net_cpu tx-done
     net_stats
     testbed_say "net-peer=done"
 }

@@ -85,6 +85,8 @@ case "$out" in
     *) echo "L2-PING-L1=failed"; failed=1 ;;
 esac
 
+# L2's CPU time (user nice system idle iowait irq softirq ... in ticks) around its send
+echo "L2-CPU tx-start $(sed -n 's/^cpu  *//p' /proc/stat)"
 if [ "$mode" = bench ]; then
     t0=$(now_us)
     dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null | nc $L1 5001
@@ -100,6 +102,8 @@ else
     [ $rc = 0 ] || failed=1
 fi
 
+echo "L2-CPU tx-done $(sed -n 's/^cpu  *//p' /proc/stat)"
+
 # L1's stream: wait for the listener (bounded; L1's nc may never connect if the link broke).
 i=0
 while kill -0 $rxpid 2>/dev/null && [ $i -lt 1200 ]; do
@@ -111,6 +115,7 @@ if kill -0 $rxpid 2>/dev/null; then
     kill $rxpid
 fi
 wait $rxpid
+echo "L2-CPU rx-done $(sed -n 's/^cpu  *//p' /proc/stat)"
 if [ "$mode" = bench ]; then
     echo "L2-RX bytes=$(cat /tmp/rx.count 2>/dev/null)"
 else
