@@ -14,6 +14,7 @@
 
 mod blk;
 mod l2blk;
+mod net;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -188,6 +189,7 @@ fn main() {
     }
 
     blk::run();
+    net::run(quick);
 
     if quick {
         return;
