@@ -438,8 +438,10 @@ impl Worker {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             // E.g. the interface was deleted: stop polling rather than spin.
-                            bump(&st.host_errors, 1);
-                            log::error!("virtio-net: reading tap {}: {e}", tap.name());
+                            guest_error(
+                                &st.host_errors,
+                                format_args!("virtio-net: reading tap {}: {e}", tap.name()),
+                            );
                             self.poll_tap(false);
                             break;
                         }
