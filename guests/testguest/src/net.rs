@@ -250,7 +250,7 @@ fn hex_mac(mac: &[u8; 6], out: &mut [u8; 17]) {
 }
 
 impl Nic {
-    fn open(window: &mut u64, cmdline: &[u8], want_mrg: bool) -> Option<Nic> {
+    fn open(window: &mut u64, cmdline: &[u8], want_mrg: bool, post: bool) -> Option<Nic> {
         extern "C" {
             static _image_end: u8;
         }
@@ -313,11 +313,17 @@ impl Nic {
             rx_slot: rx_slot.min(RX_SLOT_MAX),
             rx_count,
         };
-        for i in 0..rx_count {
-            nic.post_rx(i);
+        if post {
+            nic.post_all_rx();
         }
-        nic.rx.publish(true);
         Some(nic)
+    }
+
+    fn post_all_rx(&mut self) {
+        for i in 0..self.rx_count {
+            self.post_rx(i);
+        }
+        self.rx.publish(true);
     }
 
     fn rx_addr(&self, i: u16) -> u64 {
@@ -508,9 +514,14 @@ pub fn test(window: &mut u64, cmdline: &'static [u8]) {
             }
         },
     };
-    let Some(mut nic) = Nic::open(window, cmdline, mrg) else {
+    let norx = num_arg(cmdline, b"rhyve.net.norx", 0) == 1;
+    let Some(mut nic) = Nic::open(window, cmdline, mrg, !norx) else {
         return;
     };
+    if norx {
+        no_buffers_then_receive(&mut nic);
+        return;
+    }
     let mtu = u16::from_le_bytes({
         let c = nic.dev.config::<12>(0);
         [c[10], c[11]]
@@ -619,11 +630,62 @@ pub fn test(window: &mut u64, cmdline: &'static [u8]) {
     line(&[P::S("net done")]);
 }
 
+/// `rhyve.net.norx=1`: posts no receive buffers for 3 s (the host floods the tap meanwhile:
+/// the device must hold back, not spin), then posts them and receives until a stop frame,
+/// checking the data frames' sequence numbers run without a gap from the first one.
+fn no_buffers_then_receive(nic: &mut Nic) {
+    line(&[P::S("net norx waiting")]);
+    let mut c = Clock::new();
+    while c.elapsed() < 3 * PM_HZ {
+        io::pause();
+    }
+    line(&[P::S("net norx posting")]);
+    nic.post_all_rx();
+    let (mut count, mut first, mut next, mut gaps) = (0u64, None, 0u16, 0u64);
+    let mut got = [(0u16, 0u32); 64];
+    let mut clock = Clock::new();
+    loop {
+        if nic.receive(&mut clock, 60 * PM_HZ, &mut got) == 0 {
+            fail(&[P::S("net: no stop frame (timeout)")]);
+            break;
+        }
+        clock = Clock::new();
+        let f = nic.rx_addr(got[0].0) + HDR;
+        let len = (got[0].1 as u64).saturating_sub(HDR);
+        if len >= 20 && r16be(f + 12) == ETHERTYPE {
+            if r8(f + 14) == KIND_STOP {
+                break;
+            }
+            let seq = r16be(f + 16);
+            if first.is_none() {
+                first = Some(seq);
+            } else if seq != next {
+                gaps += 1;
+            }
+            next = seq.wrapping_add(1);
+            count += 1;
+        }
+        nic.repost(&got[..1]);
+    }
+    line(&[
+        P::S("net norx received="),
+        P::D(count),
+        P::S(" first="),
+        P::D(first.unwrap_or(0) as u64),
+        P::S(" last="),
+        P::D(next.wrapping_sub(1) as u64),
+        P::S(" gaps="),
+        P::D(gaps),
+    ]);
+    nic.dev.reset();
+    line(&[P::S("net done")]);
+}
+
 /// `rhyve.test=net-bench`.
 pub fn bench(window: &mut u64, cmdline: &'static [u8]) {
     let frames = num_arg(cmdline, b"rhyve.bench.frames", 2000);
     let size = num_arg(cmdline, b"rhyve.bench.size", 64).clamp(60, TX_SLOT - HDR);
-    let Some(mut nic) = Nic::open(window, cmdline, false) else {
+    let Some(mut nic) = Nic::open(window, cmdline, false, true) else {
         return;
     };
     // Guest → host: the ring's slots each hold a ready frame; post as many as fit, kick
