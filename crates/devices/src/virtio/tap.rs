@@ -251,11 +251,12 @@ impl Tap {
         }
     }
 
-    /// Writes one frame from `iov` (one write is one frame).
+    /// Writes one frame from `iov` (one write is one frame; at most 1024 pieces).
     pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         let cnt = iov.len().min(1024) as libc::c_int;
-        // SAFETY: each iovec describes memory the caller keeps valid for the call; the kernel
-        // only reads it.
+        // SAFETY: each iovec describes memory the caller keeps valid for the call (for guest
+        // buffers: a guest RAM mapping that outlives the device thread); the kernel only
+        // reads it. The guest changing those bytes meanwhile is its own race, as with DMA.
         let r = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), cnt) };
         if r < 0 {
             Err(io::Error::last_os_error())
