@@ -7,7 +7,9 @@
 //!   per kick); its ACPI PM timer times them; an AF_PACKET socket on the tap counts what
 //!   arrives (loss is reported).
 //! - host→guest: this process sends `frames` frames into the tap through AF_PACKET as fast as
-//!   the kernel takes them; the guest counts what it receives and times first to last.
+//!   the kernel takes them; the guest counts what it receives and times first to last (what
+//!   the tap's queue, 1000 frames, cannot hold while rhyve and the guest drain it is dropped
+//!   by the kernel and reported as the difference).
 //! - baseline: the same frames through the same kind of tap without a VM: this process writes
 //!   them to the tap descriptor (what rhyve does) and receives them on AF_PACKET, and the
 //!   other way round. That is the ceiling the kernel sets for any VMM on this host.
@@ -398,7 +400,7 @@ pub fn run(quick: bool) {
                     mbit(b_out, size)
                 );
                 println!(
-                    "  {size:>4} B host->guest  rhyve {:>9.0} f/s {:>8.1} Mbit/s ({} of {frames} received)  host tap baseline {:>9.0} f/s {:>8.1} Mbit/s",
+                    "  {size:>4} B host->guest  rhyve {:>9.0} f/s {:>8.1} Mbit/s ({} of {frames} received, the rest overflowed the kernel's tap queue)  host tap baseline {:>9.0} f/s {:>8.1} Mbit/s",
                     g.rx_fps,
                     mbit(g.rx_fps, size),
                     g.rx_got,
