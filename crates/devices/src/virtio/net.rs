@@ -1457,6 +1457,30 @@ mod tests {
         assert_eq!(n(&stats(&h).rx_dropped), 0, "nothing lost");
     }
 
+    #[test]
+    fn event_idx_asks_for_the_next_receive_buffer_only_when_out() {
+        let mut h = harness(bits(&[VIRTIO_RING_F_EVENT_IDX]), true);
+        h.w.rx.set_event_idx(true);
+        let avail_event = |h: &H| -> u16 {
+            let at = h.rx.used + 4 + 8 * u64::from(h.rx.size);
+            h.drv.mem.read_obj(GuestAddress(at)).unwrap()
+        };
+        post_rx(&mut h, 3, 200);
+        for i in 0..4u8 {
+            host_send(&mut h, &with_hdr(&frame(100, i)));
+        }
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 3);
+        assert!(h.w.pending.is_some() && !h.w.tap_polled);
+        assert_eq!(avail_event(&h), 3, "kick me when buffer 3 is posted");
+        // The guest posts one more (and would kick): the waiting frame goes in.
+        post_rx(&mut h, 1, 200);
+        h.w.poll_tap(true);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 4);
+        assert!(h.w.pending.is_none());
+    }
+
     fn ctrl(h: &mut H, cmd: &[u8]) -> u8 {
         let c = h.drv.buf(cmd);
         let ack = h.drv.buf(&[0xee]);
