@@ -31,7 +31,7 @@ pub enum TapError {
     #[error("tap {0}: no such network interface (create it first: ip tuntap add {0} mode tap)")]
     Missing(String),
     /// exists but is not a tap
-    #[error("{0}: not a tap interface")]
+    #[error("{0}: not a tap interface (or a multi-queue tap, which rhyve does not use)")]
     NotTap(String),
     /// another process holds the tap
     #[error("tap {0} is busy: another process (VM) has it open")]
