@@ -250,7 +250,7 @@ fn hex_mac(mac: &[u8; 6], out: &mut [u8; 17]) {
 }
 
 impl Nic {
-    fn open(window: &mut u64, cmdline: &[u8], want_mrg: bool, post: bool) -> Option<Nic> {
+    fn open(window: &mut u64, want_mrg: bool, post: bool) -> Option<Nic> {
         extern "C" {
             static _image_end: u8;
         }
@@ -258,7 +258,6 @@ impl Nic {
             fail(&[P::S("net: image overlaps the net buffers")]);
             return None;
         }
-        let _ = cmdline;
         let mut dev = virtio::probe(&[0x1041, 0x1000], window, false)?;
         let wanted = F_MAC | F_STATUS | F_MTU | if want_mrg { F_MRG_RXBUF } else { 0 };
         if !dev.negotiate(wanted) {
@@ -515,7 +514,7 @@ pub fn test(window: &mut u64, cmdline: &'static [u8]) {
         },
     };
     let norx = num_arg(cmdline, b"rhyve.net.norx", 0) == 1;
-    let Some(mut nic) = Nic::open(window, cmdline, mrg, !norx) else {
+    let Some(mut nic) = Nic::open(window, mrg, !norx) else {
         return;
     };
     if norx {
@@ -685,7 +684,7 @@ fn no_buffers_then_receive(nic: &mut Nic) {
 pub fn bench(window: &mut u64, cmdline: &'static [u8]) {
     let frames = num_arg(cmdline, b"rhyve.bench.frames", 2000);
     let size = num_arg(cmdline, b"rhyve.bench.size", 64).clamp(60, TX_SLOT - HDR);
-    let Some(mut nic) = Nic::open(window, cmdline, false, true) else {
+    let Some(mut nic) = Nic::open(window, false, true) else {
         return;
     };
     // Guest → host: the ring's slots each hold a ready frame; post as many as fit, kick
