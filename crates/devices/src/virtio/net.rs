@@ -9,8 +9,10 @@
 //!
 //! Backpressure: when the guest has posted no receive buffers the device stops polling the tap
 //! (it stays in the kernel's queue, which drops on overflow) until the next receive kick; at
-//! most one frame waits inside rhyve. Transmit handles the whole available ring per kick and
-//! interrupts once per batch. Malformed chains are dropped, counted and logged once; a frame
+//! most one frame waits inside rhyve. Transmit handles the whole available ring per kick
+//! (writev straight from guest memory) and interrupts once per batch; receive copies each frame
+//! once, from the tap into the guest's buffers (its size decides how many mergeable buffers it
+//! takes), and interrupts once per batch. Malformed chains are dropped, counted and logged once; a frame
 //! larger than the posted receive buffers is dropped and counted.
 
 use std::io;
