@@ -484,7 +484,7 @@ impl Worker {
                 }
                 Rx::NoBuffers(seen) => {
                     // Ask for a kick, then look again: buffers may have arrived in between.
-                    let _ = self.rx.enable_notification(&self.mem);
+                    self.ask_for_rx_kick(seen);
                     let now = self.rx.avail_idx(&self.mem, Ordering::Acquire).ok();
                     if now.is_some() && now != seen {
                         let _ = self.rx.disable_notification(&self.mem);
@@ -498,6 +498,21 @@ impl Worker {
         if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
             self.irq.queue_used(RXQ as u16);
         }
+    }
+
+    /// Re-enables receive kicks. With EVENT_IDX the kick must come on the driver's *next*
+    /// buffer: avail_event is set to the avail index `seen`, not to the device's position,
+    /// which lags behind it when posted mergeable buffers were too few for the frame (the
+    /// driver only kicks when its index crosses avail_event: a stale one means no kick ever).
+    fn ask_for_rx_kick(&mut self, seen: Option<Wrapping<u16>>) {
+        let _ = self.rx.enable_notification(&self.mem);
+        if let (true, Some(idx)) = (self.rx.event_idx_enabled(), seen) {
+            // struct virtq_used: flags, idx, ring[size], then le16 avail_event (2.7.10).
+            let at = self.rx.used_ring() + 4 + 8 * u64::from(self.rx.size());
+            let _ = self.mem.write_obj(idx.0.to_le(), GuestAddress(at));
+        }
+        // The avail index read that follows must not pass the store above.
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Puts the frame in `rx_buf[..len]` into the guest's receive buffers.
@@ -1481,6 +1496,36 @@ mod tests {
         h.w.process_rx();
         assert_eq!(h.rx.used_idx(&h.drv), 4);
         assert!(h.w.pending.is_none());
+    }
+
+    #[test]
+    fn event_idx_with_too_few_mergeable_buffers_still_gets_a_kick() {
+        // A 300-byte frame, 2 posted buffers of 100 bytes: the device must wait, and ask to be
+        // kicked on the driver's next buffer (avail_event = 2), not at its own position (0),
+        // which the driver has already passed and would never kick for again.
+        let mut h = harness(bits(&[VIRTIO_RING_F_EVENT_IDX, F_MRG_RXBUF]), true);
+        h.w.rx.set_event_idx(true);
+        let avail_event = |h: &H| -> u16 {
+            let at = h.rx.used + 4 + 8 * u64::from(h.rx.size);
+            h.drv.mem.read_obj(GuestAddress(at)).unwrap()
+        };
+        post_rx(&mut h, 2, 100);
+        host_send(&mut h, &with_hdr(&frame(300, 1)));
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 0);
+        assert!(h.w.pending.is_some() && !h.w.tap_polled);
+        assert_eq!(avail_event(&h), 2);
+        // Linux's vring_need_event for the next buffer: (new - event - 1) < (new - old).
+        let (old, new) = (2u16, 3u16);
+        assert!(new.wrapping_sub(avail_event(&h)).wrapping_sub(1) < new.wrapping_sub(old));
+        post_rx(&mut h, 2, 100);
+        h.w.poll_tap(true);
+        h.w.process_rx();
+        assert_eq!(
+            h.rx.used_idx(&h.drv),
+            4,
+            "312 bytes in four 100-byte buffers"
+        );
     }
 
     fn ctrl(h: &mut H, cmd: &[u8]) -> u8 {
