@@ -369,6 +369,11 @@ fn check_guest_frames(pk: &Packet, g: &Guest, mac: [u8; 6], max: usize) {
 /// burst of `burst` frames sent at once, all echoed in order (the guest has few buffers, so
 /// the device must hold back rather than drop).
 fn echo(pk: &Packet, mac: [u8; 6], sizes: &[usize], burst: usize) -> usize {
+    let lens: Vec<usize> = (0..burst).map(|i| 60 + (i * 37) % 1400).collect();
+    echo_sizes(pk, mac, sizes, &lens)
+}
+
+fn echo_sizes(pk: &Packet, mac: [u8; 6], sizes: &[usize], burst: &[usize]) -> usize {
     let mut seq = 1000u16;
     let mut n = 0;
     for &len in sizes {
@@ -384,8 +389,10 @@ fn echo(pk: &Packet, mac: [u8; 6], sizes: &[usize], burst: usize) -> usize {
         seq += 1;
         n += 1;
     }
-    let frames: Vec<Vec<u8>> = (0..burst)
-        .map(|i| frame(mac, HOST_MAC, 1, seq + i as u16, 60 + (i * 37) % 1400))
+    let frames: Vec<Vec<u8>> = burst
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| frame(mac, HOST_MAC, 1, seq + i as u16, len))
         .collect();
     for f in &frames {
         pk.send(f);
@@ -393,13 +400,13 @@ fn echo(pk: &Packet, mac: [u8; 6], sizes: &[usize], burst: usize) -> usize {
     for (i, f) in frames.iter().enumerate() {
         let r = pk
             .recv(Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("burst: echo {i} of {burst} missing"));
+            .unwrap_or_else(|| panic!("burst: echo {i} of {} missing", burst.len()));
         let mut want = f.clone();
         want[..6].copy_from_slice(&HOST_MAC);
         want[6..12].copy_from_slice(&mac);
         assert!(r == want, "burst echo {i} differs (order or content)");
     }
-    n + burst
+    n + burst.len()
 }
 
 fn stop(pk: &Packet, mac: [u8; 6]) {
@@ -453,15 +460,19 @@ fn mergeable_buffers_jumbo_mtu_and_configured_mac() {
     let mut g = Guest::start(ns.rhyve(
         "netmrg",
         "2,virtio-net,tap0,mac=02:11:22:33:44:55,mtu=9000",
-        "rhyve.test=virtio-net rhyve.net.mrg=1",
+        "rhyve.test=virtio-net rhyve.net.mrg=1 rhyve.net.evidx=1",
     ));
     g.wait_for("net echo ready", 60);
     assert_eq!(g.value("net mac=", "mac"), "02:11:22:33:44:55");
     assert_eq!(g.value("net mac=", "mtu"), "9000");
     assert_eq!(g.value("net mac=", "mrg"), "1");
+    assert_eq!(g.value("net mac=", "evidx"), "1");
     check_guest_frames(&pk, &g, mac, 9014);
-    // 9014 bytes span 36 of the guest's 256-byte buffers.
-    let echoed = echo(&pk, mac, &[60, 244, 245, 1514, 4000, 9014], 20);
+    // 9014 bytes span 36 of the guest's 64 256-byte buffers: in a burst the second jumbo frame
+    // finds too few posted buffers, and the device must be kicked (EVENT_IDX) when the guest
+    // reposts the first one's.
+    let echoed = echo(&pk, mac, &[60, 244, 245, 1514, 4000, 9014], 20)
+        + echo_sizes(&pk, mac, &[], &[9014, 9014, 3000, 9014, 9014]);
     stop(&pk, mac);
     g.wait_for("net done", 30);
     assert_eq!(g.value("net echo frames", "frames"), echoed.to_string());

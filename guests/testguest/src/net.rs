@@ -29,6 +29,7 @@ const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
 const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
+const F_EVENT_IDX: u64 = 1 << 29;
 
 pub const ETHERTYPE: u16 = 0x88b5;
 pub const KIND_DATA: u8 = 1;
@@ -69,10 +70,15 @@ const PM_HZ: u64 = 3_579_545;
 /// A split ring at a fixed page (§2.7), polled.
 struct Ring {
     base: u64,
+    index: u16,
     size: u16,
     notify: u64,
     next_avail: u16,
     next_used: u16,
+    /// VIRTIO_F_EVENT_IDX negotiated: kick by avail_event instead of the NO_NOTIFY flag.
+    event_idx: bool,
+    /// avail.idx as last published.
+    published: u16,
 }
 
 impl Ring {
@@ -104,6 +110,9 @@ impl Ring {
             notify: d.notify + noff as u64 * d.notify_mult as u64,
             next_avail: 0,
             next_used: 0,
+            event_idx: d.features & F_EVENT_IDX != 0,
+            published: 0,
+            index,
         })
     }
 
@@ -123,18 +132,28 @@ impl Ring {
         self.next_avail = self.next_avail.wrapping_add(1);
     }
 
-    /// Publishes avail.idx; notifies unless the device said VIRTQ_USED_F_NO_NOTIFY.
-    fn publish(&self, force_kick: bool) {
+    /// Publishes avail.idx and notifies the device if it asked for it (§2.7.10): with
+    /// EVENT_IDX when the new entries cross avail_event (the `le16` after the used ring),
+    /// otherwise unless it set VIRTQ_USED_F_NO_NOTIFY.
+    fn publish(&mut self, force_kick: bool) {
         compiler_fence(Ordering::SeqCst);
         io::mmio_write(self.base + R_AVAIL + 2, self.next_avail);
         compiler_fence(Ordering::SeqCst);
-        // The device's flag is read after idx is visible (x86: stores then loads may pass,
-        // hence mfence: a missed kick would stall the test).
+        // The device's flag/event is read after idx is visible (x86: stores then loads may
+        // pass, hence mfence: a missed kick would stall the test).
         // SAFETY: a fence has no other effect.
         unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
-        let flags: u16 = io::mmio_read(self.base + R_USED);
-        if force_kick || flags & 1 == 0 {
-            io::mmio_write(self.notify, 0u16);
+        let (old, new) = (self.published, self.next_avail);
+        self.published = new;
+        let kick = if self.event_idx {
+            let event: u16 = io::mmio_read(self.base + R_USED + 4 + 8 * self.size as u64);
+            // vring_need_event(event, new, old)
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            io::mmio_read::<u16>(self.base + R_USED) & 1 == 0
+        };
+        if force_kick || kick {
+            io::mmio_write(self.notify, self.index);
         }
     }
 
@@ -250,7 +269,7 @@ fn hex_mac(mac: &[u8; 6], out: &mut [u8; 17]) {
 }
 
 impl Nic {
-    fn open(window: &mut u64, want_mrg: bool, post: bool) -> Option<Nic> {
+    fn open(window: &mut u64, want_mrg: bool, post: bool, evidx: bool) -> Option<Nic> {
         extern "C" {
             static _image_end: u8;
         }
@@ -259,7 +278,11 @@ impl Nic {
             return None;
         }
         let mut dev = virtio::probe(&[0x1041, 0x1000], window, false)?;
-        let wanted = F_MAC | F_STATUS | F_MTU | if want_mrg { F_MRG_RXBUF } else { 0 };
+        let wanted = F_MAC
+            | F_STATUS
+            | F_MTU
+            | if want_mrg { F_MRG_RXBUF } else { 0 }
+            | if evidx { F_EVENT_IDX } else { 0 };
         if !dev.negotiate(wanted) {
             return None;
         }
@@ -285,6 +308,8 @@ impl Nic {
             P::D(mtu),
             P::S(" mrg="),
             P::D(mrg as u64),
+            P::S(" evidx="),
+            P::D((dev.features & F_EVENT_IDX != 0) as u64),
         ]);
         if dev.features & F_MAC == 0 {
             fail(&[P::S("net: MAC not offered")]);
@@ -514,7 +539,8 @@ pub fn test(window: &mut u64, cmdline: &'static [u8]) {
         },
     };
     let norx = num_arg(cmdline, b"rhyve.net.norx", 0) == 1;
-    let Some(mut nic) = Nic::open(window, mrg, !norx) else {
+    let evidx = num_arg(cmdline, b"rhyve.net.evidx", 0) == 1;
+    let Some(mut nic) = Nic::open(window, mrg, !norx, evidx) else {
         return;
     };
     if norx {
@@ -684,7 +710,7 @@ fn no_buffers_then_receive(nic: &mut Nic) {
 pub fn bench(window: &mut u64, cmdline: &'static [u8]) {
     let frames = num_arg(cmdline, b"rhyve.bench.frames", 2000);
     let size = num_arg(cmdline, b"rhyve.bench.size", 64).clamp(60, TX_SLOT - HDR);
-    let Some(mut nic) = Nic::open(window, false, true) else {
+    let Some(mut nic) = Nic::open(window, false, true, false) else {
         return;
     };
     // Guest → host: the ring's slots each hold a ready frame; post as many as fit, kick
