@@ -36,9 +36,19 @@ now_us() {
 # The check-mode stream of one direction: BYTES of a line pattern naming that direction.
 pattern() { yes "rhyve-virtio-net-$1-0123456789abcdef" | head -c "$2"; }
 md5() { md5sum | cut -d' ' -f1; }
+stats() {
+    for c in rx_bytes rx_packets tx_bytes tx_packets rx_errors tx_errors rx_dropped tx_dropped; do
+        printf '%s=%s ' $c "$(cat /sys/class/net/eth0/statistics/$c 2>/dev/null)"
+    done | sed 's/^/L2-ETH0-STATS /'
+    echo
+}
 finish() {
     # Something went wrong: the kernel's view, for the device's author.
-    [ -n "$failed" ] && dmesg | tail -n 60 | sed 's/^/L2-DMESG-TAIL /'
+    if [ -n "$failed" ]; then
+        dmesg | tail -n 60 | sed 's/^/L2-DMESG-TAIL /'
+        grep -i virtio /proc/interrupts | sed 's/^/L2-IRQS /'
+        stats
+    fi
     echo
     echo "L2-INIT-REACHED"
     reboot -f
@@ -104,9 +114,11 @@ fi
 
 echo "L2-CPU tx-done $(sed -n 's/^cpu  *//p' /proc/stat)"
 
-# L1's stream: wait for the listener (bounded; L1's nc may never connect if the link broke).
-i=0
-while kill -0 $rxpid 2>/dev/null && [ $i -lt 1200 ]; do
+# L1's stream: wait for the listener, bounded (check: 120 s, bench: 600 s) so that a stalled
+# device still gets L2's report out before L1's watchdog kills the VMM.
+i=0 n=480
+[ "$mode" = bench ] && n=2400
+while kill -0 $rxpid 2>/dev/null && [ $i -lt $n ]; do
     sleep 0.25; i=$((i + 1))
 done
 if kill -0 $rxpid 2>/dev/null; then
@@ -130,9 +142,6 @@ else
         echo "L2-RX-DATA=differs"; failed=1
     fi
 fi
-for c in rx_bytes rx_packets tx_bytes tx_packets rx_errors tx_errors rx_dropped tx_dropped; do
-    printf '%s=%s ' $c "$(cat /sys/class/net/eth0/statistics/$c)"
-done | sed 's/^/L2-ETH0-STATS /'
-echo
+stats
 echo "L2-NET-DONE"
 finish
