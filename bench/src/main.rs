@@ -11,9 +11,13 @@
 //!    writes on rhyve against the host doing the same on the same image file.
 //! 5. In the test bed (`l2blk`): Linux in L2 timing dd O_DIRECT on rhyve against QEMU+KVM.
 //!    Skipped with `--quick`.
+//! 6. In the test bed (`l2net`): Linux in L2 moving TCP over virtio-net to/from L1's tap, rhyve
+//!    against QEMU+KVM's userspace virtio-net. Skipped with `--quick`.
 
 mod blk;
 mod l2blk;
+mod l2net;
+mod net;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -188,6 +192,7 @@ fn main() {
     }
 
     blk::run();
+    net::run(quick);
 
     if quick {
         return;
@@ -211,4 +216,5 @@ fn main() {
         );
     }
     l2blk::run();
+    l2net::run();
 }

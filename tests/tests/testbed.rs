@@ -34,6 +34,13 @@ fn stock_linux_drives_virtio_blk() {
     scenario("virtio-blk");
 }
 
+/// Linux's virtio_net on rhyve's virtio-net, tap0 in a network namespace of L1's: link up, ping
+/// both ways, 8 MiB over TCP each way with bytes and md5 checked on both ends.
+#[test]
+fn stock_linux_drives_virtio_net() {
+    scenario("virtio-net");
+}
+
 #[test]
 fn stock_linux_powers_off_with_exit_1() {
     scenario("poweroff");

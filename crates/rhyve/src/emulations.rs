@@ -9,6 +9,7 @@ use devices::pci::lpc::lpc_bridge;
 use devices::pci::root::SharedPciDevice;
 use devices::pci::InterruptSink;
 use devices::virtio::block::{self, Block, BlockConfig};
+use devices::virtio::net::{self, Net, NetConfig};
 use devices::virtio::{IoEventRegistrar, Rng, VirtioDevice, VirtioPci};
 use vmm_sys_util::eventfd::EventFd;
 use vmmapi::Vm;
@@ -118,9 +119,32 @@ static VIRTIO_RND: Emulation = Emulation {
     build: |ctx| virtio_pci(ctx, Box::new(Rng::new())),
 };
 
+static VIRTIO_NET: Emulation = Emulation {
+    name: "virtio-net",
+    description: "virtio network device on a tap: TAP[,mac=xx:xx:xx:xx:xx:xx][,mtu=N] or fd=N",
+    keys: net::KEYS,
+    build: |ctx| {
+        let cfg = NetConfig::from_keys(ctx.opts.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let mac = net::default_mac(ctx.vm.name(), ctx.slot, ctx.func);
+        let dev = Net::new(&cfg, mac).map_err(|e| anyhow::anyhow!("{e}"))?;
+        log::info!(
+            "virtio-net: tap {} mac {}",
+            dev.tap_name(),
+            dev.mac().map(|b| format!("{b:02x}")).join(":")
+        );
+        virtio_pci(ctx, Box::new(dev))
+    },
+};
+
 /// Every emulation, in `-s help` order.
-pub static EMULATIONS: &[&Emulation] =
-    &[&HOSTBRIDGE, &AMD_HOSTBRIDGE, &LPC, &VIRTIO_BLK, &VIRTIO_RND];
+pub static EMULATIONS: &[&Emulation] = &[
+    &HOSTBRIDGE,
+    &AMD_HOSTBRIDGE,
+    &LPC,
+    &VIRTIO_BLK,
+    &VIRTIO_NET,
+    &VIRTIO_RND,
+];
 
 /// Looks an emulation up by name.
 pub fn find(name: &str) -> Option<&'static Emulation> {
@@ -165,6 +189,7 @@ mod tests {
         assert!(help().contains("amd_hostbridge"));
         assert!(find("virtio-blk").is_some_and(|e| e.keys.contains(&"ser")));
         assert!(find("virtio-rnd").is_some());
+        assert!(find("virtio-net").is_some_and(|e| e.keys.contains(&"mac")));
         let mut names: Vec<_> = EMULATIONS.iter().map(|e| e.name).collect();
         names.dedup();
         assert_eq!(names.len(), EMULATIONS.len());

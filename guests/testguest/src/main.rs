@@ -11,6 +11,7 @@ mod blk;
 mod boot;
 mod io;
 mod irq;
+mod net;
 mod pci;
 mod smp;
 mod virtio;
@@ -553,7 +554,8 @@ extern "C" fn rhyve_main() -> ! {
             }
             exit(args.exit)
         }
-        b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" | b"irq" => {
+        b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" | b"irq" | b"virtio-net"
+        | b"net-bench" => {
             let mut window = args.mmio;
             match args.test {
                 b"pci" => pci::test(args.ecam),
@@ -562,6 +564,8 @@ extern "C" fn rhyve_main() -> ! {
                 }
                 b"blk-bench" => bench::run(&mut window, bi.cmdline),
                 b"irq" => irq::test(&mut window),
+                b"virtio-net" => net::test(&mut window, bi.cmdline),
+                b"net-bench" => net::bench(&mut window, bi.cmdline),
                 _ => virtio::rng_test(&mut window, args.reassign),
             }
             line(&[P::S("checks fail="), P::D(fails())]);

@@ -10,8 +10,10 @@
 //! are `Arc`s, so the clone is cheap and the mapping outlives every worker.
 
 pub mod block;
+pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod tap;
 
 use std::fmt;
 use std::io;
@@ -25,6 +27,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
+pub use net::{Net, NetConfig, NetConfigError, NetStats, TYPE_NET};
 pub use pci::{IoEventRegistrar, VirtioPci};
 pub use rng::{Rng, RngStats};
 

@@ -245,6 +245,8 @@ impl VirtioPci {
         let ty = dev.device_type();
         let class = if ty == TYPE_BLOCK {
             (0x01, 0x00, 0x00)
+        } else if ty == super::TYPE_NET {
+            (0x02, 0x00, 0x00) // Ethernet controller
         } else {
             (0xff, 0x00, 0x00)
         };
