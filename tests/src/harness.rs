@@ -283,6 +283,9 @@ pub fn require_kvm() {
     }
 }
 
+/// The PC most tests boot: host bridge, LPC bridge, COM1 on stdio (the test guest's console).
+pub const PC_MACHINE: [&str; 6] = ["-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio"];
+
 /// A `rhyve` command with a private runtime directory and info logging.
 pub fn rhyve_cmd(rundir: &std::path::Path) -> Command {
     let mut cmd = Command::new(rhyve_bin());

@@ -52,21 +52,10 @@ fn printed_e820(extra_isa_hole: bool) -> Vec<String> {
 fn boot(kernel: PathBuf, name: &str, cpus: &str) -> Output {
     let dir = scratch_dir(name);
     let mut cmd = rhyve_cmd(&dir);
-    cmd.args([
-        "-c",
-        cpus,
-        "-m",
-        "512M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-        "--kernel",
-    ])
-    .arg(kernel)
-    .args(["--append", CMDLINE, name]);
+    cmd.args(rhyve_tests::harness::PC_MACHINE)
+        .args(["-c", cpus, "-m", "512M", "--kernel"])
+        .arg(kernel)
+        .args(["--append", CMDLINE, name]);
     harness::run(
         &mut cmd,
         Run {

@@ -17,15 +17,9 @@ fn boot(kernel: &str, initrd: Option<&Path>, cmdline: &str, name: &str, opts: Ru
     require_kvm();
     let dir = scratch_dir(name);
     let mut cmd = rhyve_cmd(&dir);
-    cmd.args([
+    cmd.args(rhyve_tests::harness::PC_MACHINE).args([
         "-m",
         MEM,
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
         "-l",
         "pc-testdev",
         "--kernel",

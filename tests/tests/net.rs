@@ -95,15 +95,10 @@ impl Netns {
             .arg(rhyve_bin())
             .env("RHYVE_RUNDIR", &dir)
             .env("RHYVE_LOG", "info")
+            .args(rhyve_tests::harness::PC_MACHINE)
             .args([
                 "-m",
                 "128M",
-                "-s",
-                "0,hostbridge",
-                "-s",
-                "31,lpc",
-                "-l",
-                "com1,stdio",
                 "-l",
                 "pc-testdev",
                 "-s",

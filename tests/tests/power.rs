@@ -19,20 +19,10 @@ const POWERED_OFF: i32 = 1;
 
 fn command(dir: &std::path::Path, name: &str, cmdline: &str, opts: &[&str]) -> Command {
     let mut cmd = rhyve_cmd(dir);
-    cmd.args([
-        "-m",
-        "64M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-        "-l",
-        "pc-testdev",
-    ])
-    .args(opts)
-    .args(["--kernel", TESTGUEST_BZIMAGE, "--append", cmdline, name]);
+    cmd.args(rhyve_tests::harness::PC_MACHINE)
+        .args(["-m", "64M", "-l", "pc-testdev"])
+        .args(opts)
+        .args(["--kernel", TESTGUEST_BZIMAGE, "--append", cmdline, name]);
     cmd
 }
 

@@ -557,21 +557,11 @@ fn sigterm_power_off_with_d_destroys_the_object() {
         &["-m", MEM, "-h", root.to_str().unwrap(), "-e", e, "pb"],
     ));
     let mut cmd = rhyve_cmd(&run);
-    cmd.args([
-        "-D",
-        "-m",
-        MEM,
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-        "pb",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    cmd.args(rhyve_tests::harness::PC_MACHINE)
+        .args(["-D", "-m", MEM, "pb"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let mut guard = KillOnDrop(cmd.spawn().expect("spawn rhyve"));
     let mut stdout = guard.0.stdout.take().unwrap();
     let seen = harness::read_until(

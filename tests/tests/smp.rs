@@ -26,13 +26,7 @@ fn boot(
     }
     cmd.args(["-c", cpus, "-m", "128M"]);
     cmd.args(extra);
-    cmd.args([
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
+    cmd.args(rhyve_tests::harness::PC_MACHINE).args([
         "-l",
         "pc-testdev",
         "--kernel",

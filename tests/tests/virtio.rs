@@ -28,18 +28,8 @@ fn boot(slots: &[String], cmdline: &str, name: &str) -> Output {
     require_kvm();
     let dir = scratch_dir(name);
     let mut cmd = rhyve_cmd(&dir);
-    cmd.args([
-        "-m",
-        "128M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-        "-l",
-        "com1,stdio",
-        "-l",
-        "pc-testdev",
-    ]);
+    cmd.args(rhyve_tests::harness::PC_MACHINE)
+        .args(["-m", "128M", "-l", "pc-testdev"]);
     for s in slots {
         cmd.args(["-s", s]);
     }
