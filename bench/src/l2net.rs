@@ -72,7 +72,7 @@ pub struct CpuMark {
     pub utime: u64,
     pub stime: u64,
     pub gtime: u64,
-    /// L1's CPU time spent in anything but idle and iowait.
+    /// L1's busy CPU time: user nice system irq softirq steal (guest time is part of user).
     pub l1_busy: u64,
 }
 
@@ -101,6 +101,7 @@ pub fn parse_cpu(log: &str) -> Vec<CpuMark> {
         };
         let l1_busy = l1
             .iter()
+            .take(8)
             .enumerate()
             .filter(|(i, _)| *i != 3 && *i != 4)
             .map(|(_, t)| t)
@@ -194,17 +195,27 @@ pub fn run() {
             }
         }
     }
-    println!(
+    print!("{}", report(&qemu, &rhyve, rounds));
+}
+
+/// The comparison table: each VMM's best run per test, every run's figure, and the CPU split of
+/// the best runs.
+pub fn report(qemu: &[Run], rhyve: &[Run], rounds: usize) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    _ = writeln!(
+        o,
         "Test bed: L2 Linux virtio_net TCP (nc -e dd, 64 MiB) to/from L1 over a tap, rhyve vs. \
          QEMU+KVM virtio-net-pci vhost=off in one L1; best of {rounds}"
     );
-    println!(
+    _ = writeln!(
+        o,
         "  {:<14} {:>12} {:>12} {:>11}   all runs (MiB/s) qemu | rhyve",
         "test", "qemu MiB/s", "rhyve MiB/s", "rhyve/qemu"
     );
     let tests = ["tcp-l2-to-l1", "tcp-l1-to-l2"];
     for name in tests {
-        let (q, r) = (best_run(&qemu, name), best_run(&rhyve, name));
+        let (q, r) = (best_run(qemu, name), best_run(rhyve, name));
         let show = |v: Option<(&Run, &NetResult)>| {
             v.map_or("n/a".into(), |(_, v)| format!("{:.2}", v.mib_s()))
         };
@@ -223,29 +234,38 @@ pub fn run() {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        println!(
+        _ = writeln!(
+            o,
             "  {name:<14} {:>12} {:>12} {ratio:>11}   {} | {}",
             show(q),
             show(r),
-            all(&qemu),
-            all(&rhyve)
+            all(qemu),
+            all(rhyve)
         );
     }
-    println!("  CPU seconds during the best runs' transfers (L1 has one CPU, busy throughout):");
-    println!(
+    _ = writeln!(
+        o,
+        "  CPU seconds during the best runs' transfers (L1 has one CPU, busy throughout):"
+    );
+    _ = writeln!(
+        o,
         "  {:<14} {:<6} {:>14} {:>12} {:>10} {:>9}",
         "test", "vmm", "user w/o L2", "system", "in L2", "L1 busy"
     );
     for name in tests {
-        for (vmm, runs) in [("qemu", &qemu), ("rhyve", &rhyve)] {
+        for (vmm, runs) in [("qemu", qemu), ("rhyve", rhyve)] {
             match best_run(runs, name).and_then(|(run, _)| cpu_split(&run.cpu, name)) {
-                Some((user, sys, guest, busy)) => println!(
-                    "  {name:<14} {vmm:<6} {user:>14.2} {sys:>12.2} {guest:>10.2} {busy:>9.2}"
-                ),
-                None => println!("  {name:<14} {vmm:<6} n/a"),
+                Some((user, sys, guest, busy)) => {
+                    _ = writeln!(
+                        o,
+                        "  {name:<14} {vmm:<6} {user:>14.2} {sys:>12.2} {guest:>10.2} {busy:>9.2}"
+                    )
+                }
+                None => _ = writeln!(o, "  {name:<14} {vmm:<6} n/a"),
             }
         }
     }
+    o
 }
 
 #[cfg(test)]
@@ -315,14 +335,59 @@ TESTBED: net-cpu.rx-end=vmm utime=600 stime=330 gtime=540 l1 900 0 650 45 5 0 2 
                 utime: 100,
                 stime: 50,
                 gtime: 80,
-                l1_busy: 300 + 200 + 1 + 80,
+                l1_busy: 300 + 200 + 1,
             }
         );
         let (user, sys, guest, busy) = cpu_split(&m, "tcp-l2-to-l1").expect("both marks");
         assert!((user - 0.40).abs() < 1e-9, "{user}");
         assert!((sys - 2.80).abs() < 1e-9);
         assert!((guest - 4.60).abs() < 1e-9);
-        assert!((busy - (2_092.0 - 581.0) / 100.0).abs() < 1e-9, "{busy}");
+        assert!((busy - (1_552.0 - 501.0) / 100.0).abs() < 1e-9, "{busy}");
         assert!(cpu_split(&m, "tcp-l1-to-l2").is_none());
+    }
+
+    #[test]
+    fn report_compares_best_runs_and_splits_their_cpu() {
+        let log = |l2_l1_us: u64, l1_l2_us: u64| {
+            format!(
+                "TESTBED: net-cpu.rx-start=vmm utime=100 stime=50 gtime=80 l1 300 0 200 40 5 0 1 0 80 0\n\
+NET-BENCH tcp-l2-to-l1 us={l2_l1_us} bytes=67108864 rc=0\n\
+TESTBED: net-cpu.rx-end=vmm utime=600 stime=330 gtime=540 l1 900 0 650 45 5 0 2 0 540 0\n\
+TESTBED: net-cpu.tx-start=vmm utime=600 stime=330 gtime=540 l1 900 0 650 45 5 0 2 0 540 0\n\
+TESTBED: net-cpu.tx-done=vmm utime=700 stime=340 gtime=600 l1 1000 0 660 45 5 0 2 0 600 0\n\
+L2| NET-BENCH tcp-l1-to-l2 us={l1_l2_us} bytes=67108864 rc=0\n"
+            )
+        };
+        let run = |text: String| Run {
+            results: parse_console(&text),
+            cpu: parse_cpu(&text),
+        };
+        let qemu = vec![
+            run(log(8_000_000, 4_000_000)),
+            run(log(4_000_000, 8_000_000)),
+        ];
+        let rhyve = vec![run(log(2_000_000, 16_000_000))];
+        let out = report(&qemu, &rhyve, 2);
+        // best qemu: 16 MiB/s both ways; rhyve 32 and 4 MiB/s
+        assert!(
+            out.contains(
+                "tcp-l2-to-l1          16.00        32.00        2.00   8.00 16.00 | 32.00"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "tcp-l1-to-l2          16.00         4.00        0.25   16.00 8.00 | 4.00"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("tcp-l2-to-l1   rhyve            0.40         2.80       4.60     10.51"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tcp-l1-to-l2   qemu             0.40         0.10       0.60      1.10"),
+            "{out}"
+        );
     }
 }
