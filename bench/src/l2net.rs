@@ -155,7 +155,7 @@ pub fn best_run<'a>(runs: &'a [Run], name: &str) -> Option<(&'a Run, &'a NetResu
 fn run_vmm(root: &Path, out: &Path, vmm: &str) -> Option<Run> {
     let status = Command::new(root.join("run-scenario"))
         .arg(root.join("scenarios/net-bench"))
-        .args(["--vmm", vmm, "--quiet", "--timeout", "1000", "--out"])
+        .args(["--vmm", vmm, "--quiet", "--timeout", "500", "--out"])
         .arg(out)
         .env("RHYVE_BIN", crate::rhyve_bin())
         .stdout(std::process::Stdio::null())

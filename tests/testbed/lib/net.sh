@@ -42,7 +42,7 @@ net_vmm_args() {
 }
 
 net_now_us() {
-    local ns up
+    local ns
     ns=$(sed -n 's/^now at \([0-9]*\) nsecs.*/\1/p' /proc/timer_list 2>/dev/null | head -n 1)
     if [ -n "$ns" ]; then
         echo $((ns / 1000))
@@ -89,11 +89,12 @@ net_peer() {
     rm -f /tmp/net.hold /tmp/net.rx /tmp/net.tx
     mkfifo /tmp/net.hold
     net_cpu start
-    # stdin: a FIFO nc holds open itself (busybox nc half-closes on stdin EOF)
     if [ "$mode" = bench ]; then
         nc -l -p 5001 -e sh -c '. /testbed/testbed.sh; . /testbed/net.sh; net_bench_rx tcp-l2-to-l1'
         testbed_say "net-rx-done rc=$?"
     else
+        # stdin: a FIFO nc holds open itself (busybox nc half-closes on stdin EOF, and its
+        # peer then stops sending)
         nc -l -p 5001 <>/tmp/net.hold >/tmp/net.rx
         got=$(net_md5 </tmp/net.rx)
         testbed_say "net-rx bytes=$(wc -c </tmp/net.rx) md5=$got"
