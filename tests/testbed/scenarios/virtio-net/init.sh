@@ -155,5 +155,6 @@ else
     fi
 fi
 stats
+grep -i virtio /proc/interrupts | sed 's/^/L2-IRQS /'
 echo "L2-NET-DONE"
 finish
