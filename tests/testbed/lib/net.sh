@@ -7,10 +7,12 @@
 #   1. L1 listens on 5001 before the VMM starts.
 #   2. L2 brings eth0 up, starts its listener on 5002, pings L1, sends its stream to L1:5001.
 #   3. L1, once that stream ended, pings L2 and sends its own stream to L2:5002.
-# Mode check: NET_MIB MiB of a known line pattern per direction, both ends print bytes and md5,
-# the receiver compares with the pattern it regenerates. Mode bench: zeros, timed by the sender
-# (busybox nc exits once the receiver closed, i.e. after the receiver read everything).
-# Results: TESTBED: net-* lines (L1), L2-* lines (L2), `NET-BENCH <name> us=N bytes=N` (both).
+# Mode check: NET_MIB MiB of a known line pattern per direction through plain nc, both ends
+# print bytes and md5, the receiver compares with the pattern it regenerates. Mode bench: zeros,
+# `nc -e dd` on both ends, so the socket is read and written 64 KiB at a time (nc's own copy
+# loop moves 1 KiB per system call: under TCG that, not the VMM, would be measured); the
+# receiver times from accept to EOF and prints `NET-BENCH <name> us=N bytes=N rc=N`.
+# Results: TESTBED: net-* lines (L1), L2-* lines (L2), NET-BENCH (both).
 
 NET_TAP=tap0 NET_L1=10.0.2.1 NET_L2=10.0.2.2
 
@@ -40,7 +42,7 @@ net_vmm_args() {
 }
 
 net_now_us() {
-    local ns up
+    local ns
     ns=$(sed -n 's/^now at \([0-9]*\) nsecs.*/\1/p' /proc/timer_list 2>/dev/null | head -n 1)
     if [ -n "$ns" ]; then
         echo $((ns / 1000))
@@ -70,17 +72,29 @@ net_cpu() {
     testbed_say "net-cpu.$label=vmm utime=${12:-?} stime=${13:-?} gtime=${41:-?} l1 ${l1}"
 }
 
+# net_bench_rx NAME: run by `nc -l -e` with the connection as stdin/stdout; reports on stderr.
+net_bench_rx() {
+    local t0 t1 n
+    net_cpu rx-start >&2
+    t0=$(net_now_us)
+    n=$(dd bs=64k 2>/dev/null | wc -c)
+    t1=$(net_now_us)
+    net_cpu rx-end >&2
+    echo "NET-BENCH $1 us=$((t1 - t0)) bytes=$n rc=0" >&2
+}
+
 # net_peer MODE MIB: L1's side of the exchange (run in the background while the VMM runs).
 net_peer() {
-    local mode="$1" mib="$2" bytes=$(($2 << 20)) got want out rc t0 t1
+    local mode="$1" mib="$2" bytes=$(($2 << 20)) got want out
     rm -f /tmp/net.hold /tmp/net.rx /tmp/net.tx
     mkfifo /tmp/net.hold
     net_cpu start
-    # stdin: a FIFO nc holds open itself (busybox nc half-closes on stdin EOF)
     if [ "$mode" = bench ]; then
-        got=$(nc -l -p 5001 <>/tmp/net.hold | wc -c)
-        testbed_say "net-rx bytes=$got"
+        nc -l -p 5001 -e sh -c '. /testbed/testbed.sh; . /testbed/net.sh; net_bench_rx tcp-l2-to-l1'
+        testbed_say "net-rx-done rc=$?"
     else
+        # stdin: a FIFO nc holds open itself (busybox nc half-closes on stdin EOF, and its
+        # peer then stops sending)
         nc -l -p 5001 <>/tmp/net.hold >/tmp/net.rx
         got=$(net_md5 </tmp/net.rx)
         testbed_say "net-rx bytes=$(wc -c </tmp/net.rx) md5=$got"
@@ -100,11 +114,8 @@ net_peer() {
     esac
     net_cpu tx-start
     if [ "$mode" = bench ]; then
-        t0=$(net_now_us)
-        dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null | nc "$NET_L2" 5002
-        rc=$?
-        t1=$(net_now_us)
-        echo "NET-BENCH tcp-l1-to-l2 us=$((t1 - t0)) bytes=$bytes rc=$rc"
+        nc "$NET_L2" 5002 -e dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null
+        testbed_say "net-tx-done rc=$?"
     else
         net_pattern l1-to-l2 "$bytes" >/tmp/net.tx
         testbed_say "net-tx bytes=$(wc -c </tmp/net.tx) md5=$(net_md5 </tmp/net.tx)"

@@ -5,8 +5,9 @@
 #   1. eth0 up, listener on port 5002 started, L1 pinged,
 #   2. a stream to L1:5001, then the stream L1 sends back to 5002 is received.
 # Kernel command line: net_mode=check (default; NET_MIB MiB of a known pattern each way, md5
-# compared by the receiver against the pattern it regenerates) or net_mode=bench (zeros, timed
-# by the sender: `NET-BENCH <name> us=N bytes=N`); net_mib=N (default 8).
+# compared by the receiver against the pattern it regenerates) or net_mode=bench (zeros through
+# `nc -e dd`, 64 KiB per system call, timed by the receiver from accept to EOF:
+# `NET-BENCH <name> us=N bytes=N rc=0`); net_mib=N (default 8).
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -77,13 +78,27 @@ done
 echo "L2-LINK carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null) operstate=$(cat /sys/class/net/eth0/operstate)"
 [ $i -lt 50 ] || failed=1
 
-# Listener for L1's stream, up before L2 sends its own (L1 sends once it received ours). Its
-# stdin is a FIFO it holds open itself: busybox nc half-closes the connection on stdin EOF,
-# which would end the sender early.
-mkfifo /tmp/hold
+# Each transfer is bounded (check: 90 s, bench: 180 s) so that a stalled device still gets
+# L2's report out before L1's watchdog kills the VMM.
+limit=90
+[ "$mode" = bench ] && limit=180
+
+# Listener for L1's stream, up before L2 sends its own (L1 sends once it received ours).
 if [ "$mode" = bench ]; then
-    (nc -l -p 5002 <>/tmp/hold | wc -c >/tmp/rx.count) &
+    # run by nc -e with the connection as stdin/stdout
+    cat >/tmp/rx.sh <<'RX'
+now_us() { sed -n 's/^now at \([0-9]*\) nsecs.*/\1/p' /proc/timer_list | head -n 1 | sed 's/...$//'; }
+t0=$(now_us)
+n=$(dd bs=64k 2>/dev/null | wc -c)
+t1=$(now_us)
+echo "NET-BENCH $1 us=$((t1 - t0)) bytes=$n rc=0" >/dev/console
+echo "$n" >/tmp/rx.count
+RX
+    nc -l -p 5002 -e sh /tmp/rx.sh tcp-l1-to-l2 &
 else
+    # stdin: a FIFO nc holds open itself: busybox nc half-closes the connection on stdin EOF,
+    # which would end the sender early
+    mkfifo /tmp/hold
     nc -l -p 5002 <>/tmp/hold >/tmp/rx.bin &
 fi
 rxpid=$!
@@ -98,15 +113,14 @@ esac
 # L2's CPU time (user nice system idle iowait irq softirq ... in ticks) around its send
 echo "L2-CPU tx-start $(sed -n 's/^cpu  *//p' /proc/stat)"
 if [ "$mode" = bench ]; then
-    t0=$(now_us)
-    dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null | nc $L1 5001
+    timeout $limit nc $L1 5001 -e dd if=/dev/zero bs=64k count=$((mib * 16)) 2>/dev/null
     rc=$?
-    t1=$(now_us)
-    echo "NET-BENCH tcp-l2-to-l1 us=$((t1 - t0)) bytes=$bytes rc=$rc"
+    echo "L2-TX-DONE rc=$rc"
+    [ $rc = 0 ] || failed=1
 else
     pattern l2-to-l1 $bytes >/tmp/tx.bin
     echo "L2-TX bytes=$(wc -c </tmp/tx.bin) md5=$(md5 </tmp/tx.bin)"
-    nc $L1 5001 </tmp/tx.bin
+    timeout $limit nc $L1 5001 </tmp/tx.bin
     rc=$?
     echo "L2-TX-DONE rc=$rc"
     [ $rc = 0 ] || failed=1
@@ -114,10 +128,8 @@ fi
 
 echo "L2-CPU tx-done $(sed -n 's/^cpu  *//p' /proc/stat)"
 
-# L1's stream: wait for the listener, bounded (check: 120 s, bench: 600 s) so that a stalled
-# device still gets L2's report out before L1's watchdog kills the VMM.
-i=0 n=480
-[ "$mode" = bench ] && n=2400
+# L1's stream: wait for the listener (bounded).
+i=0 n=$((limit * 4))
 while kill -0 $rxpid 2>/dev/null && [ $i -lt $n ]; do
     sleep 0.25; i=$((i + 1))
 done
@@ -143,5 +155,6 @@ else
     fi
 fi
 stats
+grep -i virtio /proc/interrupts | sed 's/^/L2-IRQS /'
 echo "L2-NET-DONE"
 finish
