@@ -362,6 +362,25 @@ fn force_poweroff_exits_1_and_force_reset_exits_0() {
 }
 
 #[test]
+fn clients_still_connected_do_not_keep_the_object_alive() {
+    let _one = one_at_a_time();
+    let mut vm = Vm::start("ctl-idle-client", FOREVER);
+    // Two clients that connect and then say nothing (one mid-line) while the VM powers off.
+    let sock = vm.dir().join("control.sock");
+    let idle = UnixStream::connect(&sock).expect("connect control.sock");
+    let mut half = UnixStream::connect(&sock).expect("connect control.sock");
+    half.write_all(b"{\"request\":").unwrap();
+    ctl_ok(&vm.base.clone(), &[&vm.vm_arg(), "--force-poweroff"]);
+    let status = vm.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", vm.stderr());
+    assert!(
+        !vm.dir().exists(),
+        "runtime directory left behind while clients were connected"
+    );
+    drop((idle, half));
+}
+
+#[test]
 fn create_list_destroy_objects_and_destroy_a_running_vm() {
     let _one = one_at_a_time();
     let base = scratch_dir("ctl-objects");

@@ -61,6 +61,10 @@ struct Shared {
     vm: VmHandles,
     paused: Mutex<bool>,
     clients: AtomicUsize,
+    /// Every client connection (a clone of its socket) and thread, so that stopping the
+    /// server can cut them off and wait for them: a client thread holds the VM's handles,
+    /// and the VM object is only released once the last of those is gone.
+    connections: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
 }
 
 /// What to do once the response is on its way.
@@ -76,6 +80,7 @@ pub struct ControlServer {
     listener: Arc<UnixListener>,
     closing: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl ControlServer {
@@ -88,12 +93,14 @@ impl ControlServer {
             vm,
             paused: Mutex::new(false),
             clients: AtomicUsize::new(0),
+            connections: Mutex::new(Vec::new()),
         });
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn({
                 let listener = listener.clone();
                 let closing = closing.clone();
+                let shared = shared.clone();
                 move || accept_loop(&listener, &closing, &shared)
             })
             .context("control socket thread")?;
@@ -103,6 +110,7 @@ impl ControlServer {
             listener,
             closing,
             thread: Some(thread),
+            shared,
         })
     }
 }
@@ -116,6 +124,18 @@ impl Drop for ControlServer {
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Clients still connected: end their reads, then wait for their threads (one in a
+        // vCPU request gives up within VCPU_TIMEOUT).
+        let connections = match self.shared.connections.lock() {
+            Ok(mut c) => std::mem::take(&mut *c),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        for (stream, _) in &connections {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        for (_, thread) in connections {
+            let _ = thread.join();
         }
     }
 }
@@ -190,14 +210,27 @@ fn accept_loop(listener: &UnixListener, closing: &AtomicBool, shared: &Arc<Share
             let _ = write_response(&mut stream, &error("too many clients"));
             continue;
         }
+        let Ok(handle) = stream.try_clone() else {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        };
         // Gives the client's slot back when dropped: when the thread ends, or with the
         // closure if the thread cannot be started.
         let slot = ClientSlot(shared.clone());
         let spawned = std::thread::Builder::new()
             .name("control client".into())
             .spawn(move || serve_client(stream, &slot.0));
-        if let Err(e) = spawned {
-            log::warn!("control socket: cannot start a client thread: {e}");
+        match spawned {
+            Ok(thread) => {
+                let mut connections = match shared.connections.lock() {
+                    Ok(c) => c,
+                    Err(p) => p.into_inner(),
+                };
+                // Finished clients' entries go; at most MAX_CLIENTS remain.
+                connections.retain(|(_, t)| !t.is_finished());
+                connections.push((handle, thread));
+            }
+            Err(e) => log::warn!("control socket: cannot start a client thread: {e}"),
         }
     }
 }
