@@ -114,6 +114,11 @@ impl HaltProbe {
         (a >> 2 == round).then(|| HaltState::from_bits(a))
     }
 
+    /// Whether a question waits for an answer.
+    fn is_pending(&self) -> bool {
+        self.asked.load(Ordering::Relaxed) != 0
+    }
+
     /// Called by the vCPU thread between runs: answers a pending question.
     fn poll(&self, vcpu: &Vcpu) {
         // A plain load on the hot path; the swap only when a question is pending.
@@ -195,17 +200,38 @@ pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
     let mut reported_ports = HashSet::new();
     let _attached = ctx.ctl.attach();
     let mut run_ns = 0u64;
+    // The last exit was I/O or MMIO: KVM completes it (IN data into RAX, RIP past the
+    // instruction) only on the next KVM_RUN, so until then the registers are not the guest's.
+    let mut exit_incomplete = false;
+    let mut immediate_exit = false;
     loop {
-        ctx.halt.poll(&vcpu);
-        ctx.ctl.poll(&vcpu, &ctx.control);
-        if ctx.control.stopping() {
-            return;
+        // Registers are wanted right after an I/O exit: first let KVM finish that exit
+        // without running guest code (KVM_RUN with immediate_exit returns EINTR once it
+        // has), then answer on the next turn.
+        let completing = exit_incomplete && (ctx.ctl.is_pending() || ctx.halt.is_pending());
+        if completing != immediate_exit {
+            vcpu.set_immediate_exit(completing);
+            immediate_exit = completing;
+        }
+        if !completing {
+            ctx.halt.poll(&vcpu);
+            ctx.ctl.poll(&vcpu, &ctx.control);
+            if ctx.control.stopping() {
+                return;
+            }
         }
         let entered = coarse_ns();
         let exit = vcpu.run();
         // Only this thread writes the counter: a plain store, no read-modify-write.
         run_ns += coarse_ns().saturating_sub(entered);
         ctx.stats.run_ns.store(run_ns, Ordering::Relaxed);
+        exit_incomplete = matches!(
+            exit,
+            Ok(VmExit::IoIn { .. })
+                | Ok(VmExit::IoOut { .. })
+                | Ok(VmExit::MmioRead { .. })
+                | Ok(VmExit::MmioWrite { .. })
+        );
         let outcome: Option<StopReason> = match exit {
             Ok(VmExit::IoIn { port, data }) => {
                 bump(&ctx.stats.pio);

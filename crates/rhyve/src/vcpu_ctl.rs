@@ -97,6 +97,11 @@ impl VcpuCtl {
         Attached(self)
     }
 
+    /// Whether a job or a pause is waiting for the vCPU thread.
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     /// Called by the vCPU thread between runs: runs posted jobs, and parks while paused
     /// (serving jobs meanwhile) until resumed or the VM stops.
     pub fn poll(&self, vcpu: &Vcpu, control: &VmControl) {
