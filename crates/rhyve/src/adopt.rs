@@ -96,6 +96,10 @@ impl Boot {
         match &self.state {
             None => {
                 let kernel = cfg.kernel.as_deref().ok_or_else(|| no_guest(&cfg.name))?;
+                // A direct boot replaces whatever rhyveload left: forget that load before
+                // overwriting its memory, so a failed load here never leaves a boot-state
+                // pointing into half-replaced RAM.
+                vm.object().clear_boot_state()?;
                 let loaded = loader::load(
                     vm.ram().memory(),
                     &loader::BootConfig {
@@ -113,8 +117,6 @@ impl Boot {
                     loaded.kernel_range.1,
                     loaded.entry.rip
                 );
-                // A direct boot replaces whatever rhyveload left.
-                vm.object().clear_boot_state()?;
                 Ok(loaded.entry)
             }
             Some(state) => {
@@ -155,14 +157,19 @@ fn check_memory(cfg: &VmConfig, object: &VmObject) -> Result<()> {
     Ok(())
 }
 
-/// After the guest ran: the boot-state is used up; `-D` removes the object on power-off.
-pub fn on_stop(vm: &Vm, cfg: &VmConfig, reason: &StopReason) {
+/// Called just before the vCPUs start: from here on the guest may change its memory, so the
+/// load is used up (also if rhyve fails later on); a failure before this point keeps it.
+pub fn consume_boot_state(vm: &Vm) -> Result<()> {
     let object = vm.object();
     if object.persistent() {
-        if let Err(e) = object.clear_boot_state() {
-            log::warn!("VM {}: {e}", cfg.name);
-        }
+        object.clear_boot_state()?;
     }
+    Ok(())
+}
+
+/// After the guest ran: `-D` removes the object on power-off.
+pub fn on_stop(vm: &Vm, cfg: &VmConfig, reason: &StopReason) {
+    let object = vm.object();
     if cfg.destroy_on_poweroff && *reason == StopReason::PowerOff {
         log::info!(
             "VM {}: powered off with -D: destroying the VM object",

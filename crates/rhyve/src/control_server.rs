@@ -856,6 +856,7 @@ mod tests {
             },
             paused: Mutex::new(false),
             clients: AtomicUsize::new(0),
+            connections: Mutex::new(Vec::new()),
         }
     }
 

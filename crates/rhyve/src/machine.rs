@@ -544,6 +544,7 @@ fn run_vcpus(
             control: control.clone(),
         },
     )?;
+    crate::adopt::consume_boot_state(vm)?;
     for (((vcpu, probe), ctl), stats) in vcpus.into_iter().zip(&probes).zip(&ctls).zip(&stats) {
         let id = vcpu.id();
         let pins = cfg

@@ -192,6 +192,9 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// More than any boot-state the loader writes (its parser refuses over 1 MiB).
+const BOOT_STATE_READ_LIMIT: u64 = 2 << 20;
+
 impl VmObject {
     /// Creates persistent object `name` with `ram_bytes` of (zeroed) guest RAM.
     pub fn create(name: &str, ram_bytes: u64) -> Result<Self> {
@@ -397,12 +400,25 @@ impl VmObject {
 
     /// The boot-state text, None when nothing is loaded.
     pub fn read_boot_state(&self) -> Result<Option<String>> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let p = self.path.join(BOOT_STATE_FILE);
-        match std::fs::read_to_string(&p) {
-            Ok(t) => Ok(Some(t)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&p, "cannot read")(e)),
-        }
+        // Never follows a symlink, and reads at most a little more than any boot-state can be
+        // (the parser refuses the oversized rest): the file is outside rhyve's control.
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&p, "cannot read")(e)),
+        };
+        let mut text = String::new();
+        file.take(BOOT_STATE_READ_LIMIT)
+            .read_to_string(&mut text)
+            .map_err(io_err(&p, "cannot read"))?;
+        Ok(Some(text))
     }
 
     /// Removes `boot-state` (rhyve consumes it: after a reboot the guest must be loaded again).
@@ -662,6 +678,23 @@ mod tests {
         );
         drop(o);
         assert_eq!(list_in(&base).unwrap()[0].state, ObjectState::Created);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn boot_state_is_never_read_through_a_symlink_nor_without_bound() {
+        let base = scratch("bs-link");
+        let obj = VmObject::create_in(&base, "vm5", 8192).unwrap();
+        let target = base.join("elsewhere");
+        std::fs::write(&target, "secret").unwrap();
+        std::os::unix::fs::symlink(&target, obj.path().join(BOOT_STATE_FILE)).unwrap();
+        assert!(obj.read_boot_state().is_err());
+        std::fs::remove_file(obj.path().join(BOOT_STATE_FILE)).unwrap();
+        let huge = "x".repeat(BOOT_STATE_READ_LIMIT as usize + 4096);
+        std::fs::write(obj.path().join(BOOT_STATE_FILE), &huge).unwrap();
+        let read = obj.read_boot_state().unwrap().unwrap();
+        assert_eq!(read.len() as u64, BOOT_STATE_READ_LIMIT);
+        drop(obj);
         let _ = std::fs::remove_dir_all(&base);
     }
 
