@@ -118,27 +118,58 @@ fn recorded_pid(file: &mut File) -> Option<i32> {
 /// process holds it. A few short retries ride out [`list`]'s momentary probe.
 fn lock_pid_file(dir: &Path) -> Result<std::result::Result<File, i32>> {
     let p = dir.join(PID_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&p)
-        .map_err(io_err(&p, "cannot open pid file"))?;
-    for attempt in 0..4 {
+    let mut reopened = 0;
+    let mut file = open_pid_file(&p)?;
+    let mut attempt = 0;
+    while attempt < 4 {
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Ok(file));
+            // The lock may be on a pid file that a destroy removed while we waited: only the
+            // file still at the path counts. Open again (a removed object then fails cleanly).
+            if still_linked_at(&file, &p) {
+                return Ok(Ok(file));
+            }
+            reopened += 1;
+            if reopened > 3 {
+                return Err(Error::RunDir {
+                    path: p.display().to_string(),
+                    msg: "the VM object keeps being replaced".into(),
+                });
+            }
+            file = open_pid_file(&p)?;
+            continue;
         }
+        attempt += 1;
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(io_err(&p, "cannot lock pid file")(e));
         }
-        if attempt < 3 {
+        if attempt < 4 {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
     Ok(Err(recorded_pid(&mut file).unwrap_or(-1)))
+}
+
+fn open_pid_file(p: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .map_err(io_err(p, "cannot open pid file"))
+}
+
+/// Whether `file` is still the file at `path` (not unlinked, not replaced).
+fn still_linked_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(now)) => {
+            open.nlink() > 0 && open.dev() == now.dev() && open.ino() == now.ino()
+        }
+        _ => false,
+    }
 }
 
 fn write_pid(file: &mut File, path: &Path) -> Result<()> {
@@ -436,7 +467,7 @@ impl Drop for VmObject {
     fn drop(&mut self) {
         if self.remove.load(Ordering::Relaxed) {
             // Still holding the lock, so nobody else is using the directory.
-            let _ = std::fs::remove_dir_all(&self.path);
+            let _ = remove_locked_dir(&self.path);
         } else {
             // A clean release: an empty pid file (the lock goes with the fd).
             let _ = self.pid_file.set_len(0);
@@ -460,7 +491,20 @@ pub fn destroy_in(base: &Path, name: &str) -> Result<()> {
         name: name.to_string(),
         pid,
     })?;
-    std::fs::remove_dir_all(&path).map_err(io_err(&path, "cannot remove"))
+    remove_locked_dir(&path)
+}
+
+/// Removes an object's directory whose lock the caller holds: first out of the name's way
+/// (one rename; dot names are never listed nor valid VM names), then deleted, so nobody can
+/// open the dying object's files by name meanwhile.
+fn remove_locked_dir(path: &Path) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tomb = path.with_file_name(format!(".{name}.destroying.{}", std::process::id()));
+    std::fs::rename(path, &tomb).map_err(io_err(path, "cannot remove"))?;
+    std::fs::remove_dir_all(&tomb).map_err(io_err(&tomb, "cannot remove"))
 }
 
 /// Every object under the base directory, sorted by name.
@@ -678,6 +722,24 @@ mod tests {
         );
         drop(o);
         assert_eq!(list_in(&base).unwrap()[0].state, ObjectState::Created);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_waiter_never_owns_a_removed_object() {
+        let base = scratch("removed");
+        let obj = VmObject::create_in(&base, "vm6", 8192).unwrap();
+        let dir = obj.path().to_path_buf();
+        let pid = dir.join(PID_FILE);
+        // Someone opened the pid file and waits for its lock while the object goes away.
+        let waiter = open_pid_file(&pid).unwrap();
+        assert!(still_linked_at(&waiter, &pid));
+        obj.remove_on_drop();
+        drop(obj);
+        assert!(!still_linked_at(&waiter, &pid));
+        assert!(lock_pid_file(&dir).is_err(), "the object is gone");
+        let left: Vec<_> = std::fs::read_dir(&base).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
         let _ = std::fs::remove_dir_all(&base);
     }
 
