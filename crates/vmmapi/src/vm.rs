@@ -59,6 +59,7 @@ impl Vm {
                 total >> 20
             )));
         }
+        warn_if_ram_may_not_fit(object.path(), total);
         let fd = hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Only needed on Intel hosts for real-mode emulation; some KVMs refuse it.
         if let Err(e) = fd.set_tss_address(TSS_ADDRESS) {
@@ -247,6 +248,31 @@ impl Vm {
     /// The raw kvm-ioctls VM handle, for features this API does not wrap yet.
     pub fn raw(&self) -> &VmFd {
         &self.fd
+    }
+}
+
+/// Guest RAM is a sparse file filled as the guest touches it: when its filesystem runs out,
+/// the guest (or rhyve writing into guest memory) faults with SIGBUS. Said up front, since a
+/// small tmpfs /run is common; not refused, because most guests never touch all their RAM.
+fn warn_if_ram_may_not_fit(dir: &std::path::Path, ram_bytes: u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: statvfs fills the plain struct it is given from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `c` outlives the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return;
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < ram_bytes {
+        log::warn!(
+            "{}: {} MiB free for {} MiB of guest RAM: the guest is killed if it fills it (set RHYVE_RUNDIR to a larger filesystem)",
+            dir.display(),
+            free >> 20,
+            ram_bytes >> 20
+        );
     }
 }
 
