@@ -505,8 +505,10 @@ fn pause(shared: &Shared) -> std::result::Result<(), String> {
     }
     let vcpus = &shared.vm.vcpus;
     vcpus.iter().for_each(|v| v.request_pause());
+    // One deadline for the whole VM, however many vCPUs.
+    let deadline = Instant::now() + PAUSE_TIMEOUT;
     for v in vcpus {
-        if let Err(e) = v.wait_parked(PAUSE_TIMEOUT) {
+        if let Err(e) = v.wait_parked(deadline.saturating_duration_since(Instant::now())) {
             vcpus.iter().for_each(|v| v.resume());
             return Err(format!("cannot pause: {e}"));
         }

@@ -8,7 +8,7 @@
 //! before the thread enters KVM_RUN is lost, so the controller repeats it until answered.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use devices::VmControl;
@@ -161,13 +161,19 @@ impl VcpuCtl {
         timeout: Duration,
     ) -> Result<R, CtlError> {
         let (tx, rx) = mpsc::sync_channel(1);
+        let abandoned = Arc::new(AtomicBool::new(false));
         {
+            let abandoned = abandoned.clone();
             let mut g = self.lock();
             if g.gone || g.thread.is_none() {
                 return Err(CtlError::Gone(self.id));
             }
             g.jobs.push(Box::new(move |v: &Vcpu| {
-                let _ = tx.send(f(v));
+                // A request its client gave up on is not carried out late (an NMI reported
+                // as failed must not arrive anyway).
+                if !abandoned.load(Ordering::Acquire) {
+                    let _ = tx.send(f(v));
+                }
             }));
             self.pending.store(true, Ordering::Release);
             // Wakes a parked vCPU; a running one needs the kick.
@@ -181,7 +187,12 @@ impl VcpuCtl {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Err(CtlError::Gone(self.id)),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if Instant::now() >= deadline {
-                        return Err(CtlError::Timeout(self.id, timeout.as_millis()));
+                        abandoned.store(true, Ordering::Release);
+                        // It may have run just now: then its answer counts.
+                        return match rx.try_recv() {
+                            Ok(r) => Ok(r),
+                            Err(_) => Err(CtlError::Timeout(self.id, timeout.as_millis())),
+                        };
                     }
                     Self::kick_locked(&self.lock());
                 }
