@@ -485,10 +485,15 @@ impl Worker {
                 Rx::NoBuffers(seen) => {
                     // Ask for a kick, then look again: buffers may have arrived in between.
                     self.ask_for_rx_kick(seen);
+                    // Only a readable index that moved is progress: a corrupt ring (seen is
+                    // None) must not make the loop spin (it would come back at once anyway,
+                    // the tap being level-triggered).
                     let now = self.rx.avail_idx(&self.mem, Ordering::Acquire).ok();
-                    if now.is_some() && now != seen {
-                        let _ = self.rx.disable_notification(&self.mem);
-                        continue;
+                    if let (Some(a), Some(b)) = (seen, now) {
+                        if a != b {
+                            let _ = self.rx.disable_notification(&self.mem);
+                            continue;
+                        }
                     }
                     self.poll_tap(false);
                     break;
@@ -1472,6 +1477,32 @@ mod tests {
         assert_eq!(&h.drv.read(bufs[2], 76)[12..], &frame(64, 4)[..]);
         assert!(h.w.tap_polled, "buffers left: polling again");
         assert_eq!(n(&stats(&h).rx_dropped), 0, "nothing lost");
+    }
+
+    #[test]
+    fn corrupt_receive_avail_index_stops_polling_without_spinning() {
+        for bad_ring in [false, true] {
+            let mut h = harness(bits(&[]), true);
+            if bad_ring {
+                // The avail index far more than the queue size ahead.
+                h.drv
+                    .mem
+                    .write_obj(1000u16, GuestAddress(h.rx.avail + 2))
+                    .unwrap();
+            } else {
+                // An avail ring at guest address 0 holding an index that is just as bad.
+                h.w.rx.set_ready(false);
+                h.w.rx.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+                h.w.rx.set_ready(true);
+                h.drv.mem.write_obj(777u16, GuestAddress(2)).unwrap();
+            }
+            host_send(&mut h, &with_hdr(&frame(64, 1)));
+            host_send(&mut h, &with_hdr(&frame(64, 2)));
+            h.w.process_rx();
+            assert!(h.w.pending.is_some(), "the frame waits");
+            assert!(!h.w.tap_polled, "the tap is out of the epoll set");
+            assert!(n(&stats(&h).guest_errors) <= 1, "no spinning");
+        }
     }
 
     #[test]
