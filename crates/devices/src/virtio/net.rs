@@ -257,15 +257,22 @@ fn tun_offloads(features: u64) -> u32 {
 type Seg = (GuestAddress, usize);
 
 /// Walks a chain: its device-readable and device-writable buffers, or what is wrong with it.
+/// A chain may hold at most `max_descs` descriptors (the queue size, virtio 1.2 2.7.5.3.1),
+/// zero-length ones included: an indirect table of 65535 empty descriptors would otherwise
+/// cost a walk of that length per chain.
 fn walk(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     limit: usize,
+    max_descs: usize,
 ) -> Result<(Vec<Seg>, Vec<Seg>), &'static str> {
     let (mut r, mut w) = (Vec::new(), Vec::new());
     let (mut total, mut count, mut last_has_next) = (0usize, 0usize, false);
     for d in chain {
         count += 1;
+        if count > max_descs {
+            return Err("descriptor chain longer than the queue size");
+        }
         last_has_next = d.has_next();
         let len = d.len() as usize;
         total = total.saturating_add(len);
@@ -529,6 +536,7 @@ impl Worker {
         let mut room = 0usize;
         let mut bad = None;
         let seen = self.rx.avail_idx(mem, Ordering::Acquire).ok();
+        let rx_size = usize::from(self.rx.size());
         {
             let mut iter = match self.rx.iter(mem) {
                 Ok(i) => i,
@@ -543,7 +551,7 @@ impl Worker {
             while room < len {
                 let Some(chain) = iter.next() else { break };
                 let head = chain.head_index();
-                match walk(chain, mem, usize::MAX) {
+                match walk(chain, mem, usize::MAX, rx_size) {
                     Ok((r, w)) if r.is_empty() => {
                         room += seg_len(&w);
                         chains.push((head, w));
@@ -623,8 +631,9 @@ impl Worker {
         let st = &shared.stats;
         let buf = &mut self.tx_buf;
         let mem = &self.mem;
+        let tx_size = usize::from(self.tx.size());
         let notify = drain_queue(&mut self.tx, mem, &st.guest_errors, |chain| {
-            let segs = match walk(chain, mem, VNET_HDR_LEN + MAX_FRAME) {
+            let segs = match walk(chain, mem, VNET_HDR_LEN + MAX_FRAME, tx_size) {
                 Ok((r, w)) if w.is_empty() => r,
                 Ok(_) => {
                     guest_error(
@@ -692,8 +701,9 @@ impl Worker {
         let st = &shared.stats;
         let mem = &self.mem;
         let features = &mut self.features;
+        let ctrl_size = usize::from(ctrl.size());
         let notify = drain_queue(ctrl, mem, &st.guest_errors, |chain| {
-            let (r, w) = match walk(chain, mem, 1 << 16) {
+            let (r, w) = match walk(chain, mem, 1 << 16, ctrl_size) {
                 Ok(rw) => rw,
                 Err(why) => {
                     guest_error(&st.guest_errors, format_args!("virtio-net: control: {why}"));
@@ -1346,6 +1356,49 @@ mod tests {
         );
         h.w.process_tx();
         assert_eq!(host_recv(&mut h).unwrap(), f);
+    }
+
+    #[test]
+    fn chains_longer_than_the_queue_are_refused() {
+        let mut h = harness(bits(&[F_MRG_RXBUF]), true);
+        let f = with_hdr(&frame(100, 3));
+        let a = h.drv.buf(&f);
+        // An indirect table of `n` descriptors: n - 1 empty ones, then the whole frame.
+        let indirect = |h: &mut H, n: u16, write: bool| {
+            let table = h.drv.alloc(16 * u64::from(n));
+            let t = Ring {
+                desc: table,
+                ..Ring::new(1, n)
+            };
+            let w = if write { F_WRITE } else { 0 };
+            for i in 0..n - 1 {
+                t.write_desc(&h.drv, i, a, 0, F_NEXT | w, i + 1);
+            }
+            t.write_desc(&h.drv, n - 1, a, f.len() as u32, w, 0);
+            (table, 16 * u32::from(n))
+        };
+        // Transmit: 256 descriptors pass, 257 do not.
+        for (n, ok) in [(256u16, true), (257, false), (4000, false)] {
+            let (table, len) = indirect(&mut h, n, false);
+            let head = h.tx.next_desc;
+            h.tx.write_desc(&h.drv, head, table, len, F_INDIRECT, 0);
+            h.tx.next_desc += 1;
+            h.tx.publish(&h.drv, head);
+            h.w.process_tx();
+            assert_eq!(host_recv(&mut h).is_some(), ok, "{n} descriptors");
+        }
+        assert_eq!(n(&stats(&h).guest_errors), 2);
+        // Receive: the chain is given back unused, the frame is lost, nothing blocks.
+        let (table, len) = indirect(&mut h, 5000, true);
+        let head = h.rx.next_desc;
+        h.rx.write_desc(&h.drv, head, table, len, F_INDIRECT, 0);
+        h.rx.next_desc += 1;
+        h.rx.publish(&h.drv, head);
+        host_send(&mut h, &with_hdr(&frame(64, 1)));
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 1);
+        assert_eq!(h.rx.used(&h.drv, 0), (u32::from(head), 0));
+        assert_eq!(n(&stats(&h).guest_errors), 3);
     }
 
     #[test]
