@@ -75,6 +75,8 @@ pub const MAX_FRAME: usize = 65535 + 14 + 4;
 const ETH_HLEN: usize = 14;
 /// Frames handled per wakeup before looking at the other queues again.
 const RX_BATCH: usize = 256;
+/// Transmit chains handled per wakeup before looking at the other queues again.
+const TX_BATCH: usize = 256;
 const CONFIG_LEN: usize = 12;
 /// bhyve's MTU bounds: at least Ethernet's minimum payload, at most what fits 64 KiB.
 pub const MTU_MIN: u16 = 68;
@@ -354,6 +356,68 @@ fn guest_iovecs(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: usize) -> Option<
     (iov.len() <= 1024).then_some(iov)
 }
 
+/// Sends one transmit chain to the tap; malformed chains and refused frames are counted.
+fn transmit(
+    shared: &Shared,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+    tx_size: usize,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) {
+    let st = &shared.stats;
+    let segs = match walk(chain, mem, VNET_HDR_LEN + MAX_FRAME, tx_size) {
+        Ok((r, w)) if w.is_empty() => r,
+        Ok(_) => {
+            guest_error(
+                &st.guest_errors,
+                format_args!("virtio-net: transmit chain with device-writable buffers"),
+            );
+            return;
+        }
+        Err(why) => {
+            guest_error(
+                &st.guest_errors,
+                format_args!("virtio-net: transmit: {why}"),
+            );
+            return;
+        }
+    };
+    let n = seg_len(&segs);
+    if n < VNET_HDR_LEN + ETH_HLEN {
+        guest_error(
+            &st.guest_errors,
+            format_args!("virtio-net: transmit chain too short for header and frame"),
+        );
+        return;
+    }
+    let skip = if shared.tap.vnet_hdr() {
+        0
+    } else {
+        VNET_HDR_LEN
+    };
+    // Straight from guest memory; through the copy buffer only for very long chains.
+    let sent = match guest_iovecs(mem, &segs, skip) {
+        Some(iov) => shared.tap.writev(&iov),
+        None => match gather(mem, &segs, buf) {
+            Some(n) => shared.tap.write(&buf[skip..n]),
+            None => Err(io::Error::other("guest buffer unreadable")),
+        },
+    };
+    match sent {
+        Ok(_) => {
+            bump(&st.tx_frames, 1);
+            bump(&st.tx_bytes, (n - VNET_HDR_LEN) as u64);
+        }
+        Err(e) => {
+            // Link down (EIO), full queue, or a GSO header the kernel refused.
+            guest_error(
+                &st.tx_dropped,
+                format_args!("virtio-net: tap {} refused a frame: {e}", shared.tap.name()),
+            );
+        }
+    }
+}
+
 /// State shared by the device and its thread.
 struct Shared {
     tap: Tap,
@@ -387,6 +451,8 @@ struct Worker {
     /// Length (header included) of the frame waiting in `rx_buf`, if any.
     pending: Option<usize>,
     tx_buf: Vec<u8>,
+    /// Transmit chains per call of `process_tx` ([`TX_BATCH`]; smaller in tests).
+    tx_batch: usize,
 }
 
 const TOKEN_TAP: u64 = 3;
@@ -414,6 +480,7 @@ impl Worker {
             rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             pending: None,
             tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
+            tx_batch: TX_BATCH,
         })
     }
 
@@ -443,12 +510,16 @@ impl Worker {
     }
 
     /// Moves frames from the tap into the receive queue until the tap is empty, the guest
-    /// runs out of buffers, or a batch is done; one interrupt for all of them.
-    fn process_rx(&mut self) {
+    /// runs out of buffers, or a batch is done; one interrupt for all of them. True if the
+    /// batch ran out: the caller comes back after looking at the other events, since a frame
+    /// may be held back with kicks off (the guest moving its avail index on every look) and
+    /// an empty tap would never wake us for it.
+    fn process_rx(&mut self) -> bool {
         let shared = self.shared.clone();
         let st = &shared.stats;
         let mut used = false;
         let _ = self.rx.disable_notification(&self.mem);
+        let mut more = true;
         for _ in 0..RX_BATCH {
             let len = match self.pending {
                 Some(l) => l,
@@ -464,7 +535,10 @@ impl Worker {
                             self.pending = Some(n + off);
                             n + off
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            more = false;
+                            break;
+                        }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             // E.g. the interface was deleted: stop polling rather than spin.
@@ -473,6 +547,7 @@ impl Worker {
                                 format_args!("virtio-net: reading tap {}: {e}", tap.name()),
                             );
                             self.poll_tap(false);
+                            more = false;
                             break;
                         }
                     }
@@ -503,6 +578,7 @@ impl Worker {
                         }
                     }
                     self.poll_tap(false);
+                    more = false;
                     break;
                 }
             }
@@ -510,6 +586,7 @@ impl Worker {
         if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
             self.irq.queue_used(RXQ as u16);
         }
+        more
     }
 
     /// Re-enables receive kicks. With EVENT_IDX the kick must come on the driver's *next*
@@ -625,70 +702,61 @@ impl Worker {
         Rx::Delivered
     }
 
-    /// Sends every available transmit chain to the tap; one interrupt for the batch.
-    fn process_tx(&mut self) {
-        let shared = &self.shared;
+    /// Sends available transmit chains to the tap, at most [`TX_BATCH`] per call, one
+    /// interrupt for the batch. True if chains may remain: the caller comes back after the
+    /// other queues and the tap had their turn (a guest flooding transmit must not starve
+    /// receive, control or stop); kicks stay off meanwhile.
+    fn process_tx(&mut self) -> bool {
+        let shared = &*self.shared;
         let st = &shared.stats;
-        let buf = &mut self.tx_buf;
         let mem = &self.mem;
         let tx_size = usize::from(self.tx.size());
-        let notify = drain_queue(&mut self.tx, mem, &st.guest_errors, |chain| {
-            let segs = match walk(chain, mem, VNET_HDR_LEN + MAX_FRAME, tx_size) {
-                Ok((r, w)) if w.is_empty() => r,
-                Ok(_) => {
-                    guest_error(
-                        &st.guest_errors,
-                        format_args!("virtio-net: transmit chain with device-writable buffers"),
-                    );
-                    return 0;
-                }
-                Err(why) => {
-                    guest_error(
-                        &st.guest_errors,
-                        format_args!("virtio-net: transmit: {why}"),
-                    );
-                    return 0;
-                }
-            };
-            let n = seg_len(&segs);
-            if n < VNET_HDR_LEN + ETH_HLEN {
-                guest_error(
-                    &st.guest_errors,
-                    format_args!("virtio-net: transmit chain too short for header and frame"),
-                );
-                return 0;
-            }
-            let skip = if shared.tap.vnet_hdr() {
-                0
-            } else {
-                VNET_HDR_LEN
-            };
-            // Straight from guest memory; through the copy buffer only for very long chains.
-            let sent = match guest_iovecs(mem, &segs, skip) {
-                Some(iov) => shared.tap.writev(&iov),
-                None => match gather(mem, &segs, buf) {
-                    Some(n) => shared.tap.write(&buf[skip..n]),
-                    None => Err(io::Error::other("guest buffer unreadable")),
-                },
-            };
-            match sent {
-                Ok(_) => {
-                    bump(&st.tx_frames, 1);
-                    bump(&st.tx_bytes, (n - VNET_HDR_LEN) as u64);
-                }
+        let mut used = false;
+        let mut budget = self.tx_batch;
+        let more = loop {
+            // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY: no kicks while we are busy.
+            let _ = self.tx.disable_notification(mem);
+            let chains: Vec<_> = match self.tx.iter(mem) {
+                Ok(iter) => iter.take(budget).collect(),
                 Err(e) => {
-                    // Link down (EIO), full queue, or a GSO header the kernel refused.
                     guest_error(
-                        &st.tx_dropped,
-                        format_args!("virtio-net: tap {} refused a frame: {e}", shared.tap.name()),
+                        &st.guest_errors,
+                        format_args!("virtio-net: unusable transmit ring: {e}"),
                     );
+                    break false;
+                }
+            };
+            budget -= chains.len();
+            for chain in chains {
+                let head = chain.head_index();
+                transmit(shared, mem, &mut self.tx_buf, tx_size, chain);
+                match self.tx.add_used(mem, head, 0) {
+                    Ok(()) => used = true,
+                    Err(e) => guest_error(
+                        &st.guest_errors,
+                        format_args!("virtio-net: cannot return transmit chain {head}: {e}"),
+                    ),
                 }
             }
-            0
-        });
-        if notify {
+            if budget == 0 {
+                break true;
+            }
+            match self.tx.enable_notification(mem) {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => break false,
+                Err(e) => {
+                    guest_error(
+                        &st.guest_errors,
+                        format_args!("virtio-net: cannot re-enable transmit kicks: {e}"),
+                    );
+                    break false;
+                }
+            }
+        };
+        if used && self.tx.needs_notification(mem).unwrap_or(true) {
             self.irq.queue_used(TXQ as u16);
         }
+        more
     }
 
     /// Answers control commands (5.1.6.5): RX mode and MAC table are accepted (the tap
@@ -768,11 +836,13 @@ impl Worker {
 
     fn run(mut self, kicks: Vec<EventFd>, stop: EventFd) {
         self.process_ctrl();
-        self.process_tx();
-        self.process_rx();
+        // Work left after a batch: done after the next (non-blocking) look at the events.
+        let mut tx_due = self.process_tx();
+        let mut rx_due = self.process_rx();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout = if tx_due || rx_due { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -786,7 +856,7 @@ impl Worker {
                         let _ = stop.read();
                         return;
                     }
-                    TOKEN_TAP => self.process_rx(),
+                    TOKEN_TAP => rx_due = true,
                     q => {
                         if let Some(k) = kicks.get(q as usize) {
                             let _ = k.read();
@@ -794,13 +864,19 @@ impl Worker {
                         match q as usize {
                             RXQ => {
                                 self.poll_tap(true);
-                                self.process_rx();
+                                rx_due = true;
                             }
-                            TXQ => self.process_tx(),
+                            TXQ => tx_due = true,
                             _ => self.process_ctrl(),
                         }
                     }
                 }
+            }
+            if tx_due {
+                tx_due = self.process_tx();
+            }
+            if rx_due {
+                rx_due = self.process_rx();
             }
         }
     }
@@ -1399,6 +1475,35 @@ mod tests {
         assert_eq!(h.rx.used_idx(&h.drv), 1);
         assert_eq!(h.rx.used(&h.drv, 0), (u32::from(head), 0));
         assert_eq!(n(&stats(&h).guest_errors), 3);
+    }
+
+    #[test]
+    fn transmit_is_done_in_batches() {
+        let mut h = harness(bits(&[]), true);
+        assert_eq!(h.w.tx_batch, TX_BATCH);
+        // (The real batch is a whole ring; a guest refilling it meanwhile kept us forever.)
+        h.w.tx_batch = 100;
+        let f = with_hdr(&frame(60, 1));
+        let a = h.drv.buf(&f);
+        for _ in 0..250 {
+            h.tx.push(&h.drv, &[(a, f.len() as u32, false)]);
+        }
+        let flags = |h: &H| -> u16 { h.drv.mem.read_obj(GuestAddress(h.tx.used)).unwrap() };
+        for (used, more) in [(100, true), (200, true), (250, false)] {
+            assert_eq!(h.w.process_tx(), more);
+            assert_eq!(h.tx.used_idx(&h.drv), used);
+            assert_eq!(
+                flags(&h) & 1,
+                u16::from(more),
+                "kicks off while more is to do"
+            );
+        }
+        assert_eq!(h.irq.used.load(Ordering::SeqCst), 3);
+        let mut got = 0;
+        while host_recv(&mut h).is_some() {
+            got += 1;
+        }
+        assert_eq!(got, 250);
     }
 
     #[test]
