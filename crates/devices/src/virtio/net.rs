@@ -55,6 +55,13 @@ const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 const S_LINK_UP: u16 = 1;
 
+// struct virtio_net_hdr (5.1.6): flags and gso_type.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
 const CTRL_RX: u8 = 0;
 const CTRL_MAC: u8 = 1;
 const CTRL_MAC_TABLE_SET: u8 = 0;
@@ -305,6 +312,25 @@ fn walk(
     Ok((r, w))
 }
 
+/// Whether a transmit header asks only for offloads the driver negotiated (5.1.6.2.1): the
+/// host kernel would otherwise get GSO types and checksum requests nobody agreed on.
+fn tx_hdr_check(flags: u8, gso_type: u8, features: u64) -> Result<(), &'static str> {
+    let has = |b: u32| features & (1u64 << b) != 0;
+    if flags & HDR_F_NEEDS_CSUM != 0 && !has(F_CSUM) {
+        return Err("transmit header asks for a checksum without VIRTIO_NET_F_CSUM");
+    }
+    match gso_type & !GSO_ECN {
+        GSO_NONE if gso_type & GSO_ECN == 0 => {}
+        GSO_TCPV4 if has(F_HOST_TSO4) => {}
+        GSO_TCPV6 if has(F_HOST_TSO6) => {}
+        _ => return Err("transmit header with a GSO type that was not negotiated"),
+    }
+    if gso_type & GSO_ECN != 0 && !has(F_HOST_ECN) {
+        return Err("transmit header with ECN without VIRTIO_NET_F_HOST_ECN");
+    }
+    Ok(())
+}
+
 fn seg_len(segs: &[Seg]) -> usize {
     segs.iter().map(|s| s.1).sum()
 }
@@ -335,6 +361,20 @@ fn gather(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<usize> 
     Some(done)
 }
 
+/// Fills `out` from the start of `segs` laid end to end (which must hold that much).
+fn gather_prefix(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<()> {
+    let mut done = 0;
+    for &(a, n) in segs {
+        if done == out.len() {
+            break;
+        }
+        let k = n.min(out.len() - done);
+        mem.read_slice(&mut out[done..done + k], a).ok()?;
+        done += k;
+    }
+    (done == out.len()).then_some(())
+}
+
 /// Host iovecs for `segs` laid end to end, without their first `skip` bytes; None if a
 /// range is not plain guest RAM or the chain needs more than IOV_MAX pieces.
 fn guest_iovecs(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: usize) -> Option<Vec<libc::iovec>> {
@@ -361,7 +401,7 @@ fn transmit(
     shared: &Shared,
     mem: &GuestMemoryMmap,
     buf: &mut [u8],
-    tx_size: usize,
+    (tx_size, features): (usize, u64),
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) {
     let st = &shared.stats;
@@ -388,6 +428,15 @@ fn transmit(
             &st.guest_errors,
             format_args!("virtio-net: transmit chain too short for header and frame"),
         );
+        return;
+    }
+    // flags and gso_type, wherever the descriptors split the header.
+    let mut hdr = [0u8; 2];
+    let checked = gather_prefix(mem, &segs, &mut hdr)
+        .ok_or("transmit header unreadable")
+        .and_then(|()| tx_hdr_check(hdr[0], hdr[1], features));
+    if let Err(why) = checked {
+        guest_error(&st.guest_errors, format_args!("virtio-net: {why}"));
         return;
     }
     let skip = if shared.tap.vnet_hdr() {
@@ -711,6 +760,7 @@ impl Worker {
         let st = &shared.stats;
         let mem = &self.mem;
         let tx_size = usize::from(self.tx.size());
+        let features = self.features;
         let mut used = false;
         let mut budget = self.tx_batch;
         let more = loop {
@@ -729,7 +779,7 @@ impl Worker {
             budget -= chains.len();
             for chain in chains {
                 let head = chain.head_index();
-                transmit(shared, mem, &mut self.tx_buf, tx_size, chain);
+                transmit(shared, mem, &mut self.tx_buf, (tx_size, features), chain);
                 match self.tx.add_used(mem, head, 0) {
                     Ok(()) => used = true,
                     Err(e) => guest_error(
@@ -1504,6 +1554,42 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 250);
+    }
+
+    #[test]
+    fn transmit_headers_must_match_the_negotiated_offloads() {
+        let f = frame(200, 4);
+        let send = |h: &mut H, flags: u8, gso: u8| -> bool {
+            let mut b = with_hdr(&f);
+            b[0] = flags;
+            b[1] = gso;
+            let a = h.drv.buf(&b);
+            // The header split over three descriptors.
+            h.tx.push(
+                &h.drv,
+                &[(a, 1, false), (a + 1, 4, false), (a + 5, 207, false)],
+            );
+            h.w.process_tx();
+            host_recv(h).is_some()
+        };
+        let mut h = harness(bits(&[]), true);
+        assert!(send(&mut h, 0, GSO_NONE));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE));
+        assert!(!send(&mut h, 0, GSO_TCPV4));
+        assert!(!send(&mut h, 0, GSO_ECN));
+        assert_eq!(n(&stats(&h).guest_errors), 3);
+        let mut h = harness(bits(&[F_CSUM, F_HOST_TSO4]), true);
+        assert!(send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE));
+        assert!(send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV6));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, 3)); // UDP (UFO): never offered
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, 5)); // UDP_L4: never offered
+        assert_eq!(n(&stats(&h).guest_errors), 4);
+        let mut h = harness(bits(&[F_CSUM, F_HOST_TSO6, F_HOST_ECN]), true);
+        assert!(send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV6 | GSO_ECN));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_ECN));
+        assert_eq!(n(&stats(&h).tx_frames), 1);
     }
 
     #[test]
