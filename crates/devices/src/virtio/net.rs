@@ -312,6 +312,23 @@ fn walk(
     Ok((r, w))
 }
 
+/// Whether a receive header from the tap uses only the TUN_F_* offloads in `enabled`.
+fn rx_hdr_ok(flags: u8, gso_type: u8, enabled: u32) -> bool {
+    let on = |f: u32| enabled & f != 0;
+    if flags & HDR_F_NEEDS_CSUM != 0 && !on(TUN_F_CSUM) {
+        return false;
+    }
+    if gso_type & GSO_ECN != 0 && !on(TUN_F_TSO_ECN) {
+        return false;
+    }
+    match gso_type & !GSO_ECN {
+        GSO_NONE => gso_type & GSO_ECN == 0,
+        GSO_TCPV4 => on(TUN_F_TSO4),
+        GSO_TCPV6 => on(TUN_F_TSO6),
+        _ => false,
+    }
+}
+
 /// Whether a transmit header asks only for offloads the driver negotiated (5.1.6.2.1): the
 /// host kernel would otherwise get GSO types and checksum requests nobody agreed on.
 fn tx_hdr_check(flags: u8, gso_type: u8, features: u64) -> Result<(), &'static str> {
@@ -500,6 +517,10 @@ struct Worker {
     /// Length (header included) of the frame waiting in `rx_buf`, if any.
     pending: Option<usize>,
     tx_buf: Vec<u8>,
+    /// The TUN_F_* receive offloads currently on (negotiated, then OFFLOADS_SET): frames the
+    /// tap queued under older settings (before a reset or OFFLOADS_SET) must not reach the
+    /// guest with header fields it has not enabled.
+    rx_offloads: u32,
     /// Transmit chains per call of `process_tx` ([`TX_BATCH`]; smaller in tests).
     tx_batch: usize,
 }
@@ -530,6 +551,7 @@ impl Worker {
             pending: None,
             tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             tx_batch: TX_BATCH,
+            rx_offloads: tun_offloads(features),
         })
     }
 
@@ -661,6 +683,11 @@ impl Worker {
         let mut chains: Vec<(u16, Vec<Seg>)> = Vec::new();
         let mut room = 0usize;
         let mut bad = None;
+        if !rx_hdr_ok(self.rx_buf[0], self.rx_buf[1], self.rx_offloads) {
+            bump(&st.rx_dropped, 1);
+            log::debug!("virtio-net: dropped a frame with offloads the guest has not enabled");
+            return Rx::Dropped;
+        }
         let seen = self.rx.avail_idx(mem, Ordering::Acquire).ok();
         let rx_size = usize::from(self.rx.size());
         {
@@ -819,6 +846,7 @@ impl Worker {
         let st = &shared.stats;
         let mem = &self.mem;
         let features = &mut self.features;
+        let rx_offloads = &mut self.rx_offloads;
         let ctrl_size = usize::from(ctrl.size());
         let notify = drain_queue(ctrl, mem, &st.guest_errors, |chain| {
             let (r, w) = match walk(chain, mem, 1 << 16, ctrl_size) {
@@ -858,7 +886,10 @@ impl Worker {
                             CTRL_ERR
                         } else {
                             match shared.tap.set_offload(tun_offloads(want)) {
-                                Ok(()) => CTRL_OK,
+                                Ok(()) => {
+                                    *rx_offloads = tun_offloads(want);
+                                    CTRL_OK
+                                }
                                 Err(e) => {
                                     log::warn!("virtio-net: TUNSETOFFLOAD: {e}");
                                     CTRL_ERR
@@ -1655,6 +1686,49 @@ mod tests {
         assert_eq!(n(&stats(&h).rx_dropped), 1);
         assert_eq!(n(&stats(&h).rx_frames), 2);
         assert_eq!(h.irq.used.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn receive_drops_frames_with_offloads_the_guest_has_not_enabled() {
+        let feats = bits(&[F_CTRL_VQ, F_CTRL_GUEST_OFFLOADS, F_GUEST_CSUM, F_GUEST_TSO4]);
+        let mut h = harness(feats, true);
+        let bufs = post_rx(&mut h, 8, 2000);
+        let send = |h: &mut H, flags: u8, gso: u8, seed: u8| {
+            let mut f = with_hdr(&frame(100, seed));
+            f[0] = flags;
+            f[1] = gso;
+            host_send(h, &f);
+        };
+        // Negotiated: checksum and TCPv4 segments; not TCPv6, not ECN.
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4, 1);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV6, 2);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN, 3);
+        send(&mut h, 0, 3, 4); // UDP
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 1);
+        assert_eq!(h.drv.read(bufs[0], 13)[12], frame(100, 1)[0]);
+        assert_eq!(n(&stats(&h).rx_dropped), 3);
+        // The guest turns the offloads off; frames the tap queued before that are dropped.
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE, 5);
+        send(&mut h, 0, GSO_TCPV4, 6);
+        let mut off = vec![CTRL_GUEST_OFFLOADS, CTRL_GUEST_OFFLOADS_SET];
+        off.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(ctrl(&mut h, &off), CTRL_OK);
+        send(&mut h, 0, GSO_NONE, 7);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 2);
+        assert_eq!(h.drv.read(bufs[1], 13)[12], frame(100, 7)[0]);
+        assert_eq!(n(&stats(&h).rx_dropped), 5);
+        // On again.
+        off.truncate(2);
+        off.extend_from_slice(&(1u64 << F_GUEST_CSUM).to_le_bytes());
+        assert_eq!(ctrl(&mut h, &off), CTRL_OK);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE, 8);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4, 9);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 3);
+        assert_eq!(n(&stats(&h).rx_dropped), 6);
+        assert_eq!(n(&stats(&h).guest_errors), 0);
     }
 
     #[test]
