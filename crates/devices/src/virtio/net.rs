@@ -599,6 +599,12 @@ impl Worker {
                     let off = if tap.vnet_hdr() { 0 } else { VNET_HDR_LEN };
                     match tap.read(&mut self.rx_buf[off..]) {
                         Ok(n) if n + off <= VNET_HDR_LEN => continue, // nothing to deliver
+                        Ok(n) if n + off > self.rx_buf.len() => {
+                            // tun reports the untruncated length of a frame longer than the
+                            // buffer (a peer MTU above ours): what we have is not the frame.
+                            bump(&st.rx_dropped, 1);
+                            continue;
+                        }
                         Ok(n) => {
                             if off != 0 {
                                 self.rx_buf[..VNET_HDR_LEN].fill(0);
