@@ -9,11 +9,14 @@
 //!
 //! Backpressure: when the guest has posted no receive buffers the device stops polling the tap
 //! (it stays in the kernel's queue, which drops on overflow) until the next receive kick; at
-//! most one frame waits inside rhyve. Transmit handles the whole available ring per kick
-//! (writev straight from guest memory) and interrupts once per batch; receive copies each frame
+//! most one frame waits inside rhyve. Transmit handles up to a ring's worth of chains per turn
+//! (writev straight from guest memory), interrupts once per batch, and lets receive, control
+//! and stop have their turn before the next batch; receive copies each frame
 //! once, from the tap into the guest's buffers (its size decides how many mergeable buffers it
-//! takes), and interrupts once per batch. Malformed chains are dropped, counted and logged once; a frame
-//! larger than the posted receive buffers is dropped and counted.
+//! takes), and interrupts once per batch. Malformed chains (also: longer than the queue) are
+//! dropped, counted and logged once; a frame larger than the posted receive buffers is dropped
+//! and counted. vnet headers are checked against the offloads negotiated (transmit) and
+//! currently enabled (receive); frames using others are dropped and counted.
 
 use std::io;
 use std::num::Wrapping;
@@ -1827,6 +1830,21 @@ mod tests {
             assert!(!h.w.tap_polled, "the tap is out of the epoll set");
             assert!(n(&stats(&h).guest_errors) <= 1, "no spinning");
         }
+    }
+
+    #[test]
+    fn receive_asks_to_be_called_again_when_its_batch_runs_out() {
+        let mut h = harness(bits(&[]), true);
+        post_rx(&mut h, 256, 100);
+        for i in 0..RX_BATCH + 2 {
+            host_send(&mut h, &with_hdr(&frame(64, i as u8)));
+        }
+        assert!(h.w.process_rx(), "batch done, frames left: come back");
+        assert_eq!(usize::from(h.rx.used_idx(&h.drv)), RX_BATCH);
+        assert!(!h.w.process_rx(), "no buffers: wait for the kick");
+        assert!(h.w.pending.is_some() && !h.w.tap_polled);
+        let flags: u16 = h.drv.mem.read_obj(GuestAddress(h.rx.used)).unwrap();
+        assert_eq!(flags & 1, 0, "kicks are enabled");
     }
 
     #[test]
