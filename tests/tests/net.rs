@@ -89,6 +89,11 @@ impl Netns {
 
     /// `rhyve` inside the namespace, stdout piped (the guest's console).
     fn rhyve(&self, tag: &str, slot: &str, cmdline: &str) -> Command {
+        self.rhyve_slots(tag, &[slot], cmdline)
+    }
+
+    /// The same with several `-s` slots.
+    fn rhyve_slots(&self, tag: &str, slots: &[&str], cmdline: &str) -> Command {
         let dir = scratch_dir(tag);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
@@ -96,13 +101,9 @@ impl Netns {
             .env("RHYVE_RUNDIR", &dir)
             .env("RHYVE_LOG", "info")
             .args(rhyve_tests::harness::PC_MACHINE)
+            .args(["-m", "128M", "-l", "pc-testdev"])
+            .args(slots.iter().flat_map(|s| ["-s", s]))
             .args([
-                "-m",
-                "128M",
-                "-l",
-                "pc-testdev",
-                "-s",
-                slot,
                 "--kernel",
                 TESTGUEST_BZIMAGE,
                 "--append",
@@ -542,8 +543,12 @@ fn inherited_tap_fd_without_vnet_header() {
 
 /// rhyve's exit status and stderr for a VM that must not start.
 fn refused(ns: &Netns, slot: &str) -> (Option<i32>, String) {
+    refused_slots(ns, &[slot])
+}
+
+fn refused_slots(ns: &Netns, slots: &[&str]) -> (Option<i32>, String) {
     let out = ns
-        .rhyve("netbad", slot, "rhyve.test=report")
+        .rhyve_slots("netbad", slots, "rhyve.test=report")
         .env("RHYVE_LOG", "warn")
         .stdin(Stdio::null())
         .output()
@@ -582,6 +587,9 @@ fn missing_wrong_or_busy_taps_exit_4_with_one_line() {
     assert_one_line_error(code, &err, &["mtu"]);
     let (code, err) = refused(&ns, "2,virtio-net");
     assert_one_line_error(code, &err, &["virtio-net", "backend"]);
+    // Two functions on one inherited descriptor (both would own it): the second is refused.
+    let (code, err) = refused_slots(&ns, &["3,virtio-net,fd=3", "4,virtio-net,fd=3"]);
+    assert_one_line_error(code, &err, &["0:4:0", "virtio-net", "fd=3", "0:3:0"]);
 }
 
 /// CPU ticks (user + system) of rhyve's `virtio-net` thread.

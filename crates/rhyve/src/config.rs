@@ -266,6 +266,26 @@ pub struct PciSlot {
     pub opts: BTreeMap<String, String>,
 }
 
+/// Two virtio-net functions on one inherited descriptor would both own it (split frames,
+/// a double close): refused, naming the second slot.
+fn refuse_shared_tap_fds(pci: &[PciSlot]) -> Result<(), ConfigError> {
+    let mut seen: Vec<(i64, &PciSlot)> = Vec::new();
+    for p in pci.iter().filter(|p| p.emulation.name == "virtio-net") {
+        // A bad number is the device's to report.
+        let Some(fd) = p.opts.get("fd").and_then(|v| v.trim().parse::<i64>().ok()) else {
+            continue;
+        };
+        if let Some((_, first)) = seen.iter().find(|(f, _)| *f == fd) {
+            return err(format!(
+                "-s {}:{}:{},virtio-net: fd={fd} is already used by -s {}:{}:{}",
+                p.bus, p.slot, p.func, first.bus, first.slot, first.func
+            ));
+        }
+        seen.push((fd, p));
+    }
+    Ok(())
+}
+
 impl VmConfig {
     /// Validates the tree and extracts the typed config.
     pub fn from_tree(t: &ConfigTree) -> Result<Self, ConfigError> {
@@ -427,6 +447,7 @@ impl VmConfig {
             }
         }
         pci.sort_by_key(|p| (p.bus, p.slot, p.func));
+        refuse_shared_tap_fds(&pci)?;
         Ok(Self {
             name: name.to_string(),
             cpus,
@@ -506,6 +527,22 @@ mod tests {
                 (31, "lpc", 0)
             ]
         );
+    }
+
+    #[test]
+    fn one_tap_descriptor_per_virtio_net() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("pci.0.3.0.device", "virtio-net");
+        t.set("pci.0.3.0.fd", "3");
+        t.set("pci.0.4.0.device", "virtio-net");
+        t.set("pci.0.4.0.fd", "4");
+        t.set("pci.0.5.0.device", "virtio-net");
+        t.set("pci.0.5.0.path", "tap0");
+        assert!(VmConfig::from_tree(&t).is_ok());
+        t.set("pci.0.4.0.fd", "03");
+        let e = VmConfig::from_tree(&t).unwrap_err().to_string();
+        assert_eq!(e, "-s 0:4:0,virtio-net: fd=3 is already used by -s 0:3:0");
     }
 
     #[test]

@@ -9,11 +9,14 @@
 //!
 //! Backpressure: when the guest has posted no receive buffers the device stops polling the tap
 //! (it stays in the kernel's queue, which drops on overflow) until the next receive kick; at
-//! most one frame waits inside rhyve. Transmit handles the whole available ring per kick
-//! (writev straight from guest memory) and interrupts once per batch; receive copies each frame
+//! most one frame waits inside rhyve. Transmit handles up to a ring's worth of chains per turn
+//! (writev straight from guest memory), interrupts once per batch, and lets receive, control
+//! and stop have their turn before the next batch; receive copies each frame
 //! once, from the tap into the guest's buffers (its size decides how many mergeable buffers it
-//! takes), and interrupts once per batch. Malformed chains are dropped, counted and logged once; a frame
-//! larger than the posted receive buffers is dropped and counted.
+//! takes), and interrupts once per batch. Malformed chains (also: longer than the queue) are
+//! dropped, counted and logged once; a frame larger than the posted receive buffers is dropped
+//! and counted. vnet headers are checked against the offloads negotiated (transmit) and
+//! currently enabled (receive); frames using others are dropped and counted.
 
 use std::io;
 use std::num::Wrapping;
@@ -55,6 +58,13 @@ const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 const S_LINK_UP: u16 = 1;
 
+// struct virtio_net_hdr (5.1.6): flags and gso_type.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
 const CTRL_RX: u8 = 0;
 const CTRL_MAC: u8 = 1;
 const CTRL_MAC_TABLE_SET: u8 = 0;
@@ -75,6 +85,8 @@ pub const MAX_FRAME: usize = 65535 + 14 + 4;
 const ETH_HLEN: usize = 14;
 /// Frames handled per wakeup before looking at the other queues again.
 const RX_BATCH: usize = 256;
+/// Transmit chains handled per wakeup before looking at the other queues again.
+const TX_BATCH: usize = 256;
 const CONFIG_LEN: usize = 12;
 /// bhyve's MTU bounds: at least Ethernet's minimum payload, at most what fits 64 KiB.
 pub const MTU_MIN: u16 = 68;
@@ -257,15 +269,22 @@ fn tun_offloads(features: u64) -> u32 {
 type Seg = (GuestAddress, usize);
 
 /// Walks a chain: its device-readable and device-writable buffers, or what is wrong with it.
+/// A chain may hold at most `max_descs` descriptors (the queue size, virtio 1.2 2.7.5.3.1),
+/// zero-length ones included: an indirect table of 65535 empty descriptors would otherwise
+/// cost a walk of that length per chain.
 fn walk(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     limit: usize,
+    max_descs: usize,
 ) -> Result<(Vec<Seg>, Vec<Seg>), &'static str> {
     let (mut r, mut w) = (Vec::new(), Vec::new());
     let (mut total, mut count, mut last_has_next) = (0usize, 0usize, false);
     for d in chain {
         count += 1;
+        if count > max_descs {
+            return Err("descriptor chain longer than the queue size");
+        }
         last_has_next = d.has_next();
         let len = d.len() as usize;
         total = total.saturating_add(len);
@@ -294,6 +313,42 @@ fn walk(
         return Err("descriptor chain loops, ends at a bad index or has a bad indirect table");
     }
     Ok((r, w))
+}
+
+/// Whether a receive header from the tap uses only the TUN_F_* offloads in `enabled`.
+fn rx_hdr_ok(flags: u8, gso_type: u8, enabled: u32) -> bool {
+    let on = |f: u32| enabled & f != 0;
+    if flags & HDR_F_NEEDS_CSUM != 0 && !on(TUN_F_CSUM) {
+        return false;
+    }
+    if gso_type & GSO_ECN != 0 && !on(TUN_F_TSO_ECN) {
+        return false;
+    }
+    match gso_type & !GSO_ECN {
+        GSO_NONE => gso_type & GSO_ECN == 0,
+        GSO_TCPV4 => on(TUN_F_TSO4),
+        GSO_TCPV6 => on(TUN_F_TSO6),
+        _ => false,
+    }
+}
+
+/// Whether a transmit header asks only for offloads the driver negotiated (5.1.6.2.1): the
+/// host kernel would otherwise get GSO types and checksum requests nobody agreed on.
+fn tx_hdr_check(flags: u8, gso_type: u8, features: u64) -> Result<(), &'static str> {
+    let has = |b: u32| features & (1u64 << b) != 0;
+    if flags & HDR_F_NEEDS_CSUM != 0 && !has(F_CSUM) {
+        return Err("transmit header asks for a checksum without VIRTIO_NET_F_CSUM");
+    }
+    match gso_type & !GSO_ECN {
+        GSO_NONE if gso_type & GSO_ECN == 0 => {}
+        GSO_TCPV4 if has(F_HOST_TSO4) => {}
+        GSO_TCPV6 if has(F_HOST_TSO6) => {}
+        _ => return Err("transmit header with a GSO type that was not negotiated"),
+    }
+    if gso_type & GSO_ECN != 0 && !has(F_HOST_ECN) {
+        return Err("transmit header with ECN without VIRTIO_NET_F_HOST_ECN");
+    }
+    Ok(())
 }
 
 fn seg_len(segs: &[Seg]) -> usize {
@@ -326,6 +381,20 @@ fn gather(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<usize> 
     Some(done)
 }
 
+/// Fills `out` from the start of `segs` laid end to end (which must hold that much).
+fn gather_prefix(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<()> {
+    let mut done = 0;
+    for &(a, n) in segs {
+        if done == out.len() {
+            break;
+        }
+        let k = n.min(out.len() - done);
+        mem.read_slice(&mut out[done..done + k], a).ok()?;
+        done += k;
+    }
+    (done == out.len()).then_some(())
+}
+
 /// Host iovecs for `segs` laid end to end, without their first `skip` bytes; None if a
 /// range is not plain guest RAM or the chain needs more than IOV_MAX pieces.
 fn guest_iovecs(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: usize) -> Option<Vec<libc::iovec>> {
@@ -345,6 +414,77 @@ fn guest_iovecs(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: usize) -> Option<
         skip = 0;
     }
     (iov.len() <= 1024).then_some(iov)
+}
+
+/// Sends one transmit chain to the tap; malformed chains and refused frames are counted.
+fn transmit(
+    shared: &Shared,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+    (tx_size, features): (usize, u64),
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) {
+    let st = &shared.stats;
+    let segs = match walk(chain, mem, VNET_HDR_LEN + MAX_FRAME, tx_size) {
+        Ok((r, w)) if w.is_empty() => r,
+        Ok(_) => {
+            guest_error(
+                &st.guest_errors,
+                format_args!("virtio-net: transmit chain with device-writable buffers"),
+            );
+            return;
+        }
+        Err(why) => {
+            guest_error(
+                &st.guest_errors,
+                format_args!("virtio-net: transmit: {why}"),
+            );
+            return;
+        }
+    };
+    let n = seg_len(&segs);
+    if n < VNET_HDR_LEN + ETH_HLEN {
+        guest_error(
+            &st.guest_errors,
+            format_args!("virtio-net: transmit chain too short for header and frame"),
+        );
+        return;
+    }
+    // flags and gso_type, wherever the descriptors split the header.
+    let mut hdr = [0u8; 2];
+    let checked = gather_prefix(mem, &segs, &mut hdr)
+        .ok_or("transmit header unreadable")
+        .and_then(|()| tx_hdr_check(hdr[0], hdr[1], features));
+    if let Err(why) = checked {
+        guest_error(&st.guest_errors, format_args!("virtio-net: {why}"));
+        return;
+    }
+    let skip = if shared.tap.vnet_hdr() {
+        0
+    } else {
+        VNET_HDR_LEN
+    };
+    // Straight from guest memory; through the copy buffer only for very long chains.
+    let sent = match guest_iovecs(mem, &segs, skip) {
+        Some(iov) => shared.tap.writev(&iov),
+        None => match gather(mem, &segs, buf) {
+            Some(n) => shared.tap.write(&buf[skip..n]),
+            None => Err(io::Error::other("guest buffer unreadable")),
+        },
+    };
+    match sent {
+        Ok(_) => {
+            bump(&st.tx_frames, 1);
+            bump(&st.tx_bytes, (n - VNET_HDR_LEN) as u64);
+        }
+        Err(e) => {
+            // Link down (EIO), full queue, or a GSO header the kernel refused.
+            guest_error(
+                &st.tx_dropped,
+                format_args!("virtio-net: tap {} refused a frame: {e}", shared.tap.name()),
+            );
+        }
+    }
 }
 
 /// State shared by the device and its thread.
@@ -380,6 +520,12 @@ struct Worker {
     /// Length (header included) of the frame waiting in `rx_buf`, if any.
     pending: Option<usize>,
     tx_buf: Vec<u8>,
+    /// The TUN_F_* receive offloads currently on (negotiated, then OFFLOADS_SET): frames the
+    /// tap queued under older settings (before a reset or OFFLOADS_SET) must not reach the
+    /// guest with header fields it has not enabled.
+    rx_offloads: u32,
+    /// Transmit chains per call of `process_tx` ([`TX_BATCH`]; smaller in tests).
+    tx_batch: usize,
 }
 
 const TOKEN_TAP: u64 = 3;
@@ -407,6 +553,8 @@ impl Worker {
             rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             pending: None,
             tx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
+            tx_batch: TX_BATCH,
+            rx_offloads: tun_offloads(features),
         })
     }
 
@@ -436,12 +584,16 @@ impl Worker {
     }
 
     /// Moves frames from the tap into the receive queue until the tap is empty, the guest
-    /// runs out of buffers, or a batch is done; one interrupt for all of them.
-    fn process_rx(&mut self) {
+    /// runs out of buffers, or a batch is done; one interrupt for all of them. True if the
+    /// batch ran out: the caller comes back after looking at the other events, since a frame
+    /// may be held back with kicks off (the guest moving its avail index on every look) and
+    /// an empty tap would never wake us for it.
+    fn process_rx(&mut self) -> bool {
         let shared = self.shared.clone();
         let st = &shared.stats;
         let mut used = false;
         let _ = self.rx.disable_notification(&self.mem);
+        let mut more = true;
         for _ in 0..RX_BATCH {
             let len = match self.pending {
                 Some(l) => l,
@@ -450,6 +602,12 @@ impl Worker {
                     let off = if tap.vnet_hdr() { 0 } else { VNET_HDR_LEN };
                     match tap.read(&mut self.rx_buf[off..]) {
                         Ok(n) if n + off <= VNET_HDR_LEN => continue, // nothing to deliver
+                        Ok(n) if n + off > self.rx_buf.len() => {
+                            // tun reports the untruncated length of a frame longer than the
+                            // buffer (a peer MTU above ours): what we have is not the frame.
+                            bump(&st.rx_dropped, 1);
+                            continue;
+                        }
                         Ok(n) => {
                             if off != 0 {
                                 self.rx_buf[..VNET_HDR_LEN].fill(0);
@@ -457,7 +615,10 @@ impl Worker {
                             self.pending = Some(n + off);
                             n + off
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            more = false;
+                            break;
+                        }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             // E.g. the interface was deleted: stop polling rather than spin.
@@ -466,6 +627,7 @@ impl Worker {
                                 format_args!("virtio-net: reading tap {}: {e}", tap.name()),
                             );
                             self.poll_tap(false);
+                            more = false;
                             break;
                         }
                     }
@@ -485,12 +647,18 @@ impl Worker {
                 Rx::NoBuffers(seen) => {
                     // Ask for a kick, then look again: buffers may have arrived in between.
                     self.ask_for_rx_kick(seen);
+                    // Only a readable index that moved is progress: a corrupt ring (seen is
+                    // None) must not make the loop spin (it would come back at once anyway,
+                    // the tap being level-triggered).
                     let now = self.rx.avail_idx(&self.mem, Ordering::Acquire).ok();
-                    if now.is_some() && now != seen {
-                        let _ = self.rx.disable_notification(&self.mem);
-                        continue;
+                    if let (Some(a), Some(b)) = (seen, now) {
+                        if a != b {
+                            let _ = self.rx.disable_notification(&self.mem);
+                            continue;
+                        }
                     }
                     self.poll_tap(false);
+                    more = false;
                     break;
                 }
             }
@@ -498,6 +666,7 @@ impl Worker {
         if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
             self.irq.queue_used(RXQ as u16);
         }
+        more
     }
 
     /// Re-enables receive kicks. With EVENT_IDX the kick must come on the driver's *next*
@@ -523,7 +692,13 @@ impl Worker {
         let mut chains: Vec<(u16, Vec<Seg>)> = Vec::new();
         let mut room = 0usize;
         let mut bad = None;
+        if !rx_hdr_ok(self.rx_buf[0], self.rx_buf[1], self.rx_offloads) {
+            bump(&st.rx_dropped, 1);
+            log::debug!("virtio-net: dropped a frame with offloads the guest has not enabled");
+            return Rx::Dropped;
+        }
         let seen = self.rx.avail_idx(mem, Ordering::Acquire).ok();
+        let rx_size = usize::from(self.rx.size());
         {
             let mut iter = match self.rx.iter(mem) {
                 Ok(i) => i,
@@ -538,7 +713,7 @@ impl Worker {
             while room < len {
                 let Some(chain) = iter.next() else { break };
                 let head = chain.head_index();
-                match walk(chain, mem, usize::MAX) {
+                match walk(chain, mem, usize::MAX, rx_size) {
                     Ok((r, w)) if r.is_empty() => {
                         room += seg_len(&w);
                         chains.push((head, w));
@@ -612,69 +787,62 @@ impl Worker {
         Rx::Delivered
     }
 
-    /// Sends every available transmit chain to the tap; one interrupt for the batch.
-    fn process_tx(&mut self) {
-        let shared = &self.shared;
+    /// Sends available transmit chains to the tap, at most [`TX_BATCH`] per call, one
+    /// interrupt for the batch. True if chains may remain: the caller comes back after the
+    /// other queues and the tap had their turn (a guest flooding transmit must not starve
+    /// receive, control or stop); kicks stay off meanwhile.
+    fn process_tx(&mut self) -> bool {
+        let shared = &*self.shared;
         let st = &shared.stats;
-        let buf = &mut self.tx_buf;
         let mem = &self.mem;
-        let notify = drain_queue(&mut self.tx, mem, &st.guest_errors, |chain| {
-            let segs = match walk(chain, mem, VNET_HDR_LEN + MAX_FRAME) {
-                Ok((r, w)) if w.is_empty() => r,
-                Ok(_) => {
-                    guest_error(
-                        &st.guest_errors,
-                        format_args!("virtio-net: transmit chain with device-writable buffers"),
-                    );
-                    return 0;
-                }
-                Err(why) => {
-                    guest_error(
-                        &st.guest_errors,
-                        format_args!("virtio-net: transmit: {why}"),
-                    );
-                    return 0;
-                }
-            };
-            let n = seg_len(&segs);
-            if n < VNET_HDR_LEN + ETH_HLEN {
-                guest_error(
-                    &st.guest_errors,
-                    format_args!("virtio-net: transmit chain too short for header and frame"),
-                );
-                return 0;
-            }
-            let skip = if shared.tap.vnet_hdr() {
-                0
-            } else {
-                VNET_HDR_LEN
-            };
-            // Straight from guest memory; through the copy buffer only for very long chains.
-            let sent = match guest_iovecs(mem, &segs, skip) {
-                Some(iov) => shared.tap.writev(&iov),
-                None => match gather(mem, &segs, buf) {
-                    Some(n) => shared.tap.write(&buf[skip..n]),
-                    None => Err(io::Error::other("guest buffer unreadable")),
-                },
-            };
-            match sent {
-                Ok(_) => {
-                    bump(&st.tx_frames, 1);
-                    bump(&st.tx_bytes, (n - VNET_HDR_LEN) as u64);
-                }
+        let tx_size = usize::from(self.tx.size());
+        let features = self.features;
+        let mut used = false;
+        let mut budget = self.tx_batch;
+        let more = loop {
+            // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY: no kicks while we are busy.
+            let _ = self.tx.disable_notification(mem);
+            let chains: Vec<_> = match self.tx.iter(mem) {
+                Ok(iter) => iter.take(budget).collect(),
                 Err(e) => {
-                    // Link down (EIO), full queue, or a GSO header the kernel refused.
                     guest_error(
-                        &st.tx_dropped,
-                        format_args!("virtio-net: tap {} refused a frame: {e}", shared.tap.name()),
+                        &st.guest_errors,
+                        format_args!("virtio-net: unusable transmit ring: {e}"),
                     );
+                    break false;
+                }
+            };
+            budget -= chains.len();
+            for chain in chains {
+                let head = chain.head_index();
+                transmit(shared, mem, &mut self.tx_buf, (tx_size, features), chain);
+                match self.tx.add_used(mem, head, 0) {
+                    Ok(()) => used = true,
+                    Err(e) => guest_error(
+                        &st.guest_errors,
+                        format_args!("virtio-net: cannot return transmit chain {head}: {e}"),
+                    ),
                 }
             }
-            0
-        });
-        if notify {
+            if budget == 0 {
+                break true;
+            }
+            match self.tx.enable_notification(mem) {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => break false,
+                Err(e) => {
+                    guest_error(
+                        &st.guest_errors,
+                        format_args!("virtio-net: cannot re-enable transmit kicks: {e}"),
+                    );
+                    break false;
+                }
+            }
+        };
+        if used && self.tx.needs_notification(mem).unwrap_or(true) {
             self.irq.queue_used(TXQ as u16);
         }
+        more
     }
 
     /// Answers control commands (5.1.6.5): RX mode and MAC table are accepted (the tap
@@ -687,8 +855,10 @@ impl Worker {
         let st = &shared.stats;
         let mem = &self.mem;
         let features = &mut self.features;
+        let rx_offloads = &mut self.rx_offloads;
+        let ctrl_size = usize::from(ctrl.size());
         let notify = drain_queue(ctrl, mem, &st.guest_errors, |chain| {
-            let (r, w) = match walk(chain, mem, 1 << 16) {
+            let (r, w) = match walk(chain, mem, 1 << 16, ctrl_size) {
                 Ok(rw) => rw,
                 Err(why) => {
                     guest_error(&st.guest_errors, format_args!("virtio-net: control: {why}"));
@@ -725,7 +895,10 @@ impl Worker {
                             CTRL_ERR
                         } else {
                             match shared.tap.set_offload(tun_offloads(want)) {
-                                Ok(()) => CTRL_OK,
+                                Ok(()) => {
+                                    *rx_offloads = tun_offloads(want);
+                                    CTRL_OK
+                                }
                                 Err(e) => {
                                     log::warn!("virtio-net: TUNSETOFFLOAD: {e}");
                                     CTRL_ERR
@@ -753,11 +926,13 @@ impl Worker {
 
     fn run(mut self, kicks: Vec<EventFd>, stop: EventFd) {
         self.process_ctrl();
-        self.process_tx();
-        self.process_rx();
+        // Work left after a batch: done after the next (non-blocking) look at the events.
+        let mut tx_due = self.process_tx();
+        let mut rx_due = self.process_rx();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout = if tx_due || rx_due { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -771,7 +946,7 @@ impl Worker {
                         let _ = stop.read();
                         return;
                     }
-                    TOKEN_TAP => self.process_rx(),
+                    TOKEN_TAP => rx_due = true,
                     q => {
                         if let Some(k) = kicks.get(q as usize) {
                             let _ = k.read();
@@ -779,13 +954,19 @@ impl Worker {
                         match q as usize {
                             RXQ => {
                                 self.poll_tap(true);
-                                self.process_rx();
+                                rx_due = true;
                             }
-                            TXQ => self.process_tx(),
+                            TXQ => tx_due = true,
                             _ => self.process_ctrl(),
                         }
                     }
                 }
+            }
+            if tx_due {
+                tx_due = self.process_tx();
+            }
+            if rx_due {
+                rx_due = self.process_rx();
             }
         }
     }
@@ -1344,6 +1525,114 @@ mod tests {
     }
 
     #[test]
+    fn chains_longer_than_the_queue_are_refused() {
+        let mut h = harness(bits(&[F_MRG_RXBUF]), true);
+        let f = with_hdr(&frame(100, 3));
+        let a = h.drv.buf(&f);
+        // An indirect table of `n` descriptors: n - 1 empty ones, then the whole frame.
+        let indirect = |h: &mut H, n: u16, write: bool| {
+            let table = h.drv.alloc(16 * u64::from(n));
+            let t = Ring {
+                desc: table,
+                ..Ring::new(1, n)
+            };
+            let w = if write { F_WRITE } else { 0 };
+            for i in 0..n - 1 {
+                t.write_desc(&h.drv, i, a, 0, F_NEXT | w, i + 1);
+            }
+            t.write_desc(&h.drv, n - 1, a, f.len() as u32, w, 0);
+            (table, 16 * u32::from(n))
+        };
+        // Transmit: 256 descriptors pass, 257 do not.
+        for (n, ok) in [(256u16, true), (257, false), (4000, false)] {
+            let (table, len) = indirect(&mut h, n, false);
+            let head = h.tx.next_desc;
+            h.tx.write_desc(&h.drv, head, table, len, F_INDIRECT, 0);
+            h.tx.next_desc += 1;
+            h.tx.publish(&h.drv, head);
+            h.w.process_tx();
+            assert_eq!(host_recv(&mut h).is_some(), ok, "{n} descriptors");
+        }
+        assert_eq!(n(&stats(&h).guest_errors), 2);
+        // Receive: the chain is given back unused, the frame is lost, nothing blocks.
+        let (table, len) = indirect(&mut h, 5000, true);
+        let head = h.rx.next_desc;
+        h.rx.write_desc(&h.drv, head, table, len, F_INDIRECT, 0);
+        h.rx.next_desc += 1;
+        h.rx.publish(&h.drv, head);
+        host_send(&mut h, &with_hdr(&frame(64, 1)));
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 1);
+        assert_eq!(h.rx.used(&h.drv, 0), (u32::from(head), 0));
+        assert_eq!(n(&stats(&h).guest_errors), 3);
+    }
+
+    #[test]
+    fn transmit_is_done_in_batches() {
+        let mut h = harness(bits(&[]), true);
+        assert_eq!(h.w.tx_batch, TX_BATCH);
+        // (The real batch is a whole ring; a guest refilling it meanwhile kept us forever.)
+        h.w.tx_batch = 100;
+        let f = with_hdr(&frame(60, 1));
+        let a = h.drv.buf(&f);
+        for _ in 0..250 {
+            h.tx.push(&h.drv, &[(a, f.len() as u32, false)]);
+        }
+        let flags = |h: &H| -> u16 { h.drv.mem.read_obj(GuestAddress(h.tx.used)).unwrap() };
+        for (used, more) in [(100, true), (200, true), (250, false)] {
+            assert_eq!(h.w.process_tx(), more);
+            assert_eq!(h.tx.used_idx(&h.drv), used);
+            assert_eq!(
+                flags(&h) & 1,
+                u16::from(more),
+                "kicks off while more is to do"
+            );
+        }
+        assert_eq!(h.irq.used.load(Ordering::SeqCst), 3);
+        let mut got = 0;
+        while host_recv(&mut h).is_some() {
+            got += 1;
+        }
+        assert_eq!(got, 250);
+    }
+
+    #[test]
+    fn transmit_headers_must_match_the_negotiated_offloads() {
+        let f = frame(200, 4);
+        let send = |h: &mut H, flags: u8, gso: u8| -> bool {
+            let mut b = with_hdr(&f);
+            b[0] = flags;
+            b[1] = gso;
+            let a = h.drv.buf(&b);
+            // The header split over three descriptors.
+            h.tx.push(
+                &h.drv,
+                &[(a, 1, false), (a + 1, 4, false), (a + 5, 207, false)],
+            );
+            h.w.process_tx();
+            host_recv(h).is_some()
+        };
+        let mut h = harness(bits(&[]), true);
+        assert!(send(&mut h, 0, GSO_NONE));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE));
+        assert!(!send(&mut h, 0, GSO_TCPV4));
+        assert!(!send(&mut h, 0, GSO_ECN));
+        assert_eq!(n(&stats(&h).guest_errors), 3);
+        let mut h = harness(bits(&[F_CSUM, F_HOST_TSO4]), true);
+        assert!(send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE));
+        assert!(send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV6));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, 3)); // UDP (UFO): never offered
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, 5)); // UDP_L4: never offered
+        assert_eq!(n(&stats(&h).guest_errors), 4);
+        let mut h = harness(bits(&[F_CSUM, F_HOST_TSO6, F_HOST_ECN]), true);
+        assert!(send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV6 | GSO_ECN));
+        assert!(!send(&mut h, HDR_F_NEEDS_CSUM, GSO_ECN));
+        assert_eq!(n(&stats(&h).tx_frames), 1);
+    }
+
+    #[test]
     fn malformed_transmit_chains_are_dropped_and_counted() {
         let mut h = harness(bits(&[]), true);
         let f = with_hdr(&frame(200, 4));
@@ -1406,6 +1695,49 @@ mod tests {
         assert_eq!(n(&stats(&h).rx_dropped), 1);
         assert_eq!(n(&stats(&h).rx_frames), 2);
         assert_eq!(h.irq.used.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn receive_drops_frames_with_offloads_the_guest_has_not_enabled() {
+        let feats = bits(&[F_CTRL_VQ, F_CTRL_GUEST_OFFLOADS, F_GUEST_CSUM, F_GUEST_TSO4]);
+        let mut h = harness(feats, true);
+        let bufs = post_rx(&mut h, 8, 2000);
+        let send = |h: &mut H, flags: u8, gso: u8, seed: u8| {
+            let mut f = with_hdr(&frame(100, seed));
+            f[0] = flags;
+            f[1] = gso;
+            host_send(h, &f);
+        };
+        // Negotiated: checksum and TCPv4 segments; not TCPv6, not ECN.
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4, 1);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV6, 2);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN, 3);
+        send(&mut h, 0, 3, 4); // UDP
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 1);
+        assert_eq!(h.drv.read(bufs[0], 13)[12], frame(100, 1)[0]);
+        assert_eq!(n(&stats(&h).rx_dropped), 3);
+        // The guest turns the offloads off; frames the tap queued before that are dropped.
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE, 5);
+        send(&mut h, 0, GSO_TCPV4, 6);
+        let mut off = vec![CTRL_GUEST_OFFLOADS, CTRL_GUEST_OFFLOADS_SET];
+        off.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(ctrl(&mut h, &off), CTRL_OK);
+        send(&mut h, 0, GSO_NONE, 7);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 2);
+        assert_eq!(h.drv.read(bufs[1], 13)[12], frame(100, 7)[0]);
+        assert_eq!(n(&stats(&h).rx_dropped), 5);
+        // On again.
+        off.truncate(2);
+        off.extend_from_slice(&(1u64 << F_GUEST_CSUM).to_le_bytes());
+        assert_eq!(ctrl(&mut h, &off), CTRL_OK);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_NONE, 8);
+        send(&mut h, HDR_F_NEEDS_CSUM, GSO_TCPV4, 9);
+        h.w.process_rx();
+        assert_eq!(h.rx.used_idx(&h.drv), 3);
+        assert_eq!(n(&stats(&h).rx_dropped), 6);
+        assert_eq!(n(&stats(&h).guest_errors), 0);
     }
 
     #[test]
@@ -1472,6 +1804,47 @@ mod tests {
         assert_eq!(&h.drv.read(bufs[2], 76)[12..], &frame(64, 4)[..]);
         assert!(h.w.tap_polled, "buffers left: polling again");
         assert_eq!(n(&stats(&h).rx_dropped), 0, "nothing lost");
+    }
+
+    #[test]
+    fn corrupt_receive_avail_index_stops_polling_without_spinning() {
+        for bad_ring in [false, true] {
+            let mut h = harness(bits(&[]), true);
+            if bad_ring {
+                // The avail index far more than the queue size ahead.
+                h.drv
+                    .mem
+                    .write_obj(1000u16, GuestAddress(h.rx.avail + 2))
+                    .unwrap();
+            } else {
+                // An avail ring at guest address 0 holding an index that is just as bad.
+                h.w.rx.set_ready(false);
+                h.w.rx.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+                h.w.rx.set_ready(true);
+                h.drv.mem.write_obj(777u16, GuestAddress(2)).unwrap();
+            }
+            host_send(&mut h, &with_hdr(&frame(64, 1)));
+            host_send(&mut h, &with_hdr(&frame(64, 2)));
+            h.w.process_rx();
+            assert!(h.w.pending.is_some(), "the frame waits");
+            assert!(!h.w.tap_polled, "the tap is out of the epoll set");
+            assert!(n(&stats(&h).guest_errors) <= 1, "no spinning");
+        }
+    }
+
+    #[test]
+    fn receive_asks_to_be_called_again_when_its_batch_runs_out() {
+        let mut h = harness(bits(&[]), true);
+        post_rx(&mut h, 256, 100);
+        for i in 0..RX_BATCH + 2 {
+            host_send(&mut h, &with_hdr(&frame(64, i as u8)));
+        }
+        assert!(h.w.process_rx(), "batch done, frames left: come back");
+        assert_eq!(usize::from(h.rx.used_idx(&h.drv)), RX_BATCH);
+        assert!(!h.w.process_rx(), "no buffers: wait for the kick");
+        assert!(h.w.pending.is_some() && !h.w.tap_polled);
+        let flags: u16 = h.drv.mem.read_obj(GuestAddress(h.rx.used)).unwrap();
+        assert_eq!(flags & 1, 0, "kicks are enabled");
     }
 
     #[test]

@@ -241,6 +241,8 @@ impl Tap {
     }
 
     /// Reads one frame (with its vnet header when `vnet_hdr`); `WouldBlock` when none waits.
+    /// A tap returns the frame's whole length even when it was cut to fit `buf`: the result
+    /// may exceed `buf.len()`.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: the kernel writes at most buf.len() bytes into buf.
         let r = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
