@@ -31,7 +31,7 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use crate::fail;
 use crate::io::{self, line, P};
-use crate::virtio::{self, Dev};
+use crate::virtio::{self, Dev, RING_AVAIL as R_AVAIL, RING_DESC as R_DESC, RING_USED as R_USED};
 
 const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
@@ -58,22 +58,7 @@ const DATA: u64 = BASE + 0x10_0000;
 const SEQ: u64 = 1 << 20;
 const SMALL: u64 = 4096;
 
-/// Ring layout inside the ring page for up to 64 entries (§2.7: desc 16-aligned, avail
-/// 2-aligned, used 4-aligned).
-const QMAX: u16 = 64;
-const R_DESC: u64 = 0;
-const R_AVAIL: u64 = 0x400;
-const R_USED: u64 = 0x600;
 const MAX_QD: u64 = 16;
-
-/// virtio_pci_common_cfg offsets (§4.1.4.3) used to set the queue up.
-const C_Q_SELECT: u64 = 0x16;
-const C_Q_SIZE: u64 = 0x18;
-const C_Q_ENABLE: u64 = 0x1c;
-const C_Q_NOFF: u64 = 0x1e;
-const C_Q_DESC: u64 = 0x20;
-const C_Q_DRIVER: u64 = 0x28;
-const C_Q_DEVICE: u64 = 0x30;
 
 const TIMEOUT_TSC: u64 = 20_000_000_000;
 
@@ -106,30 +91,10 @@ struct Ring {
 
 impl Ring {
     fn setup(d: &Dev, size_max: u64, seg_max: u64) -> Option<Ring> {
-        let c = d.common;
-        io::mmio_write(c + C_Q_SELECT, 0u16);
-        let max: u16 = io::mmio_read(c + C_Q_SIZE);
-        if max < 4 {
-            fail(&[P::S("bench: queue 0 too small: "), P::D(max as u64)]);
-            return None;
-        }
-        let size = max.min(QMAX);
-        io::mmio_write(c + C_Q_SIZE, size);
-        // SAFETY: the bench's own fixed region (checked against the image end by `run`).
-        unsafe { core::ptr::write_bytes(RING as usize as *mut u8, 0, 0x2000) };
-        for (off, a) in [
-            (C_Q_DESC, RING + R_DESC),
-            (C_Q_DRIVER, RING + R_AVAIL),
-            (C_Q_DEVICE, RING + R_USED),
-        ] {
-            io::mmio_write(c + off, a as u32);
-            io::mmio_write(c + off + 4, (a >> 32) as u32);
-        }
-        let noff: u16 = io::mmio_read(c + C_Q_NOFF);
-        io::mmio_write(c + C_Q_ENABLE, 1u16);
+        let (size, notify) = d.queue_at("bench", 0, RING, 0x2000)?;
         Some(Ring {
             size,
-            notify: d.notify + noff as u64 * d.notify_mult as u64,
+            notify,
             next_avail: 0,
             next_used: 0,
             size_max,

@@ -23,7 +23,7 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use crate::fail;
 use crate::io::{self, line, P};
-use crate::virtio::{self, Dev};
+use crate::virtio::{self, Dev, RING_AVAIL as R_AVAIL, RING_DESC as R_DESC, RING_USED as R_USED};
 
 const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
@@ -51,19 +51,6 @@ const TX_SLOT: u64 = 0x2400;
 const RX_BUF: u64 = BASE + 0x20_0000;
 const RX_SLOT_MAX: u64 = 0x2400;
 
-const QMAX: u16 = 64;
-const R_DESC: u64 = 0;
-const R_AVAIL: u64 = 0x400;
-const R_USED: u64 = 0x600;
-
-const C_Q_SELECT: u64 = 0x16;
-const C_Q_SIZE: u64 = 0x18;
-const C_Q_ENABLE: u64 = 0x1c;
-const C_Q_NOFF: u64 = 0x1e;
-const C_Q_DESC: u64 = 0x20;
-const C_Q_DRIVER: u64 = 0x28;
-const C_Q_DEVICE: u64 = 0x30;
-
 const PM_TMR: u16 = 0x408;
 const PM_HZ: u64 = 3_579_545;
 
@@ -83,31 +70,11 @@ struct Ring {
 
 impl Ring {
     fn setup(d: &Dev, index: u16, base: u64) -> Option<Ring> {
-        let c = d.common;
-        io::mmio_write(c + C_Q_SELECT, index);
-        let max: u16 = io::mmio_read(c + C_Q_SIZE);
-        if max < 4 {
-            fail(&[P::S("net: queue too small: "), P::D(max as u64)]);
-            return None;
-        }
-        let size = max.min(QMAX);
-        io::mmio_write(c + C_Q_SIZE, size);
-        // SAFETY: the test's own fixed region (checked against the image end by the caller).
-        unsafe { core::ptr::write_bytes(base as usize as *mut u8, 0, 0x1000) };
-        for (off, a) in [
-            (C_Q_DESC, base + R_DESC),
-            (C_Q_DRIVER, base + R_AVAIL),
-            (C_Q_DEVICE, base + R_USED),
-        ] {
-            io::mmio_write(c + off, a as u32);
-            io::mmio_write(c + off + 4, (a >> 32) as u32);
-        }
-        let noff: u16 = io::mmio_read(c + C_Q_NOFF);
-        io::mmio_write(c + C_Q_ENABLE, 1u16);
+        let (size, notify) = d.queue_at("net", index, base, 0x1000)?;
         Some(Ring {
             base,
             size,
-            notify: d.notify + noff as u64 * d.notify_mult as u64,
+            notify,
             next_avail: 0,
             next_used: 0,
             event_idx: d.features & F_EVENT_IDX != 0,

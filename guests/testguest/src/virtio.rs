@@ -47,6 +47,13 @@ const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// Our queues have at most this many entries.
 const QMAX: u16 = 16;
 
+/// Ring layout of [`Dev::queue_at`] for up to 64 entries (§2.7: descriptors 16-aligned,
+/// avail 2-aligned, used 4-aligned).
+pub const RING_MAX: u16 = 64;
+pub const RING_DESC: u64 = 0;
+pub const RING_AVAIL: u64 = 0x400;
+pub const RING_USED: u64 = 0x600;
+
 /// A virtio-pci function, initialised up to FEATURES_OK.
 pub struct Dev {
     pub common: u64,
@@ -303,6 +310,36 @@ impl Dev {
                 return out;
             }
         }
+    }
+
+    /// §4.1.5.1.3 for a driver that keeps its own ring in the page(s) at `base` (laid out as
+    /// [`RING_DESC`], [`RING_AVAIL`], [`RING_USED`], room for [`RING_MAX`] entries): selects
+    /// queue `index`, sizes it min(device max, RING_MAX), clears `clear` bytes at `base`, gives
+    /// the device the ring addresses and enables it. Returns (size, notify address); None
+    /// (reported, naming `who`) when the device offers fewer than 4 entries.
+    pub fn queue_at(&self, who: &str, index: u16, base: u64, clear: usize) -> Option<(u16, u64)> {
+        self.w16(C_Q_SELECT, index);
+        let max = self.c16(C_Q_SIZE);
+        if max < 4 {
+            fail(&[
+                P::S(who),
+                P::S(": queue "),
+                P::D(index as u64),
+                P::S(" too small: "),
+                P::D(max as u64),
+            ]);
+            return None;
+        }
+        let size = max.min(RING_MAX);
+        self.w16(C_Q_SIZE, size);
+        // SAFETY: the caller's own fixed region (checked against the image end by the caller).
+        unsafe { core::ptr::write_bytes(base as usize as *mut u8, 0, clear) };
+        self.w64(C_Q_DESC, base + RING_DESC);
+        self.w64(C_Q_DRIVER, base + RING_AVAIL);
+        self.w64(C_Q_DEVICE, base + RING_USED);
+        let notify = self.notify + self.c16(C_Q_NOFF) as u64 * self.notify_mult as u64;
+        self.w16(C_Q_ENABLE, 1);
+        Some((size, notify))
     }
 
     /// §4.1.5.1.3: select the queue, size min(queue_size, 16), ring addresses, enable.
