@@ -238,6 +238,20 @@ fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The child's exit status if it exits within `timeout` (polled every 5 ms).
+pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Kills (and reaps) a child process when dropped, so a failing test leaks no VM.
 pub struct KillOnDrop(pub std::process::Child);
 

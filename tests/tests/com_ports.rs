@@ -69,18 +69,8 @@ impl Vm {
 
     /// Waits for the exit (at most 60 s) and checks what every run must show.
     fn finish(mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rhyve did not exit; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = rhyve_tests::harness::wait_exit(&mut self.child.0, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("rhyve did not exit; stderr:\n{}", self.stderr()));
         std::thread::sleep(Duration::from_millis(100));
         let stderr = self.stderr();
         assert!(!stderr.contains("panicked"), "{stderr}");

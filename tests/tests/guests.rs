@@ -254,17 +254,7 @@ fn sigterm_powers_off_with_exit_1() {
     let child = &mut guard.0;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rhyve ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = harness::wait_exit(child, Duration::from_secs(30)).expect("rhyve ignored SIGTERM");
     assert_eq!(status.code(), Some(1));
     assert!(
         !dir.join("tg-term").exists(),

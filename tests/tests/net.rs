@@ -299,14 +299,8 @@ impl Guest {
         let mut rest = String::new();
         let _ = self.stdout.read_to_string(&mut rest);
         self.console.push_str(&rest);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "rhyve did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = harness::wait_exit(&mut self.child.0, Duration::from_secs(30))
+            .expect("rhyve did not exit");
         let stderr = self.stderr.lock().unwrap().clone();
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(

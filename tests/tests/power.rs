@@ -116,18 +116,10 @@ impl Vm {
 
     /// The exit status if rhyve exits within `timeout`.
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                // Let the collectors drain the pipes.
-                std::thread::sleep(Duration::from_millis(100));
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let status = harness::wait_exit(&mut self.child.0, timeout)?;
+        // Let the collectors drain the pipes.
+        std::thread::sleep(Duration::from_millis(100));
+        Some(status)
     }
 
     /// Waits (at most 60 s) for the exit and checks what every run must show.

@@ -170,20 +170,11 @@ impl Vm {
     }
 
     fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                assert!(!self.stderr().contains("panicked"), "{}", self.stderr());
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rhyve did not exit: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let s = rhyve_tests::harness::wait_exit(&mut self.child.0, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("rhyve did not exit: {}", self.stderr()));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!self.stderr().contains("panicked"), "{}", self.stderr());
+        s
     }
 
     fn stats(&self) -> String {

@@ -572,14 +572,8 @@ fn sigterm_power_off_with_d_destroys_the_object() {
     assert!(seen.is_ok(), "guest never armed the power button: {seen:?}");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = guard.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "rhyve ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status =
+        harness::wait_exit(&mut guard.0, Duration::from_secs(30)).expect("rhyve ignored SIGTERM");
     assert_eq!(status.code(), Some(1));
     assert!(
         !object_exists(&run, "pb"),

@@ -81,15 +81,13 @@ fn read_until(master: &mut File, needle: &str, deadline: Instant) -> String {
 }
 
 fn wait(child: &mut Child, deadline: Instant) -> i32 {
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.code().unwrap_or(-1);
-        }
-        if Instant::now() > deadline {
+    match rhyve_tests::harness::wait_exit(child, deadline.saturating_duration_since(Instant::now()))
+    {
+        Some(s) => s.code().unwrap_or(-1),
+        None => {
             let _ = child.kill();
             panic!("rhyve did not exit");
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
