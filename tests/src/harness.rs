@@ -28,6 +28,23 @@ impl Output {
     pub fn report(&self) -> Report {
         Report::parse(&self.stdout)
     }
+
+    /// The guest's report, asserted complete and free of failed checks and faults.
+    pub fn clean_report(&self) -> Report {
+        let r = self.report();
+        assert!(
+            r.done,
+            "no complete report:\n{}\n{}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            r.fails.is_empty() && r.faults.is_empty(),
+            "guest checks failed: {:?} {:?}",
+            r.fails,
+            r.faults
+        );
+        r
+    }
 }
 
 /// Options for [`run`].
