@@ -255,6 +255,61 @@ fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// A spawned rhyve: stdin closed, stdout (the guest's COM1) and stderr collected in the
+/// background, killed when dropped.
+pub struct Spawned {
+    pub child: KillOnDrop,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Spawned {
+    pub fn spawn(cmd: &mut Command) -> Spawned {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rhyve");
+        let stdout = collect(child.stdout.take().expect("piped stdout"));
+        let stderr = collect(child.stderr.take().expect("piped stderr"));
+        Spawned {
+            child: KillOnDrop(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 60 s) until the guest printed `text`; panics if rhyve exits first.
+    pub fn wait_for(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.stdout().contains(text) {
+            if let Some(s) = self.child.0.try_wait().expect("try_wait") {
+                panic!(
+                    "rhyve exited ({s}) before {text:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 /// The child's exit status if it exits within `timeout` (polled every 5 ms).
 pub fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;

@@ -7,12 +7,11 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use rhyve_tests::harness::{
-    collect, read_until, require_kvm, rhyve_cmd, scratch_dir, testdev_status, KillOnDrop,
+    read_until, require_kvm, rhyve_cmd, scratch_dir, testdev_status, Spawned,
 };
 use rhyve_tests::TESTGUEST_BZIMAGE;
 
@@ -22,9 +21,7 @@ const EXIT: u32 = 6;
 /// A running rhyve with COM1 on stdio and `com` (e.g. "com2") on `backend`; the guest's
 /// console is the UART at `base`.
 struct Vm {
-    child: KillOnDrop,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    rhyve: Spawned,
     rundir: PathBuf,
     com: String,
 }
@@ -47,35 +44,24 @@ impl Vm {
         .arg(format!(
             "rhyve.test=echo rhyve.uart={base:#x} rhyve.exit={EXIT}"
         ))
-        .arg(name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn rhyve");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        .arg(name);
         Vm {
-            child: KillOnDrop(child),
-            stdout,
-            stderr,
+            rhyve: Spawned::spawn(&mut cmd),
             rundir: dir.join(name),
             com: com.to_string(),
         }
     }
 
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
     /// Waits for the exit (at most 60 s) and checks what every run must show.
     fn finish(mut self) -> (ExitStatus, String) {
-        let status = rhyve_tests::harness::wait_exit(&mut self.child.0, Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("rhyve did not exit; stderr:\n{}", self.stderr()));
+        let status =
+            rhyve_tests::harness::wait_exit(&mut self.rhyve.child.0, Duration::from_secs(60))
+                .unwrap_or_else(|| panic!("rhyve did not exit; stderr:\n{}", self.rhyve.stderr()));
         std::thread::sleep(Duration::from_millis(100));
-        let stderr = self.stderr();
+        let stderr = self.rhyve.stderr();
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert_eq!(
-            self.stdout.lock().unwrap().as_str(),
+            self.rhyve.stdout().as_str(),
             "",
             "the guest's console is {}: nothing may reach COM1 (stdout)",
             self.com
@@ -107,7 +93,7 @@ fn pty_port(com: &str, base: u16) {
             Instant::now() < deadline,
             "{} never appeared: {}",
             file.display(),
-            vm.stderr()
+            vm.rhyve.stderr()
         );
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -120,7 +106,7 @@ fn pty_port(com: &str, base: u16) {
         .unwrap();
     let got = match read_until(&mut pty, PROMPT, Duration::from_secs(30)) {
         Ok(got) => got,
-        Err(got) => panic!("no prompt on {path}: {got:?}; stderr {}", vm.stderr()),
+        Err(got) => panic!("no prompt on {path}: {got:?}; stderr {}", vm.rhyve.stderr()),
     };
     // The report came this way too, and the guest found nothing wrong.
     let want_cmdline = format!("rhyve-guest: cmdline=rhyve.test=echo rhyve.uart={base:#x}");
@@ -134,7 +120,7 @@ fn pty_port(com: &str, base: u16) {
         &format!("rhyve-guest: echo {line}"),
         Duration::from_secs(30),
     ) {
-        panic!("no echo on {path}: {got:?}; stderr {}", vm.stderr());
+        panic!("no echo on {path}: {got:?}; stderr {}", vm.rhyve.stderr());
     }
     let (status, stderr) = vm.finish();
     assert_eq!(status.code(), Some(testdev_status(EXIT)), "{stderr}");
@@ -175,7 +161,7 @@ fn com3_on_a_unix_socket_carries_bytes_both_ways() {
                 Instant::now() < deadline,
                 "cannot connect to {}: {e}; stderr {}",
                 sock.display(),
-                vm.stderr()
+                vm.rhyve.stderr()
             ),
         }
         std::thread::sleep(Duration::from_micros(200));
@@ -191,7 +177,7 @@ fn com3_on_a_unix_socket_carries_bytes_both_ways() {
         panic!(
             "no echo on {}: {got:?}; stderr {}",
             sock.display(),
-            vm.stderr()
+            vm.rhyve.stderr()
         );
     }
     let (status, stderr) = vm.finish();

@@ -9,12 +9,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use rhyve_tests::harness::{
-    self, collect, read_until, require_kvm, rhyve_cmd, scratch_dir, testdev_status, KillOnDrop, Run,
+    self, read_until, require_kvm, rhyve_cmd, scratch_dir, testdev_status, Run, Spawned,
 };
 use rhyve_tests::TESTGUEST_BZIMAGE;
 
@@ -23,9 +22,7 @@ const EXIT: u32 = 5;
 
 /// A running rhyve with COM1 on `backend`, its stdout and stderr collected in the background.
 struct Vm {
-    child: KillOnDrop,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    rhyve: Spawned,
     dir: PathBuf,
     name: String,
 }
@@ -49,17 +46,9 @@ impl Vm {
         ])
         .args(["--kernel", TESTGUEST_BZIMAGE, "--append"])
         .arg(format!("rhyve.test=echo rhyve.exit={EXIT}"))
-        .arg(name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn rhyve");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        .arg(name);
         Vm {
-            child: KillOnDrop(child),
-            stdout,
-            stderr,
+            rhyve: Spawned::spawn(&mut cmd),
             dir: dir.to_path_buf(),
             name: name.to_string(),
         }
@@ -69,19 +58,15 @@ impl Vm {
         self.dir.join(&self.name)
     }
 
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
     /// Waits for the exit (at most 60 s) and checks what every run must show.
     fn finish(mut self) -> (ExitStatus, String) {
-        let status = harness::wait_exit(&mut self.child.0, Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("rhyve did not exit; stderr:\n{}", self.stderr()));
+        let status = harness::wait_exit(&mut self.rhyve.child.0, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("rhyve did not exit; stderr:\n{}", self.rhyve.stderr()));
         std::thread::sleep(Duration::from_millis(100));
-        let stderr = self.stderr();
+        let stderr = self.rhyve.stderr();
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert_eq!(
-            self.stdout.lock().unwrap().as_str(),
+            self.rhyve.stdout().as_str(),
             "",
             "guest output must not reach stdout"
         );
@@ -144,7 +129,7 @@ fn pty_backend_carries_bytes_both_ways() {
             Instant::now() < deadline,
             "{} never appeared: {}",
             file.display(),
-            vm.stderr()
+            vm.rhyve.stderr()
         );
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -157,7 +142,7 @@ fn pty_backend_carries_bytes_both_ways() {
         .unwrap();
     // rhyve keeps the pty open, so the guest's output waited in the pty for us.
     if let Err(got) = read_until(&mut pty, PROMPT, Duration::from_secs(30)) {
-        panic!("no prompt on {path}: {got:?}; stderr {}", vm.stderr());
+        panic!("no prompt on {path}: {got:?}; stderr {}", vm.rhyve.stderr());
     }
     assert!(file.exists(), "path file removed while the VM runs");
     pty.write_all(b"hello over a pty\r").unwrap();

@@ -4,11 +4,10 @@
 //! `power.grace` or a second signal (exit 1); one that never enabled it is powered off at once.
 
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use rhyve_tests::harness::{self, collect, require_kvm, rhyve_cmd, scratch_dir, KillOnDrop, Run};
+use rhyve_tests::harness::{self, require_kvm, rhyve_cmd, scratch_dir, Run, Spawned};
 use rhyve_tests::TESTGUEST_BZIMAGE;
 
 const WAITING: &str = "rhyve-guest: waiting for the power button";
@@ -54,9 +53,7 @@ fn cf9_reset_exits_0() {
 
 /// A running rhyve whose stdout (the guest's COM1) and stderr are collected in the background.
 struct Vm {
-    child: KillOnDrop,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    rhyve: Spawned,
     rundir: PathBuf,
 }
 
@@ -65,58 +62,21 @@ impl Vm {
         require_kvm();
         let dir = scratch_dir(name);
         let mut cmd = command(&dir, name, cmdline, opts);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn rhyve");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
         Vm {
-            child: KillOnDrop(child),
-            stdout,
-            stderr,
+            rhyve: Spawned::spawn(&mut cmd),
             rundir: dir.join(name),
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits (at most 60 s) until the guest printed `text`.
-    fn wait_for(&mut self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.stdout().contains(text) {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                panic!(
-                    "rhyve exited ({s}) before {text:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {text:?}\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) on our own child, which has not been reaped (KillOnDrop owns it).
-        let rc = unsafe { libc::kill(self.child.0.id() as libc::pid_t, sig) };
+        let rc = unsafe { libc::kill(self.rhyve.child.0.id() as libc::pid_t, sig) };
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
     }
 
     /// The exit status if rhyve exits within `timeout`.
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let status = harness::wait_exit(&mut self.child.0, timeout)?;
+        let status = harness::wait_exit(&mut self.rhyve.child.0, timeout)?;
         // Let the collectors drain the pipes.
         std::thread::sleep(Duration::from_millis(100));
         Some(status)
@@ -127,11 +87,11 @@ impl Vm {
         let Some(status) = self.wait_exit(Duration::from_secs(60)) else {
             panic!(
                 "rhyve did not exit\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
+                self.rhyve.stdout(),
+                self.rhyve.stderr()
             );
         };
-        let (stdout, stderr) = (self.stdout(), self.stderr());
+        let (stdout, stderr) = (self.rhyve.stdout(), self.rhyve.stderr());
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(
             !stdout.contains("rhyve-guest: FAIL"),
@@ -145,7 +105,7 @@ impl Vm {
 #[test]
 fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
     let mut vm = Vm::start("pwr-button", "rhyve.test=powerbutton", &[]);
-    vm.wait_for(WAITING);
+    vm.rhyve.wait_for(WAITING);
     vm.signal(libc::SIGTERM);
     let (status, stdout, stderr) = vm.finish();
     assert!(
@@ -166,7 +126,7 @@ fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
 #[test]
 fn ignored_power_button_is_forced_off_after_the_grace_period() {
     let mut vm = Vm::start("pwr-grace", "rhyve.test=pbignore", &["-o", "power.grace=1"]);
-    vm.wait_for(IGNORING);
+    vm.rhyve.wait_for(IGNORING);
     let t0 = Instant::now();
     vm.signal(libc::SIGTERM);
     let (status, stdout, stderr) = vm.finish();
@@ -190,14 +150,14 @@ fn ignored_power_button_is_forced_off_after_the_grace_period() {
 #[test]
 fn ignored_power_button_second_signal_forces_off() {
     let mut vm = Vm::start("pwr-twice", "rhyve.test=pbignore", &[]);
-    vm.wait_for(IGNORING);
+    vm.rhyve.wait_for(IGNORING);
     vm.signal(libc::SIGTERM);
     // No grace period: the VM keeps running while the guest ignores the button.
     assert_eq!(
         vm.wait_exit(Duration::from_millis(500)),
         None,
         "exited on the first signal; stderr: {}",
-        vm.stderr()
+        vm.rhyve.stderr()
     );
     vm.signal(libc::SIGTERM);
     let (status, _, stderr) = vm.finish();
@@ -212,7 +172,7 @@ fn ignored_power_button_second_signal_forces_off() {
 fn sigterm_without_power_button_enabled_powers_off_at_once() {
     // `echo` waits for input and never enables PWRBTN_EN (no ACPI OS).
     let mut vm = Vm::start("pwr-noacpi", "rhyve.test=echo", &[]);
-    vm.wait_for("rhyve-guest: type a line");
+    vm.rhyve.wait_for("rhyve-guest: type a line");
     vm.signal(libc::SIGTERM);
     let (status, stdout, stderr) = vm.finish();
     assert_eq!(status.code(), Some(POWERED_OFF), "{stderr}");

@@ -7,10 +7,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
-use rhyve_tests::harness::{collect, require_kvm, rhyve_bin, rhyve_cmd, scratch_dir, KillOnDrop};
+use rhyve_tests::harness::{require_kvm, rhyve_bin, rhyve_cmd, scratch_dir, Spawned};
 use rhyve_tests::TESTGUEST_BZIMAGE;
 
 /// ~10^11 port writes: hours at this machine's exit rate.
@@ -92,9 +92,7 @@ fn stat(out: &str, label: &str) -> u64 {
 
 /// A running rhyve.
 struct Vm {
-    child: KillOnDrop,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    rhyve: Spawned,
     base: PathBuf,
     name: String,
 }
@@ -110,25 +108,18 @@ impl Vm {
 
     fn start_with(base: &Path, name: &str, cmdline: &str, extra: &[&str]) -> Vm {
         require_kvm();
-        let mut child = rhyve_cmd(base)
-            .args(["-m", "64M", "-l", "com1,stdio", "-l", "pc-testdev"])
-            .args(extra)
-            .args(["--kernel", TESTGUEST_BZIMAGE, "--append", cmdline, name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rhyve");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let rhyve = Spawned::spawn(
+            rhyve_cmd(base)
+                .args(["-m", "64M", "-l", "com1,stdio", "-l", "pc-testdev"])
+                .args(extra)
+                .args(["--kernel", TESTGUEST_BZIMAGE, "--append", cmdline, name]),
+        );
         let mut vm = Vm {
-            child: KillOnDrop(child),
-            stdout,
-            stderr,
+            rhyve,
             base: base.to_path_buf(),
             name: name.to_string(),
         };
-        vm.wait_for("rhyve-guest: report done");
+        vm.rhyve.wait_for("rhyve-guest: report done");
         // The socket is up before the vCPUs start; the guest's report shows they run.
         assert!(vm.dir().join("control.sock").exists());
         vm
@@ -142,38 +133,19 @@ impl Vm {
         format!("--vm={}", self.name)
     }
 
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn wait_for(&mut self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.stdout().contains(text) {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                panic!(
-                    "rhyve exited ({s}) before {text:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            assert!(Instant::now() < deadline, "no {text:?}: {}", self.stderr());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     fn running(&mut self) -> bool {
-        self.child.0.try_wait().unwrap().is_none()
+        self.rhyve.child.0.try_wait().unwrap().is_none()
     }
 
     fn wait_exit(&mut self) -> ExitStatus {
-        let s = rhyve_tests::harness::wait_exit(&mut self.child.0, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("rhyve did not exit: {}", self.stderr()));
+        let s = rhyve_tests::harness::wait_exit(&mut self.rhyve.child.0, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("rhyve did not exit: {}", self.rhyve.stderr()));
         std::thread::sleep(Duration::from_millis(100));
-        assert!(!self.stderr().contains("panicked"), "{}", self.stderr());
+        assert!(
+            !self.rhyve.stderr().contains("panicked"),
+            "{}",
+            self.rhyve.stderr()
+        );
         s
     }
 
@@ -188,7 +160,7 @@ fn list_stats_registers_pause_resume_and_nmi() {
     let mut vm = Vm::start("ctl-main", FOREVER);
     let base = vm.base.clone();
     let name = vm.vm_arg();
-    let pid = vm.child.0.id().to_string();
+    let pid = vm.rhyve.child.0.id().to_string();
 
     // --list: the VM, running, with its vCPUs, memory and pid.
     let list = ctl_ok(&base, &["--list"]);
@@ -293,11 +265,11 @@ fn list_stats_registers_pause_resume_and_nmi() {
     ctl_ok(&base, &[&name, "--inject-nmi"]);
     let status = vm.wait_exit();
     assert!(
-        vm.stdout().contains("rhyve-guest: FAULT vector=2"),
+        vm.rhyve.stdout().contains("rhyve-guest: FAULT vector=2"),
         "{}",
-        vm.stdout()
+        vm.rhyve.stdout()
     );
-    assert_eq!(status.code(), Some(255), "{}", vm.stderr());
+    assert_eq!(status.code(), Some(255), "{}", vm.rhyve.stderr());
     assert!(!vm.dir().exists(), "runtime directory left behind");
 }
 
@@ -333,7 +305,7 @@ fn pause_reaches_an_ap_that_never_started() {
     // A paused VM can still be powered off: the parked vCPUs see the stop.
     ctl_ok(&base, &["--vm=ctl-smp", "--pause"]);
     ctl_ok(&base, &["--vm=ctl-smp", "--force-poweroff"]);
-    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.stderr());
+    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.rhyve.stderr());
 }
 
 #[test]
@@ -344,7 +316,7 @@ fn force_poweroff_exits_1_and_force_reset_exits_0() {
         let out = ctl_ok(&vm.base.clone(), &[&vm.vm_arg(), opt, "--json"]);
         assert!(out.contains(&format!("\"exit_status\":{code}")), "{out}");
         let status = vm.wait_exit();
-        assert_eq!(status.code(), Some(code), "{opt}: {}", vm.stderr());
+        assert_eq!(status.code(), Some(code), "{opt}: {}", vm.rhyve.stderr());
         assert!(!vm.dir().exists(), "runtime directory left behind");
         // Nothing to talk to any more.
         let err = ctl_err(&vm.base.clone(), &[&vm.vm_arg(), "--get-rip"]);
@@ -363,7 +335,7 @@ fn clients_still_connected_do_not_keep_the_object_alive() {
     half.write_all(b"{\"request\":").unwrap();
     ctl_ok(&vm.base.clone(), &[&vm.vm_arg(), "--force-poweroff"]);
     let status = vm.wait_exit();
-    assert_eq!(status.code(), Some(1), "{}", vm.stderr());
+    assert_eq!(status.code(), Some(1), "{}", vm.rhyve.stderr());
     assert!(
         !vm.dir().exists(),
         "runtime directory left behind while clients were connected"
@@ -399,7 +371,7 @@ fn create_list_destroy_objects_and_destroy_a_running_vm() {
     let mut vm = Vm::start_in(&base, "busy0", FOREVER);
     let out = ctl_ok(&base, &["--vm=busy0", "--destroy"]);
     assert!(out.contains("destroyed busy0"), "{out}");
-    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.stderr());
+    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.rhyve.stderr());
     assert!(!base.join("busy0").exists());
     assert!(!ctl_ok(&base, &["--list"]).contains("busy0"));
 
@@ -409,7 +381,7 @@ fn create_list_destroy_objects_and_destroy_a_running_vm() {
     let mut vm = Vm::start_in(&base, "kept0", FOREVER);
     let list = ctl_ok(&base, &["--list"]);
     let row = list.lines().find(|l| l.starts_with("kept0 ")).expect(&list);
-    let pid = vm.child.0.id().to_string();
+    let pid = vm.rhyve.child.0.id().to_string();
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(
         cols,
@@ -417,7 +389,7 @@ fn create_list_destroy_objects_and_destroy_a_running_vm() {
         "{row}"
     );
     ctl_ok(&base, &["--vm=kept0", "--force-reset"]);
-    assert_eq!(vm.wait_exit().code(), Some(0), "{}", vm.stderr());
+    assert_eq!(vm.wait_exit().code(), Some(0), "{}", vm.rhyve.stderr());
     assert!(base.join("kept0").is_dir(), "a reset must keep the object");
     let list = ctl_ok(&base, &["--list"]);
     assert!(
@@ -431,7 +403,7 @@ fn create_list_destroy_objects_and_destroy_a_running_vm() {
     );
     let mut vm = Vm::start_in(&base, "kept0", FOREVER);
     ctl_ok(&base, &["--vm=kept0", "--destroy"]);
-    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.stderr());
+    assert_eq!(vm.wait_exit().code(), Some(1), "{}", vm.rhyve.stderr());
     assert!(!base.join("kept0").exists(), "object left behind");
 }
 
@@ -439,9 +411,9 @@ fn create_list_destroy_objects_and_destroy_a_running_vm() {
 fn a_killed_rhyve_leaves_a_stale_object_that_destroy_removes() {
     let _one = one_at_a_time();
     let mut vm = Vm::start("ctl-stale", FOREVER);
-    let pid = vm.child.0.id();
-    vm.child.0.kill().unwrap();
-    vm.child.0.wait().unwrap();
+    let pid = vm.rhyve.child.0.id();
+    vm.rhyve.child.0.kill().unwrap();
+    vm.rhyve.child.0.wait().unwrap();
     let base = vm.base.clone();
     let list = ctl_ok(&base, &["--list"]);
     let row = list
@@ -476,7 +448,7 @@ fn two_rhyves_cannot_run_the_same_name() {
         .expect("spawn the second rhyve");
     let err = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(4), "{err}");
-    let pid = vm.child.0.id().to_string();
+    let pid = vm.rhyve.child.0.id().to_string();
     assert!(err.contains("ctl-twice") && err.contains(&pid), "{err}");
     // The first one is untouched: socket in place, still counting exits.
     assert!(vm.running());
@@ -557,7 +529,7 @@ fn malformed_requests_get_errors_and_the_vm_keeps_running() {
         let _s = UnixStream::connect(&sock).unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
-    assert!(vm.running(), "{}", vm.stderr());
+    assert!(vm.running(), "{}", vm.rhyve.stderr());
     let a = stat(&vm.stats(), "exits, port I/O");
     std::thread::sleep(Duration::from_millis(100));
     assert!(
