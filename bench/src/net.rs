@@ -17,96 +17,41 @@
 //! Needs root (network namespace, tap). The namespace is deleted at the end.
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use rhyve_tests::netns;
+
 const ETHERTYPE: u16 = 0x88b5;
 const PM_HZ: f64 = 3_579_545.0;
 const VNET_HDR: usize = 12;
 
-struct Netns(String);
+/// The benchmark's namespace: `tap0` for rhyve, `tap1` for the kernel-only baseline.
+struct Netns(netns::Netns);
 
 impl Netns {
     fn new() -> Option<Netns> {
-        let name = format!("rhyve-bench-{}", std::process::id());
-        let ok = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        if !ok(&["netns", "add", &name]) {
-            return None;
-        }
-        let ns = Netns(name);
+        let ns = netns::Netns::add(format!("rhyve-bench-{}", std::process::id())).ok()?;
         for cmd in [
-            &["tuntap", "add", "tap0", "mode", "tap"][..],
-            &["link", "set", "tap0", "up"],
-            &["tuntap", "add", "tap1", "mode", "tap"],
-            &["link", "set", "tap1", "up"],
+            &["ip", "tuntap", "add", "tap0", "mode", "tap"][..],
+            &["ip", "link", "set", "tap0", "up"],
+            &["ip", "tuntap", "add", "tap1", "mode", "tap"],
+            &["ip", "link", "set", "tap1", "up"],
         ] {
-            let mut v = vec!["netns", "exec", &ns.0, "ip"];
-            v.extend_from_slice(cmd);
-            if !ok(&v) {
-                return None;
-            }
+            ns.exec(cmd).ok()?;
         }
         // No IPv6 chatter into the measurements.
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "sysctl", "-qw"])
-            .arg("net.ipv6.conf.all.disable_ipv6=1")
-            .status();
-        Some(ns)
+        let _ = ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        Some(Netns(ns))
     }
 
-    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("netns file");
-            // SAFETY: setns on a namespace file we opened; only this thread moves.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    }
-
-    /// AF_PACKET socket for the test ethertype on `ifname`.
+    /// AF_PACKET socket for the test ethertype on `ifname`, with large buffers.
     fn packet(&self, ifname: &'static std::ffi::CStr) -> OwnedFd {
-        self.within(move || {
-            // SAFETY: plain socket creation.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW,
-                    i32::from(ETHERTYPE.to_be()),
-                )
-            };
-            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-            // SAFETY: a fresh descriptor we own.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: NUL-terminated name.
-            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            // SAFETY: zeroed sockaddr_ll is valid.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETHERTYPE.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: sll outlives the call; the length matches.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        self.0.within(move || {
+            let fd = netns::packet_socket(ifname, ETHERTYPE);
             let big: libc::c_int = 8 << 20;
             for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
                 // SAFETY: setsockopt reads one int.
@@ -126,34 +71,17 @@ impl Netns {
 
     /// `tap1` opened as rhyve opens a tap (vnet header), for the baseline.
     fn tap_fd(&self) -> OwnedFd {
-        self.within(|| {
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open("/dev/net/tun")
-                .expect("/dev/net/tun");
-            // SAFETY: zeroed ifreq is valid.
-            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-            for (d, s) in ifr.ifr_name.iter_mut().zip(b"tap1") {
-                *d = *s as libc::c_char;
-            }
-            ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-            // SAFETY: TUNSETIFF with a valid ifreq.
-            let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-            assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        self.0.within(|| {
+            let fd = netns::open_tap(
+                "tap1",
+                libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+                true,
+            );
             let sz: libc::c_int = VNET_HDR as i32;
             // SAFETY: reads one int.
-            unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETVNETHDRSZ, &sz) };
-            OwnedFd::from(f)
+            unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &sz) };
+            fd
         })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 
@@ -272,7 +200,7 @@ fn guest(ns: &Netns, size: usize, frames: u64) -> Result<GuestRun, String> {
         std::thread::spawn(move || count_frames(&pk, frames, Duration::from_secs(20)))
     };
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
+        .args(["netns", "exec", ns.0.name()])
         .arg(crate::rhyve_bin())
         .args([
             "-m",

@@ -5,6 +5,7 @@
 
 pub mod harness;
 pub mod image;
+pub mod netns;
 
 /// The test guest as a bzImage (Linux boot protocol 2.15, 64-bit entry at payload offset 0x200).
 pub const TESTGUEST_BZIMAGE: &str = env!("RHYVE_TESTGUEST_BZIMAGE");

@@ -5,14 +5,14 @@
 //! /dev/kvm; without them the tests fail, they never skip.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rhyve_tests::harness::{self, read_until, require_kvm, rhyve_bin, scratch_dir, KillOnDrop};
-use rhyve_tests::TESTGUEST_BZIMAGE;
+use rhyve_tests::{netns, TESTGUEST_BZIMAGE};
 
 const ETHERTYPE: u16 = 0x88b5;
 const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -28,23 +28,9 @@ fn require_root() {
     );
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {args:?}: {e} (iproute2 installed? scripts/install-test-deps)")
-        });
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A network namespace holding `tap0` (up, 10.0.0.1/24); deleted on drop.
 struct Netns {
-    name: String,
+    inner: netns::Netns,
 }
 
 impl Netns {
@@ -57,8 +43,8 @@ impl Netns {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
+        let inner = netns::Netns::add(name).unwrap_or_else(|e| panic!("{e}"));
+        let ns = Netns { inner };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns.exec(&["ip", "tuntap", "add", "tap0", "mode", "tap"]);
         ns.exec(&["ip", "link", "set", "tap0", "up"]);
@@ -67,24 +53,11 @@ impl Netns {
     }
 
     fn exec(&self, args: &[&str]) {
-        let mut v = vec!["ip", "netns", "exec", &self.name];
-        v.extend_from_slice(args);
-        sh(&v);
+        self.inner.exec(args).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Runs `f` on a thread that has entered the namespace (sockets and taps it opens stay
-    /// in the namespace).
     fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns on a namespace file we opened; it only changes this thread.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in the namespace panicked")
+        self.inner.within(f)
     }
 
     /// `rhyve` inside the namespace, stdout piped (the guest's console).
@@ -96,7 +69,7 @@ impl Netns {
     fn rhyve_slots(&self, tag: &str, slots: &[&str], cmdline: &str) -> Command {
         let dir = scratch_dir(tag);
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name])
+        cmd.args(["netns", "exec", self.inner.name()])
             .arg(rhyve_bin())
             .env("RHYVE_RUNDIR", &dir)
             .env("RHYVE_LOG", "info")
@@ -114,46 +87,12 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// An AF_PACKET socket for our test ethertype on `tap0` of `ns`.
 struct Packet(OwnedFd);
 
 impl Packet {
     fn open(ns: &Netns) -> Packet {
-        let fd = ns.within(|| {
-            let proto = (ETHERTYPE).to_be() as i32;
-            // SAFETY: plain socket creation.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-            // SAFETY: fd is ours.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: NUL-terminated literal.
-            let ifindex = unsafe { libc::if_nametoindex(c"tap0".as_ptr()) };
-            assert!(ifindex > 0, "tap0 missing");
-            // SAFETY: zeroed sockaddr_ll is valid; bind reads it.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETHERTYPE.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            let r = unsafe {
-                // SAFETY: sll outlives the call, length matches.
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-            fd
-        });
-        Packet(fd)
+        Packet(ns.within(|| netns::packet_socket(c"tap0", ETHERTYPE)))
     }
 
     fn send(&self, frame: &[u8]) {
@@ -421,7 +360,16 @@ fn frames_both_ways_ping_and_default_mac() {
     check_guest_frames(&pk, &g, mac, 1514);
     let echoed = echo(&pk, mac, &[60, 61, 100, 1000, 1514], 40);
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "ping", "-c", "3", "-i", "0.3"])
+        .args([
+            "netns",
+            "exec",
+            ns.inner.name(),
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.3",
+        ])
         .args(["-W", "10", "10.0.0.2"])
         .output()
         .expect("ping (iputils-ping installed?)");
@@ -471,27 +419,11 @@ fn mergeable_buffers_jumbo_mtu_and_configured_mac() {
 
 /// Opens `tap0` in `ns` as an orchestrator would; the descriptor is inheritable.
 fn open_tap_fd(ns: &Netns, vnet_hdr: bool) -> OwnedFd {
-    ns.within(move || {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap();
-        // SAFETY: zeroed ifreq is valid.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in ifr.ifr_name.iter_mut().zip(b"tap0") {
-            *d = *s as libc::c_char;
-        }
-        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
-        if vnet_hdr {
-            flags |= libc::IFF_VNET_HDR;
-        }
-        ifr.ifr_ifru.ifru_flags = flags as i16;
-        // SAFETY: TUNSETIFF with a valid ifreq.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-        assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-        OwnedFd::from(f)
-    })
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    ns.within(move || netns::open_tap("tap0", flags, false))
 }
 
 /// Runs the transmit phase and two echoes over a tap descriptor rhyve inherits.
@@ -604,7 +536,7 @@ fn device_thread_ticks(pid: u32) -> u64 {
 
 fn tap_tx_dropped(ns: &Netns) -> u64 {
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "cat"])
+        .args(["netns", "exec", ns.inner.name(), "cat"])
         .arg("/sys/class/net/tap0/statistics/tx_dropped")
         .output()
         .unwrap();
