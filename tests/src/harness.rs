@@ -381,13 +381,54 @@ pub fn rhyve_cmd(rundir: &std::path::Path) -> Command {
 
 /// A fresh scratch directory under the system temp dir, unique per call (tests run in
 /// parallel threads of one process).
+/// rhyve mounts its huge-page tmpfs on an empty runtime base (vmmapi::hugepages); mounts in
+/// or under scratch dirs are detached when the test process exits.
 pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let d = std::env::temp_dir().join(format!("rhyve-test-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
+    unmount_at_exit(&d);
     d
+}
+
+static SCRATCH_DIRS: Mutex<Vec<std::ffi::CString>> = Mutex::new(Vec::new());
+
+fn unmount_at_exit(dir: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    extern "C" fn unmount_all() {
+        let dirs = SCRATCH_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        // Mount points in or under a scratch dir (tests also use subdirectories as bases).
+        let points = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|p| {
+                dirs.iter().any(|d| {
+                    let d = d.to_bytes();
+                    p.as_bytes().starts_with(d)
+                        && matches!(p.as_bytes().get(d.len()), None | Some(b'/'))
+                })
+            });
+        for point in points.collect::<Vec<_>>().iter().rev() {
+            if let Ok(c) = std::ffi::CString::new(*point) {
+                // SAFETY: a NUL-terminated path; a lazy unmount of a test's own tmpfs.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function that only reads a static.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(unmount_all);
+    });
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+        SCRATCH_DIRS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c);
+    }
 }
 
 /// Collects everything `r` yields, on a thread, into a shared string.

@@ -84,9 +84,13 @@ impl Boot {
     /// Creates the KVM VM: over the object's RAM file, or in a new ephemeral object.
     pub fn create_vm(&mut self, hv: &Hypervisor, cfg: &VmConfig) -> Result<Vm> {
         let regions = loader::layout::ram_regions(cfg.memory);
+        let memory = vmmapi::MemoryOptions {
+            huge_pages: cfg.huge_pages,
+            wired: cfg.wired,
+        };
         Ok(match self.object.take() {
-            Some(o) => Vm::create_with(hv, o, &regions)?,
-            None => Vm::create(hv, &cfg.name, &regions)?,
+            Some(o) => Vm::create_with(hv, o, &regions, &memory)?,
+            None => Vm::create(hv, &cfg.name, &regions, &memory)?,
         })
     }
 

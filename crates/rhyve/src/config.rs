@@ -24,6 +24,7 @@ const KNOWN_KEYS: &[&str] = &[
     "threads",
     "memory.size",
     "memory.wired",
+    "memory.hugepages",
     "memory.guest_in_core",
     "acpi_tables",
     "destroy_on_poweroff",
@@ -233,6 +234,10 @@ pub struct VmConfig {
     /// `-c` sockets/cores/threads (product = `cpus`): the CPUID leaves and APIC IDs.
     pub topology: vmmapi::Topology,
     pub memory: u64,
+    /// `-S`: allocate and lock all guest RAM before the guest runs.
+    pub wired: bool,
+    /// `memory.hugepages=auto|on|off`: 2 MiB pages for guest RAM.
+    pub huge_pages: vmmapi::HugePages,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
@@ -362,6 +367,12 @@ impl VmConfig {
                 MAX_MEMORY >> 40
             ));
         }
+        let huge_pages = match t.get("memory.hugepages") {
+            None => vmmapi::HugePages::default(),
+            Some(v) => vmmapi::HugePages::parse(v).ok_or_else(|| {
+                ConfigError(format!("memory.hugepages={v}: expected auto, on or off"))
+            })?,
+        };
         let flag = |key: &str, default: bool| {
             t.get(key)
                 .map(|v| parse_bool(key, v))
@@ -457,6 +468,8 @@ impl VmConfig {
             initrd: t.get("boot.initrd").map(PathBuf::from),
             cmdline: t.get("boot.cmdline").unwrap_or("").to_string(),
             com,
+            wired: flag("memory.wired", false)?,
+            huge_pages,
             pc_testdev: flag("lpc.pc-testdev", false)?,
             strict_io: flag("x86.strictio", false)?,
             destroy_on_poweroff: flag("destroy_on_poweroff", false)?,

@@ -64,7 +64,9 @@ DESCRIPTION
              otherwise outlive rhyve.
      -A      ACPI tables are always generated (accepted for compatibility).
      -H, -P  Yield the vCPU on HLT / PAUSE (KVM always does; accepted for compatibility).
-     -a, -x, -w, -u, -W, -Y, -S, -C
+     -S      Wire guest memory (memory.wired): all of it is allocated, mapped writable
+             and locked before the guest runs; exit 4 if it cannot be (RLIMIT_MEMLOCK).
+     -a, -x, -w, -u, -W, -Y, -C
              Accepted for compatibility; recorded as configuration keys.
      -U uuid Set the system UUID.
      -h      This help.

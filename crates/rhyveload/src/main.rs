@@ -261,8 +261,10 @@ fn fill(
 ) -> Result<String, String> {
     let ram_bytes = obj.ram_bytes();
     let file = obj.memory_file().map_err(|e| e.to_string())?;
-    let ram =
-        GuestRam::new(&file, &loader::layout::ram_regions(ram_bytes)).map_err(|e| e.to_string())?;
+    // Huge pages where the object's filesystem offers them: what is loaded now is what the
+    // guest touches first.
+    let regions = loader::layout::ram_regions(ram_bytes);
+    let ram = GuestRam::new(&file, &regions, &Default::default()).map_err(|e| e.to_string())?;
     // rhyve builds its ACPI tables at this fixed address when it adopts the object.
     let rsdp = loader::acpi::ACPI_START;
     let loaded = loader::load_bytes(

@@ -10,7 +10,7 @@
 //! ```no_run
 //! use vmmapi::{Hypervisor, Vm, VmExit};
 //! let hv = Hypervisor::open()?;
-//! let vm = Vm::create(&hv, "vm0", &[(0, 256 << 20)])?;
+//! let vm = Vm::create(&hv, "vm0", &[(0, 256 << 20)], &Default::default())?;
 //! let mut vcpu = vm.create_vcpu(0, &vmmapi::Topology::flat(1))?;
 //! match vcpu.run()? {
 //!     VmExit::IoOut { port, data } => println!("out {port:#x} {data:?}"),
@@ -20,6 +20,7 @@
 //! ```
 
 mod cpuid;
+pub mod hugepages;
 mod hypervisor;
 pub mod irq_routing;
 mod memory;
@@ -29,9 +30,10 @@ mod vcpu;
 mod vm;
 
 pub use cpuid::Topology;
+pub use hugepages::HugePages;
 pub use hypervisor::{Hypervisor, KVM_DEV_ENV, REQUIRED_CAPS};
 pub use irq_routing::{GsiTable, IrqRouting, Route};
-pub use memory::GuestRam;
+pub use memory::{GuestRam, MemoryOptions};
 pub use object::{
     base as rundir_base, destroy, destroy_in, list, list_in, ObjectInfo, ObjectState, VmObject,
     BOOT_STATE_FILE, CONFIG_FILE, MEMORY_FILE, PID_FILE,

@@ -6,7 +6,17 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestRegionMmap, MmapRegion};
 
+use crate::hugepages::{self, HugePages};
 use crate::{Error, GuestMemoryMmap, Result};
+
+/// How guest RAM is backed (`memory.*` keys).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryOptions {
+    /// `memory.hugepages`.
+    pub huge_pages: HugePages,
+    /// `memory.wired` (`-S`): allocate and lock everything up front ([`GuestRam::wire`]).
+    pub wired: bool,
+}
 
 /// The host mapping of the RAM file. Unmapped when the last user drops it.
 struct Mapping {
@@ -37,12 +47,13 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     /// (guest physical address, offset into the file, length) per region.
     regions: Vec<(u64, u64, u64)>,
+    huge_pages: bool,
 }
 
 impl GuestRam {
     /// Sizes `file` to the sum of `regions` and maps it; `regions` are (gpa, len) pairs,
     /// consecutive in the file in the order given.
-    pub fn new(file: &File, regions: &[(u64, u64)]) -> Result<Self> {
+    pub fn new(file: &File, regions: &[(u64, u64)], options: &MemoryOptions) -> Result<Self> {
         let total = regions
             .iter()
             .try_fold(0u64, |acc, (_, len)| acc.checked_add(*len))
@@ -69,6 +80,7 @@ impl GuestRam {
             addr: addr.cast(),
             len,
         });
+        let huge_pages = hugepages::advise(addr, len, file, options.huge_pages)?;
         let mut guest_regions = Vec::new();
         let mut layout = Vec::new();
         let mut offset = 0u64;
@@ -88,11 +100,21 @@ impl GuestRam {
         }
         let memory = GuestMemoryMmap::from_regions(guest_regions)
             .map_err(|e| Error::Memory(e.to_string()))?;
-        Ok(Self {
+        let ram = Self {
             mapping,
             memory,
             regions: layout,
-        })
+            huge_pages,
+        };
+        if options.wired {
+            ram.wire()?;
+        }
+        Ok(ram)
+    }
+
+    /// Whether the mapping gets 2 MiB pages (see [`crate::hugepages`]).
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages
     }
 
     /// The vm-memory view used by the loader and devices.
@@ -114,6 +136,30 @@ impl GuestRam {
     pub fn size(&self) -> u64 {
         self.mapping.len as u64
     }
+
+    /// Wires the RAM (bhyve `-S`): every page allocated and mapped writable now, then locked
+    /// so it is never swapped or reclaimed. Populating for write first means the guest's first
+    /// store to a page costs no host fault at all (mlock alone maps shared pages read-only).
+    pub fn wire(&self) -> Result<()> {
+        let (addr, len) = (self.mapping.addr.cast::<libc::c_void>(), self.mapping.len);
+        // SAFETY: addr/len are exactly our live mapping; populating it changes no contents.
+        if unsafe { libc::madvise(addr, len, libc::MADV_POPULATE_WRITE) } != 0 {
+            return Err(Error::Memory(format!(
+                "-S: cannot allocate all {} MiB of guest RAM: {}",
+                len >> 20,
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: as above; locking pins pages of our own mapping, nothing is freed.
+        if unsafe { libc::mlock(addr, len) } != 0 {
+            return Err(Error::Memory(format!(
+                "-S: cannot lock {} MiB of guest RAM (RLIMIT_MEMLOCK?): {}",
+                len >> 20,
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -121,6 +167,30 @@ mod tests {
     use super::*;
     use std::io::{Read, Seek, SeekFrom};
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn wired_ram_is_allocated_in_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::env::temp_dir().join(format!("rhyve-wire-test-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let size = 4u64 << 20;
+        let ram = GuestRam::new(&file, &[(0, size)], &MemoryOptions::default()).unwrap();
+        let allocated = || file.metadata().unwrap().blocks() * 512;
+        assert!(allocated() < size, "a fresh RAM file is sparse");
+        ram.wire().unwrap();
+        assert!(
+            allocated() >= size,
+            "wired: {} of {size} bytes",
+            allocated()
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn writes_are_visible_through_the_file() {
@@ -132,7 +202,12 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        let ram = GuestRam::new(&file, &[(0, 0x10000), (0x1_0000_0000, 0x10000)]).unwrap();
+        let ram = GuestRam::new(
+            &file,
+            &[(0, 0x10000), (0x1_0000_0000, 0x10000)],
+            &MemoryOptions::default(),
+        )
+        .unwrap();
         ram.memory()
             .write_obj(0xdead_beefu32, GuestAddress(0x1_0000_0010))
             .unwrap();
@@ -148,7 +223,7 @@ mod tests {
     #[test]
     fn empty_ram_is_refused() {
         let file = tempfile_in_tmp();
-        assert!(GuestRam::new(&file, &[]).is_err());
+        assert!(GuestRam::new(&file, &[], &MemoryOptions::default()).is_err());
     }
 
     fn tempfile_in_tmp() -> File {

@@ -228,7 +228,9 @@ const BOOT_STATE_READ_LIMIT: u64 = 2 << 20;
 
 impl VmObject {
     /// Creates persistent object `name` with `ram_bytes` of (zeroed) guest RAM.
+    /// In the default base, which gets its huge-page tmpfs first ([`crate::hugepages`]).
     pub fn create(name: &str, ram_bytes: u64) -> Result<Self> {
+        crate::hugepages::prepare_base(&base());
         Self::create_in(&base(), name, ram_bytes)
     }
 
@@ -332,6 +334,7 @@ impl VmObject {
     /// directory (a crashed direct boot) is taken over, as before; a persistent object of
     /// that name is not: use [`VmObject::open`] for it.
     pub fn create_ephemeral(name: &str) -> Result<Self> {
+        crate::hugepages::prepare_base(&base());
         Self::create_ephemeral_in(&base(), name)
     }
 

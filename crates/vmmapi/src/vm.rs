@@ -10,7 +10,10 @@ use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq_routing::{GsiTable, IrqRouting};
-use crate::{cpuid, cpuid::Topology, kvm_err, Error, GuestRam, Hypervisor, Result, Vcpu, VmObject};
+use crate::{
+    cpuid, cpuid::Topology, kvm_err, Error, GuestRam, Hypervisor, MemoryOptions, Result, Vcpu,
+    VmObject,
+};
 
 /// KVM wants three pages for the VMX real-mode TSS and one for the identity map; put them
 /// just under the 4 GiB boundary, in the PCI hole, where no RAM lives.
@@ -34,12 +37,17 @@ impl Vm {
     /// Creates VM `name` with guest RAM laid out as `ram_regions` (guest physical address,
     /// length) — e.g. below and above the 3–4 GiB PCI hole — backed by one file in the VM's
     /// runtime directory. Also creates the in-kernel IOAPIC/PIC/LAPIC and the PIT.
-    pub fn create(hv: &Hypervisor, name: &str, ram_regions: &[(u64, u64)]) -> Result<Self> {
+    pub fn create(
+        hv: &Hypervisor,
+        name: &str,
+        ram_regions: &[(u64, u64)],
+        memory: &MemoryOptions,
+    ) -> Result<Self> {
         let object = VmObject::create_ephemeral(name)?;
         if let Some(pid) = object.stale_pid() {
             log::warn!("VM {name}: cleared a stale runtime directory left by pid {pid}");
         }
-        Self::create_with(hv, object, ram_regions)
+        Self::create_with(hv, object, ram_regions, memory)
     }
 
     /// Creates the VM of an existing `object` (ephemeral or persistent), mapping the object's
@@ -49,6 +57,7 @@ impl Vm {
         hv: &Hypervisor,
         object: VmObject,
         ram_regions: &[(u64, u64)],
+        memory: &MemoryOptions,
     ) -> Result<Self> {
         let name = object.name().to_string();
         let total: u64 = ram_regions.iter().map(|r| r.1).sum();
@@ -87,7 +96,7 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let file = object.memory_file()?;
-        let ram = GuestRam::new(&file, ram_regions)?;
+        let ram = GuestRam::new(&file, ram_regions, memory)?;
         for (slot, &(gpa, offset, len)) in ram.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -288,7 +297,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("this test needs KVM and could not open it: {e}"));
         // Under the default (or $RHYVE_RUNDIR) base, removed when the Vm drops.
         let name = format!("vmmapi-test-irq-{}", std::process::id());
-        let vm = Vm::create(&hv, &name, &[(0, 2 << 20)]).unwrap();
+        let vm = Vm::create(&hv, &name, &[(0, 2 << 20)], &MemoryOptions::default()).unwrap();
         let t = vm
             .gsi_table()
             .expect("KVM without KVM_CAP_IRQ_ROUTING: MSI routes cannot be tested");
