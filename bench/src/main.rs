@@ -5,8 +5,9 @@
 //!    the same instruction on this machine's KVM, in the same run.
 //! 2. Time from process start to the guest's first instruction (its first POST code) and to
 //!    its first COM1 byte, from rhyve's own timestamps.
-//! 3. In the real-KVM test bed (tests/testbed): VMM start → stock Linux /init, rhyve against
-//!    QEMU+KVM (`-kernel`, same kernel and initramfs) in the same L1. Skipped with `--quick`.
+//! 3. In the real-KVM test bed (`boot`): VMM start → stock Linux /init and each VMM's own
+//!    resident memory, rhyve against QEMU pc and QEMU microvm (same kernel, initramfs and
+//!    command line), bzImage and PVH, alternating rounds in one L1. Skipped with `--quick`.
 //! 4. virtio-blk throughput (`blk`): the test guest's sequential 1 MiB and random 4 KiB reads and
 //!    writes on rhyve against the host doing the same on the same image file.
 //! 5. In the test bed (`l2blk`): Linux in L2 timing dd O_DIRECT on rhyve against QEMU+KVM.
@@ -15,6 +16,7 @@
 //!    against QEMU+KVM's userspace virtio-net. Skipped with `--quick`.
 
 mod blk;
+mod boot;
 mod l2blk;
 mod l2net;
 mod net;
@@ -125,35 +127,6 @@ fn ms_after(stderr: &str, marker: &str) -> Option<f64> {
     at.trim_end_matches(" ms").trim().parse().ok()
 }
 
-/// `l2-init-ms` of one test-bed scenario run with `vmm`.
-fn testbed_l2_init_ms(scenario: &str, vmm: &str) -> Option<f64> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed");
-    let status = Command::new(root.join("run-scenario"))
-        .arg(root.join("scenarios").join(scenario))
-        .args(["--vmm", vmm])
-        .env("RHYVE_BIN", rhyve_bin())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .ok()?;
-    if !status.success() {
-        eprintln!("test bed: {scenario} with {vmm} failed");
-        return None;
-    }
-    let results = root
-        .join("../../target/testbed")
-        .join(format!("{scenario}-{vmm}"))
-        .join("results.json");
-    let text = std::fs::read_to_string(results).ok()?;
-    let at = text.find("\"l2-init-ms\"")?;
-    let rest = &text[at + "\"l2-init-ms\"".len()..];
-    let digits: String = rest
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let pio = format!("rhyve.test=pio rhyve.count={EXITS}");
@@ -197,24 +170,7 @@ fn main() {
     if quick {
         return;
     }
-    println!("Test bed: VMM start -> stock Linux /init inside L1 (ms, lower is better)");
-    for scenario in ["boot-bzimage", "boot-pvh"] {
-        let rhyve = testbed_l2_init_ms(scenario, "rhyve");
-        let qemu = testbed_l2_init_ms(scenario, "qemu");
-        let show = |v: Option<f64>| {
-            v.map(|v| format!("{v:8.0}"))
-                .unwrap_or_else(|| "     n/a".into())
-        };
-        let ratio = match (rhyve, qemu) {
-            (Some(r), Some(q)) if q > 0.0 => format!("{:.2}x", r / q),
-            _ => "n/a".into(),
-        };
-        println!(
-            "  {scenario:<14} rhyve {}   qemu {}   rhyve/qemu {ratio}",
-            show(rhyve),
-            show(qemu)
-        );
-    }
+    boot::run();
     l2blk::run();
     l2net::run();
 }
