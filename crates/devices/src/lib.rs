@@ -16,4 +16,10 @@ pub mod uart;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Stack size for every thread rhyve starts (vCPUs, device workers, console, control).
+/// Rust's 2 MiB default is exactly one transparent huge page: on hosts with THP "always"
+/// each stack became 2 MiB resident. Under 2 MiB a stack cannot hold an aligned huge page,
+/// and only the pages a thread touches count; the threads here need a few tens of KiB.
+pub const THREAD_STACK_SIZE: usize = 512 << 10;
 pub use control::{StopReason, VmControl};

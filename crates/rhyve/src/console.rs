@@ -195,6 +195,7 @@ pub fn spawn_reader(
 ) -> std::io::Result<()> {
     let label = name.to_string();
     std::thread::Builder::new()
+        .stack_size(devices::THREAD_STACK_SIZE)
         .name(format!("{name} input"))
         .spawn(move || feed(&label, &mut *input, &uart))?;
     Ok(())
@@ -270,6 +271,7 @@ fn spawn_listener(
     uart: Arc<Mutex<Uart>>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
+        .stack_size(devices::THREAD_STACK_SIZE)
         .name(format!("{name} listen"))
         .spawn(move || {
             let mut generation = 0u64;
@@ -293,6 +295,7 @@ fn spawn_listener(
                 log::info!("{name}: client connected");
                 let (client, uart, id) = (client.clone(), uart.clone(), generation);
                 let spawned = std::thread::Builder::new()
+                    .stack_size(devices::THREAD_STACK_SIZE)
                     .name(format!("{name} client"))
                     .spawn(move || {
                         feed(name, &mut *input, &uart);

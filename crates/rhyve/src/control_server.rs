@@ -96,6 +96,7 @@ impl ControlServer {
             connections: Mutex::new(Vec::new()),
         });
         let thread = std::thread::Builder::new()
+            .stack_size(devices::THREAD_STACK_SIZE)
             .name("control".into())
             .spawn({
                 let listener = listener.clone();
@@ -218,6 +219,7 @@ fn accept_loop(listener: &UnixListener, closing: &AtomicBool, shared: &Arc<Share
         // closure if the thread cannot be started.
         let slot = ClientSlot(shared.clone());
         let spawned = std::thread::Builder::new()
+            .stack_size(devices::THREAD_STACK_SIZE)
             .name("control client".into())
             .spawn(move || serve_client(stream, &slot.0));
         match spawned {

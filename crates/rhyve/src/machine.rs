@@ -406,9 +406,11 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         log::debug!("-A: ACPI tables are always generated (accepted for compatibility)");
     }
     // Direct boot (--kernel) or what rhyveload loaded into the VM object: see adopt.rs.
+    let phase = |what: &str| log::debug!("boot: {what} at {:.1} ms", ms_since(start));
     let mut boot = adopt::Boot::prepare(&cfg)?;
     let hv = Hypervisor::open()?;
     let vm = Arc::new(boot.create_vm(&hv, &cfg)?);
+    phase("VM and guest RAM created");
     // Boot tables first: the loader hands the RSDP address to the kernel. ACPI tables are
     // always generated, as bhyve does on amd64 (-A is accepted for compatibility).
     if cfg.mptable {
@@ -425,6 +427,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         },
     )?;
     let entry = boot.entry(&vm, &cfg, rsdp)?;
+    phase("boot tables written and kernel loaded");
 
     let control = Arc::new(VmControl::new());
     // Block termination signals before any thread exists, so only the signal thread sees them.
@@ -450,6 +453,10 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         start.elapsed().as_secs_f64()
     );
     Ok(reason.exit_code())
+}
+
+fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
 }
 
 /// How often the main thread asks every vCPU whether it is halted for good.
@@ -504,6 +511,7 @@ fn run_vcpus(
     start: Instant,
 ) -> Result<StopReason> {
     let buses = build_buses(vm, cfg, control, start)?;
+    log::debug!("boot: devices built at {:.1} ms", ms_since(start));
     let pio = Arc::new(buses.pio);
     let mmio = Arc::new(buses.mmio);
     let mut vcpus = Vec::new();
@@ -562,6 +570,7 @@ fn run_vcpus(
             strict_io: cfg.strict_io,
         };
         let handle = std::thread::Builder::new()
+            .stack_size(devices::THREAD_STACK_SIZE)
             .name(format!("vcpu {id}"))
             .spawn(move || {
                 if let Some(cpus) = pins {
@@ -571,6 +580,7 @@ fn run_vcpus(
             })?;
         threads.push(handle);
     }
+    log::debug!("boot: vCPUs started at {:.1} ms", ms_since(start));
     let reason = wait_for_stop(control, &threads, &probes);
     // Kick every vCPU out of KVM_RUN until its thread has seen the stop; a signal that lands
     // just before the thread enters KVM_RUN is lost, hence the retries.

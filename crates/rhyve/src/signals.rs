@@ -128,6 +128,7 @@ pub fn spawn_signal_thread(
     grace: Option<Duration>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
+        .stack_size(devices::THREAD_STACK_SIZE)
         .name("signals".into())
         .spawn(move || {
             let mut policy = PowerPolicy::new(grace);

@@ -241,34 +241,37 @@ impl QueueWorker {
             EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
         let stop_thread = stop.try_clone()?;
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
-            for i in 0..kicks.len() {
-                handler(i);
-            }
-            let mut events = vec![EpollEvent::default(); kicks.len() + 1];
-            loop {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::error!("virtio worker: epoll_wait failed: {e}");
-                        return;
-                    }
-                };
-                for ev in &events[..n] {
-                    let token = ev.data();
-                    if token == STOP_TOKEN {
-                        let _ = stop_thread.read();
-                        return;
-                    }
-                    if let Some(kick) = kicks.get(token as usize) {
-                        // Non-blocking or not, epoll said it is readable: this clears it.
-                        let _ = kick.read();
-                        handler(token as usize);
+        let handle = std::thread::Builder::new()
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .name(name)
+            .spawn(move || {
+                for i in 0..kicks.len() {
+                    handler(i);
+                }
+                let mut events = vec![EpollEvent::default(); kicks.len() + 1];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::error!("virtio worker: epoll_wait failed: {e}");
+                            return;
+                        }
+                    };
+                    for ev in &events[..n] {
+                        let token = ev.data();
+                        if token == STOP_TOKEN {
+                            let _ = stop_thread.read();
+                            return;
+                        }
+                        if let Some(kick) = kicks.get(token as usize) {
+                            // Non-blocking or not, epoll said it is readable: this clears it.
+                            let _ = kick.read();
+                            handler(token as usize);
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         Ok(QueueWorker {
             stop,
             handle: Some(handle),

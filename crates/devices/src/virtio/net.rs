@@ -1178,6 +1178,7 @@ impl VirtioDevice for Net {
         worker.poll_tap(true);
         let stop_thread = stop.try_clone().map_err(ActivateError::Worker)?;
         let handle = std::thread::Builder::new()
+            .stack_size(crate::THREAD_STACK_SIZE)
             .name("virtio-net".into())
             .spawn(move || worker.run(kicks, stop_thread))
             .map_err(ActivateError::Worker)?;
