@@ -100,7 +100,24 @@ pub struct AcpiConfig {
     pub pci: bool,
     /// Configured COM1..COM4 (`-l comN,...`): a PNP0501 device each in the DSDT.
     pub com: [bool; 4],
+    /// How the PCI root is laid out.
+    pub pci_layout: PciLayout,
 }
+
+/// The PCI root's address map, as `devices::pci::root` decodes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PciLayout {
+    /// Direct boot: ECAM at [`PCI_ECAM_BASE`] (MCFG), BARs in 0xC000_0000–0xDFFF_FFFF.
+    #[default]
+    Direct,
+    /// Behind a boot ROM, which places the BARs itself as on QEMU's i440FX: no ECAM, a
+    /// 32-bit window from `mem32_base` up to the I/O APIC.
+    Firmware { mem32_base: u32 },
+}
+
+/// End (inclusive) of the firmware layout's 32-bit window: just below the I/O APIC, where
+/// SeaBIOS's and OVMF's allocators stop.
+pub const FIRMWARE_MEM32_LAST: u32 = 0xFEBF_FFFF;
 
 /// Guest-physical addresses of each table, as [`write_acpi_tables`] places them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,18 +188,22 @@ impl Aml for IrqNoFlags {
 
 /// `\_SB.PCI0`: the root bridge, its windows and the INTx routing, plus a motherboard
 /// resource device reserving the ECAM range (Linux wants MCFG areas claimed there).
-fn pci_devices() -> Vec<u8> {
+fn pci_devices(layout: PciLayout) -> Vec<u8> {
     let hid = aml::EISAName::new("PNP0A08");
     let cid = aml::EISAName::new("PNP0A03");
     let zero = 0u8;
     let bus = aml::AddressSpace::<u16>::new_bus_number(0, u16::from(PCI_LAST_BUS));
     let cfg_io = aml::IO::new(0xCF8, 0xCF8, 1, 8);
     let io = aml::AddressSpace::<u16>::new_io(PCI_IO_WINDOW.0, PCI_IO_WINDOW.1, None);
+    let mem32_window = match layout {
+        PciLayout::Direct => PCI_MEM32_WINDOW,
+        PciLayout::Firmware { mem32_base } => (mem32_base, FIRMWARE_MEM32_LAST),
+    };
     let mem32 = aml::AddressSpace::<u32>::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
-        PCI_MEM32_WINDOW.0,
-        PCI_MEM32_WINDOW.1,
+        mem32_window.0,
+        mem32_window.1,
         None,
     );
     let mem64 = aml::AddressSpace::<u64>::new_memory(
@@ -215,6 +236,10 @@ fn pci_devices() -> Vec<u8> {
         aml::Name::new("_PRT".into(), &prt),
     ];
     let pci0 = aml::Device::new("PCI0".into(), names.iter().map(|n| n as &dyn Aml).collect());
+    let mut v = to_bytes(&pci0);
+    if layout != PciLayout::Direct {
+        return v;
+    }
 
     let mres_hid = aml::EISAName::new("PNP0C02");
     let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_BASE as u32, PCI_ECAM_SIZE as u32);
@@ -226,7 +251,6 @@ fn pci_devices() -> Vec<u8> {
         "MRES".into(),
         vec![&mres_hid_name, &mres_uid, &mres_crs_name],
     );
-    let mut v = to_bytes(&pci0);
     mres.to_aml_bytes(&mut v);
     v
 }
@@ -288,7 +312,7 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         1,
     ));
     if cfg.pci {
-        devices.extend(pci_devices());
+        devices.extend(pci_devices(cfg.pci_layout));
     }
     let devices = RawAml(devices);
     let sb = aml::Scope::new("\\_SB_".into(), vec![&devices]);
@@ -417,7 +441,7 @@ pub fn acpi_layout(cfg: &AcpiConfig) -> AcpiLayout {
     let dsdt_at = align_up(fadt + acpi_tables::fadt::FADT::len() as u64, 16);
     let madt = align_up(dsdt_at + dsdt(cfg).len() as u64, 16);
     let mut end = madt + madt_len(cfg.nr_cpus) as u64;
-    let mcfg = cfg.pci.then(|| {
+    let mcfg = (cfg.pci && cfg.pci_layout == PciLayout::Direct).then(|| {
         let at = align_up(end, 16);
         end = at + MCFG_LEN;
         at
@@ -437,6 +461,114 @@ pub fn acpi_layout(cfg: &AcpiConfig) -> AcpiLayout {
 /// Writes RSDP + XSDT + FADT + FACS + DSDT + MADT into guest memory; returns the RSDP
 /// address.
 pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cfg: &AcpiConfig) -> Result<u64, Error> {
+    let (l, tables) = build_tables(cfg)?;
+    for (addr, bytes) in &tables {
+        write_guest(mem, *addr, bytes)?;
+    }
+    Ok(l.rsdp)
+}
+
+/// The tables as QEMU hands them to firmware through fw_cfg: `etc/acpi/rsdp`,
+/// `etc/acpi/tables` (every other table, pointers turned into offsets in this blob) and
+/// `etc/table-loader`, the script telling the firmware where to put both, which pointers
+/// to relocate and which checksums to recompute.
+pub struct FirmwareAcpi {
+    pub rsdp: Vec<u8>,
+    pub tables: Vec<u8>,
+    pub loader: Vec<u8>,
+}
+
+/// fw_cfg file names (QEMU's).
+pub const FW_CFG_RSDP: &str = "etc/acpi/rsdp";
+pub const FW_CFG_TABLES: &str = "etc/acpi/tables";
+pub const FW_CFG_LOADER: &str = "etc/table-loader";
+
+/// FADT pointer fields: FIRMWARE_CTRL, DSDT (32-bit), X_FIRMWARE_CTRL, X_DSDT (64-bit).
+const FADT_POINTERS: [(usize, u8); 4] = [(36, 4), (40, 4), (132, 8), (140, 8)];
+/// RSDP: RsdtAddress (32-bit), XsdtAddress (64-bit); checksums over 20 and all 36 bytes.
+const RSDP_POINTERS: [(usize, u8); 2] = [(16, 4), (24, 8)];
+const SDT_CHECKSUM_OFFSET: u32 = 9;
+
+/// [`FirmwareAcpi`] for `cfg`: the same tables [`write_acpi_tables`] writes.
+pub fn firmware_acpi(cfg: &AcpiConfig) -> Result<FirmwareAcpi, Error> {
+    use crate::table_loader::{TableLoader, Zone};
+    let (l, tables) = build_tables(cfg)?;
+    // 64-aligned like the allocation, so the FACS keeps its 64-byte alignment.
+    let base = l.xsdt & !63;
+    let mut rsdp = Vec::new();
+    let mut blob = vec![0u8; (l.end - base) as usize];
+    let mut script = TableLoader::new();
+    // The RSDP must stay where an OS's legacy scan finds it (F segment), 16-aligned.
+    script.allocate(FW_CFG_RSDP, 16, Zone::FSeg);
+    script.allocate(FW_CFG_TABLES, 64, Zone::High);
+    let mut checksums = Vec::new();
+    for (addr, bytes) in &tables {
+        if *addr == l.rsdp {
+            rsdp = bytes.clone();
+            continue;
+        }
+        let at = (addr - base) as usize;
+        blob[at..at + bytes.len()].copy_from_slice(bytes);
+        let pointers: Vec<(usize, u8)> = if *addr == l.xsdt {
+            (SDT_HEADER_LEN..bytes.len())
+                .step_by(8)
+                .map(|o| (o, 8))
+                .collect()
+        } else if *addr == l.fadt {
+            FADT_POINTERS.to_vec()
+        } else {
+            Vec::new()
+        };
+        for (off, size) in pointers {
+            if relocate(&mut blob[at + off..at + off + size as usize], base) {
+                script.add_pointer(FW_CFG_TABLES, FW_CFG_TABLES, (at + off) as u32, size);
+            }
+        }
+        // The FACS has no checksum.
+        if *addr != l.facs {
+            checksums.push((
+                at as u32 + SDT_CHECKSUM_OFFSET,
+                at as u32,
+                bytes.len() as u32,
+            ));
+        }
+    }
+    for (off, size) in RSDP_POINTERS {
+        if relocate(&mut rsdp[off..off + size as usize], base) {
+            script.add_pointer(FW_CFG_RSDP, FW_CFG_TABLES, off as u32, size);
+        }
+    }
+    for (result, start, len) in checksums {
+        script.add_checksum(FW_CFG_TABLES, result, start, len);
+    }
+    script.add_checksum(FW_CFG_RSDP, 8, 0, 20);
+    script.add_checksum(FW_CFG_RSDP, 32, 0, rsdp.len() as u32);
+    Ok(FirmwareAcpi {
+        rsdp,
+        tables: blob,
+        loader: script.into_bytes(),
+    })
+}
+
+/// Turns the little-endian address in `field` into an offset from `base`; false (and no
+/// change) for a null pointer.
+fn relocate(field: &mut [u8], base: u64) -> bool {
+    let mut v = [0u8; 8];
+    v[..field.len()].copy_from_slice(field);
+    let addr = u64::from_le_bytes(v);
+    if addr == 0 {
+        return false;
+    }
+    let off = (addr - base).to_le_bytes();
+    field.copy_from_slice(&off[..field.len()]);
+    true
+}
+
+/// Tables with their guest-physical addresses.
+type PlacedTables = Vec<(u64, Vec<u8>)>;
+
+/// Every table (RSDP first) with the address [`acpi_layout`] gives it.
+fn build_tables(cfg: &AcpiConfig) -> Result<(AcpiLayout, PlacedTables), Error> {
     if !(1..=MAX_CPUS).contains(&cfg.nr_cpus) {
         return Err(Error::AcpiBadCpuCount(cfg.nr_cpus));
     }
@@ -463,10 +595,7 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cfg: &AcpiConfig) -> Re
     if let Some(m) = l.mcfg {
         tables.push((m, mcfg()));
     }
-    for (addr, bytes) in &tables {
-        write_guest(mem, *addr, bytes)?;
-    }
-    Ok(l.rsdp)
+    Ok((l, tables))
 }
 
 #[cfg(test)]
@@ -805,5 +934,99 @@ mod tests {
         });
         assert!(has(&two, b"COM2") && !has(&two, b"COM1"));
         assert!(none.len() < two.len() && two.len() < all.len());
+    }
+
+    /// Runs a table-loader script as firmware would: files at the given addresses.
+    fn run_loader(files: &mut [(&str, u64, Vec<u8>)], script: &[u8]) {
+        let name = |b: &[u8]| {
+            let end = b.iter().position(|&c| c == 0).unwrap();
+            String::from_utf8(b[..end].to_vec()).unwrap()
+        };
+        let find =
+            |files: &[(&str, u64, Vec<u8>)], n: &str| files.iter().position(|f| f.0 == n).unwrap();
+        for c in script.chunks(128) {
+            match u32_at(c, 0) {
+                1 => {
+                    let f = find(files, &name(&c[4..60]));
+                    let align = u32_at(c, 60) as u64;
+                    assert_eq!(files[f].1 % align, 0, "alignment of {}", files[f].0);
+                }
+                2 => {
+                    let d = find(files, &name(&c[4..60]));
+                    let src = files[find(files, &name(&c[60..116]))].1;
+                    let (off, size) = (u32_at(c, 116) as usize, c[120] as usize);
+                    let field = &mut files[d].2[off..off + size];
+                    let mut v = [0u8; 8];
+                    v[..size].copy_from_slice(field);
+                    let new = (u64::from_le_bytes(v) + src).to_le_bytes();
+                    field.copy_from_slice(&new[..size]);
+                }
+                3 => {
+                    let f = find(files, &name(&c[4..60]));
+                    let (res, start, len) = (
+                        u32_at(c, 60) as usize,
+                        u32_at(c, 64) as usize,
+                        u32_at(c, 68) as usize,
+                    );
+                    let data = &mut files[f].2;
+                    data[res] = 0;
+                    data[res] = 0u8.wrapping_sub(sum(&data[start..start + len]));
+                }
+                other => panic!("unknown command {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn firmware_tables_relocate_and_check() {
+        let cfg = AcpiConfig {
+            nr_cpus: 2,
+            pci: true,
+            com: [true, false, false, false],
+            pci_layout: PciLayout::Firmware {
+                mem32_base: 0x8000_0000,
+            },
+            ..Default::default()
+        };
+        let fw = firmware_acpi(&cfg).unwrap();
+        let tables_at = 0x7ff_0000u64;
+        let mut files = vec![
+            (FW_CFG_RSDP, 0xf5a00u64, fw.rsdp.clone()),
+            (FW_CFG_TABLES, tables_at, fw.tables.clone()),
+        ];
+        run_loader(&mut files, &fw.loader);
+        let rsdp = &files[0].2;
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(rsdp), 0);
+        let blob = &files[1].2;
+        let table = |addr: u64| {
+            let off = (addr - tables_at) as usize;
+            let len = u32_at(&blob[off..], 4) as usize;
+            let t = &blob[off..off + len];
+            assert_eq!(
+                sum(t),
+                0,
+                "checksum of {}",
+                String::from_utf8_lossy(&t[..4])
+            );
+            t
+        };
+        let xsdt = table(u64_at(rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let sigs: Vec<&[u8]> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| &table(u64_at(xsdt, o))[..4])
+            .collect();
+        // No ECAM behind a boot ROM: no MCFG.
+        assert_eq!(sigs, [&b"FACP"[..], b"APIC"]);
+        let fadt = table(u64_at(xsdt, 36));
+        let dsdt = table(u64_at(fadt, 140));
+        assert_eq!(u32_at(fadt, 40) as u64, u64_at(fadt, 140));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        let facs = (u32_at(fadt, 36) as u64 - tables_at) as usize;
+        assert_eq!(&blob[facs..facs + 4], b"FACS");
+        assert_eq!((tables_at + facs as u64) % 64, 0);
+        assert!(!dsdt.windows(4).any(|w| w == b"MRES"));
     }
 }

@@ -19,6 +19,7 @@ pub mod entry;
 pub mod layout;
 pub mod mptable;
 mod pvh;
+pub mod table_loader;
 
 pub use boot_state::{BootState, BootStateError};
 pub use entry::{EntryState, Segment};

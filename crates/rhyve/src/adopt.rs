@@ -48,10 +48,13 @@ impl Boot {
             Err(vmmapi::Error::NoObject(_)) => None,
             Err(e) => return Err(e.into()),
         };
-        if cfg.kernel.is_some() {
+        if cfg.kernel.is_some() || cfg.bootrom.is_some() {
             if let Some(o) = &object {
                 check_memory(cfg, o)?;
-                log::info!("VM {}: direct boot in the existing object", cfg.name);
+                log::info!(
+                    "VM {}: direct or firmware boot in the existing object",
+                    cfg.name
+                );
             }
             return Ok(Boot {
                 object,

@@ -152,7 +152,12 @@ fn short_with_arg(t: &mut ConfigTree, c: char, v: &str) -> Result<Option<Command
             t.set(&key, &list);
         }
         'U' => t.set("uuid", v),
-        'f' => return err(format!("-f {v}: fw_cfg files are not supported yet")),
+        'f' => {
+            crate::config::parse_fw_cfg_file(v)?;
+            // Numbered in command-line order (the tree is sorted by key).
+            let n = t.children("fwcfg").count();
+            t.set(&format!("fwcfg.{n:04}"), v);
+        }
         'G' => return err(format!("-G {v}: the gdb stub is not supported yet")),
         'K' => return err(format!("-K {v}: keyboard layouts are not supported yet")),
         'r' => return err(format!("-r {v}: snapshot restore is not supported yet")),
@@ -245,9 +250,23 @@ fn parse_lpc(t: &mut ConfigTree, v: &str) -> Result<(), ConfigError> {
             return err(format!("-l {v}: expected comN,backend (e.g. com1,stdio)"))
         }
         ("pc-testdev", None) => t.set("lpc.pc-testdev", "true"),
-        ("bootrom" | "fwcfg" | "tpm", _) => {
-            return err(format!("-l {v}: '{dev}' is not supported yet"))
+        ("bootrom", Some(files)) if !files.is_empty() => {
+            let (rom, vars) = match files.split_once(',') {
+                Some((r, v)) => (r, Some(v)),
+                None => (files, None),
+            };
+            if rom.is_empty() || vars.is_some_and(str::is_empty) {
+                return err(format!("-l {v}: expected bootrom,ROMFILE[,VARSFILE]"));
+            }
+            t.set("lpc.bootrom", rom);
+            if let Some(vars) = vars {
+                t.set("lpc.bootvars", vars);
+            }
         }
+        ("bootrom", _) => return err(format!("-l {v}: expected bootrom,ROMFILE[,VARSFILE]")),
+        // bhyve's `-l fwcfg,qemu`, the same as `-o lpc.fwcfg=qemu`.
+        ("fwcfg", Some(kind)) => t.set("lpc.fwcfg", kind),
+        ("tpm", _) => return err(format!("-l {v}: '{dev}' is not supported yet")),
         _ => {
             return err(format!(
                 "-l {v}: unknown LPC device '{dev}' (rhyve -l help lists them)"

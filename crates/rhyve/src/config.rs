@@ -43,11 +43,18 @@ const KNOWN_KEYS: &[&str] = &[
     "lpc.com3.path",
     "lpc.com4.path",
     "lpc.pc-testdev",
+    "lpc.bootrom",
+    "lpc.bootvars",
+    "lpc.fwcfg",
+    "fwcfg.*",
     "boot.kernel",
     "boot.initrd",
     "boot.cmdline",
     "vcpu.*.cpuset",
     "pci.*.*.*.device",
+    // Any function: an expansion ROM image, and its place in fw_cfg's bootorder.
+    "pci.*.*.*.rom",
+    "pci.*.*.*.bootindex",
 ];
 
 fn matches(pattern: &str, key: &str) -> bool {
@@ -258,6 +265,63 @@ pub struct VmConfig {
     pub pins: Vec<(u32, Vec<usize>)>,
     /// The `-s` slots, in (bus, slot, function) order.
     pub pci: Vec<PciSlot>,
+    /// `-l bootrom,ROM`: boot through firmware instead of a kernel.
+    pub bootrom: Option<PathBuf>,
+    /// QEMU's fw_cfg on ports 0x510–0x51b (`lpc.fwcfg=qemu`, the default with a boot ROM).
+    pub fw_cfg: bool,
+    /// `-f name,string=...|file=...`: extra fw_cfg files, in command-line order.
+    pub fw_cfg_files: Vec<(String, FwCfgSource)>,
+    /// `-U`: the system UUID (fw_cfg; zero when not given).
+    pub uuid: [u8; 16],
+}
+
+/// Where a `-f` file's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FwCfgSource {
+    String(String),
+    File(PathBuf),
+}
+
+/// Largest boot ROM: 16 MiB under 4 GiB, as bhyve allows.
+pub const MAX_BOOTROM: u64 = 16 << 20;
+
+/// `-f name,string=data` or `-f name,file=path` (bhyve(8)).
+pub fn parse_fw_cfg_file(v: &str) -> Result<(String, FwCfgSource), ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "-f {v}: expected name,string=data or name,file=path"
+        ))
+    };
+    let (name, rest) = v.split_once(',').ok_or_else(bad)?;
+    if name.is_empty() || name.len() > devices::fw_cfg::MAX_NAME_LEN {
+        return err(format!(
+            "-f {v}: the name must be 1 to {} bytes",
+            devices::fw_cfg::MAX_NAME_LEN
+        ));
+    }
+    let source = match rest.split_once('=') {
+        Some(("string", data)) => FwCfgSource::String(data.to_string()),
+        Some(("file", path)) if !path.is_empty() => FwCfgSource::File(PathBuf::from(path)),
+        _ => return Err(bad()),
+    };
+    Ok((name.to_string(), source))
+}
+
+/// `-U`: 8-4-4-4-12 hexadecimal digits.
+fn parse_uuid(v: &str) -> Result<[u8; 16], ConfigError> {
+    let hex: String = v.chars().filter(|c| *c != '-').collect();
+    let groups: Vec<usize> = v.split('-').map(str::len).collect();
+    if groups != [8, 4, 4, 4, 12] || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return err(format!(
+            "-U {v}: expected a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        ));
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| ConfigError(format!("-U {v}: expected a UUID")))?;
+    }
+    Ok(out)
 }
 
 /// One `-s` slot: its address, emulation and the device's own keys.
@@ -267,8 +331,13 @@ pub struct PciSlot {
     pub slot: u8,
     pub func: u8,
     pub emulation: &'static emulations::Emulation,
-    /// Keys below `pci.B.S.F.` other than `device` (e.g. `path`, `ro`), prefix removed.
+    /// Keys below `pci.B.S.F.` other than `device`, `rom` and `bootindex` (e.g. `path`,
+    /// `ro`), prefix removed.
     pub opts: BTreeMap<String, String>,
+    /// `rom=PATH`: the function's expansion ROM (e.g. iPXE's pxe-virtio.rom).
+    pub rom: Option<PathBuf>,
+    /// `bootindex=N`: the function's place in fw_cfg's `bootorder` (lowest first).
+    pub bootindex: Option<u32>,
 }
 
 /// Two virtio-net functions on one inherited descriptor would both own it (split frames,
@@ -445,20 +514,64 @@ impl VmConfig {
                     .children(&prefix)
                     .filter_map(|(k, v)| {
                         let rest = k.strip_prefix(&prefix)?.strip_prefix('.')?;
-                        (rest != "device").then(|| (rest.to_string(), v.to_string()))
+                        (!["device", "rom", "bootindex"].contains(&rest))
+                            .then(|| (rest.to_string(), v.to_string()))
                     })
                     .collect();
+                let bootindex = match t.get(&format!("{prefix}.bootindex")) {
+                    None => None,
+                    Some(v) => Some(v.parse::<u32>().map_err(|_| {
+                        ConfigError(format!(
+                            "-s {s},{emu}: bootindex={v}: expected a number",
+                            emu = emu.name
+                        ))
+                    })?),
+                };
                 pci.push(PciSlot {
                     bus: n(b)?,
                     slot: n(s)?,
                     func: n(f)?,
                     emulation: emu,
                     opts,
+                    rom: t.get(&format!("{prefix}.rom")).map(PathBuf::from),
+                    bootindex,
                 });
             }
         }
         pci.sort_by_key(|p| (p.bus, p.slot, p.func));
         refuse_shared_tap_fds(&pci)?;
+        let bootrom = t.get("lpc.bootrom").map(PathBuf::from);
+        if let Some(vars) = t.get("lpc.bootvars") {
+            return err(format!(
+                "-l bootrom,ROM,{vars}: a VARSFILE (persistent UEFI variables) is not supported yet"
+            ));
+        }
+        if bootrom.is_some() && t.get("boot.kernel").is_some() {
+            return err(
+                "-l bootrom and --kernel exclude each other: boot through firmware or a kernel",
+            );
+        }
+        let fw_cfg = match t.get("lpc.fwcfg") {
+            None => bootrom.is_some(),
+            Some("qemu") => true,
+            Some("none") => false,
+            Some(v) => return err(format!("lpc.fwcfg={v}: expected qemu or none")),
+        };
+        let mut fw_cfg_files = Vec::new();
+        for (_, v) in t.children("fwcfg") {
+            let (name, source) = parse_fw_cfg_file(v)?;
+            if fw_cfg_files.iter().any(|(n, _)| *n == name) {
+                return err(format!("-f {v}: fw_cfg file {name} is given twice"));
+            }
+            fw_cfg_files.push((name, source));
+        }
+        if !fw_cfg_files.is_empty() && !fw_cfg {
+            return err("-f: fw_cfg files need fw_cfg (-l bootrom,ROM or -o lpc.fwcfg=qemu)");
+        }
+        let uuid = match t.get("uuid") {
+            None => [0; 16],
+            Some(v) => parse_uuid(v)?,
+        };
         Ok(Self {
             name: name.to_string(),
             cpus,
@@ -479,6 +592,10 @@ impl VmConfig {
             power_grace,
             pins,
             pci,
+            bootrom,
+            fw_cfg,
+            fw_cfg_files,
+            uuid,
         })
     }
 }

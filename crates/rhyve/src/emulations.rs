@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::hostbridge::{amd_hostbridge, hostbridge};
+use devices::pci::hostbridge::{self, HostBridgeIds, FIRMWARE_IDENTITY};
 use devices::pci::lpc::lpc_bridge;
 use devices::pci::root::SharedPciDevice;
 use devices::pci::InterruptSink;
@@ -27,6 +27,8 @@ pub struct PciContext<'a> {
     /// Keys below `pci.B.S.F.` (e.g. `path`), without the prefix.
     pub opts: &'a BTreeMap<String, String>,
     pub irq: Arc<dyn InterruptSink>,
+    /// The machine boots a ROM with fw_cfg: firmware-facing identities (the host bridge).
+    pub firmware: bool,
 }
 
 /// Builds one function.
@@ -50,19 +52,72 @@ impl std::fmt::Debug for Emulation {
     }
 }
 
+const HOSTBRIDGE_KEYS: &[&str] = &["vendor", "devid", "subvendor", "subdevid"];
+
 static HOSTBRIDGE: Emulation = Emulation {
     name: "hostbridge",
-    description: "PCI host bridge (vendor/device 0x1275)",
-    keys: &[],
-    build: |_| Ok(Arc::new(Mutex::new(hostbridge()))),
+    description: "PCI host bridge (0x1275:0x1275; with a boot ROM, QEMU's i440FX 0x8086:0x1237 \
+                  subsystem 0x1af4:0x1100), [vendor=N][,devid=N][,subvendor=N][,subdevid=N]",
+    keys: HOSTBRIDGE_KEYS,
+    build: |ctx| {
+        let default = if ctx.firmware {
+            FIRMWARE_IDENTITY
+        } else {
+            HostBridgeIds {
+                vendor: 0x1275,
+                device: 0x1275,
+                subsystem_vendor: 0x1275,
+                subsystem: 0x1275,
+            }
+        };
+        host_bridge(ctx, default)
+    },
 };
 
 static AMD_HOSTBRIDGE: Emulation = Emulation {
     name: "amd_hostbridge",
-    description: "PCI host bridge with AMD's IDs (0x1022:0x7432)",
-    keys: &[],
-    build: |_| Ok(Arc::new(Mutex::new(amd_hostbridge()))),
+    description: "PCI host bridge with AMD's IDs (0x1022:0x7432), keys as hostbridge",
+    keys: HOSTBRIDGE_KEYS,
+    build: |ctx| {
+        host_bridge(
+            ctx,
+            HostBridgeIds {
+                vendor: 0x1022,
+                device: 0x7432,
+                subsystem_vendor: 0x1022,
+                subsystem: 0x7432,
+            },
+        )
+    },
 };
+
+/// A host bridge with `default` IDs, each replaced by its key when given (bhyve's
+/// `vendor`/`devid`, plus the subsystem IDs firmware looks at).
+fn host_bridge(ctx: &PciContext, default: HostBridgeIds) -> anyhow::Result<SharedPciDevice> {
+    let id = |key: &str, default: u16| -> anyhow::Result<u16> {
+        match ctx.opts.get(key) {
+            None => Ok(default),
+            Some(v) => parse_u16(v).ok_or_else(|| {
+                anyhow::anyhow!("{key}={v}: expected a 16-bit number (e.g. 0x8086)")
+            }),
+        }
+    };
+    let ids = HostBridgeIds {
+        vendor: id("vendor", default.vendor)?,
+        device: id("devid", default.device)?,
+        subsystem_vendor: id("subvendor", default.subsystem_vendor)?,
+        subsystem: id("subdevid", default.subsystem)?,
+    };
+    Ok(Arc::new(Mutex::new(hostbridge::with_identity(ids))))
+}
+
+/// Decimal or 0x-prefixed hexadecimal.
+fn parse_u16(v: &str) -> Option<u16> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
 
 static LPC: Emulation = Emulation {
     name: "lpc",
@@ -166,6 +221,14 @@ pub fn lpc_help() -> String {
             "com1..com4",
             "16550 UART; backend: stdio, pty, unix=PATH, tcp=IP:PORT (loopback) or a \
              device path (e.g. -l com1,stdio)",
+        ),
+        (
+            "bootrom,ROM",
+            "boot through firmware ROM (e.g. /usr/share/seabios/bios-256k.bin), with fw_cfg",
+        ),
+        (
+            "fwcfg,qemu|none",
+            "QEMU's fw_cfg interface (on by default with a bootrom)",
         ),
         (
             "pc-testdev",

@@ -32,9 +32,37 @@ struct Buses {
     pm1_evt: Arc<Mutex<acpi_pm::Pm1Event>>,
 }
 
+/// What the ACPI tables describe for `cfg` (written to RAM, or handed to firmware).
+fn acpi_config(cfg: &VmConfig) -> loader::acpi::AcpiConfig {
+    loader::acpi::AcpiConfig {
+        nr_cpus: cfg.cpus,
+        apic_ids: cfg.topology.apic_ids(),
+        pci: !cfg.pci.is_empty(),
+        com: std::array::from_fn(|i| cfg.com.iter().any(|(c, _)| *c == i)),
+        pci_layout: pci_layout(cfg),
+    }
+}
+
+/// Behind a boot ROM the PCI root looks like QEMU's i440FX: no ECAM, and a 32-bit BAR
+/// window from 2 GiB (3 GiB when low RAM reaches past 2 GiB) up to the I/O APIC — where
+/// SeaBIOS's and OVMF's allocators put BARs.
+fn pci_layout(cfg: &VmConfig) -> loader::acpi::PciLayout {
+    if cfg.bootrom.is_none() {
+        return loader::acpi::PciLayout::Direct;
+    }
+    let low = loader::layout::low_ram_end(cfg.memory);
+    let mem32_base = if low <= 0x8000_0000 {
+        0x8000_0000
+    } else {
+        0xC000_0000
+    };
+    loader::acpi::PciLayout::Firmware { mem32_base }
+}
+
 fn build_buses(
     vm: &Arc<Vm>,
     cfg: &VmConfig,
+    rom: Option<&crate::firmware::BootRom>,
     control: &Arc<VmControl>,
     start: Instant,
 ) -> Result<Buses> {
@@ -109,6 +137,24 @@ fn build_buses(
     } else {
         // 0xCF9 sits inside configuration mechanism #1's ports: the PCI device forwards it.
         attach_pci(vm, cfg, &mut pio, &mut mmio, reset)?;
+    }
+
+    if cfg.fw_cfg {
+        let dev = crate::firmware::fw_cfg(vm, cfg, &acpi_config(cfg))?;
+        pio.insert(
+            "fw_cfg",
+            u64::from(devices::fw_cfg::FW_CFG_PORT),
+            devices::fw_cfg::FW_CFG_LEN,
+            shared(dev),
+        )?;
+    }
+    if let Some(rom) = rom {
+        mmio.insert(
+            "bootrom",
+            rom.base,
+            rom.size,
+            shared(crate::firmware::RomWrites),
+        )?;
     }
 
     for (index, backend) in &cfg.com {
@@ -301,6 +347,7 @@ fn attach_pci(
     reset: Arc<Mutex<dyn BusDevice>>,
 ) -> Result<()> {
     let mut root = PciRoot::new();
+    let layout = pci_layout(cfg);
     for s in &cfg.pci {
         let (b, d, f) = (s.bus, s.slot, s.func);
         let sink = Arc::new(VmInterrupts::new(
@@ -314,6 +361,7 @@ fn attach_pci(
             func: f,
             opts: &s.opts,
             irq: sink.clone(),
+            firmware: cfg.bootrom.is_some(),
         };
         let dev = (s.emulation.build)(&ctx)
             .with_context(|| format!("-s {b}:{d}:{f},{}", s.emulation.name))?;
@@ -325,8 +373,15 @@ fn attach_pci(
         if let Some(gsi) = pci_root::intx_gsi(d, pin) {
             sink.gsi.store(gsi, Ordering::Relaxed);
         }
-        root.add(b, d, f, dev)
-            .with_context(|| format!("-s {b}:{d}:{f},{}", s.emulation.name))?;
+        let what = || format!("-s {b}:{d}:{f},{}", s.emulation.name);
+        match &s.rom {
+            Some(path) => {
+                let image = std::fs::read(path)
+                    .with_context(|| format!("{}: rom={}", what(), path.display()))?;
+                root.add_with_rom(b, d, f, dev, image).with_context(what)?;
+            }
+            None => root.add(b, d, f, dev).with_context(what)?,
+        }
         log::info!("pci {b}:{d}:{f}: {}", s.emulation.name);
     }
     root.assign_resources()?;
@@ -349,17 +404,26 @@ fn attach_pci(
         pci_root::IO_END - io_base,
         shared(root.io_window(io_base)),
     )?;
-    mmio.insert(
-        "pci ecam",
-        pci_root::ECAM_BASE,
-        pci_root::ECAM_SIZE,
-        shared(root.ecam()),
-    )?;
+    let (mem32_base, mem32_end) = match layout {
+        loader::acpi::PciLayout::Direct => {
+            mmio.insert(
+                "pci ecam",
+                pci_root::ECAM_BASE,
+                pci_root::ECAM_SIZE,
+                shared(root.ecam()),
+            )?;
+            (pci_root::MEM32_BASE, pci_root::MEM32_END)
+        }
+        loader::acpi::PciLayout::Firmware { mem32_base } => (
+            u64::from(mem32_base),
+            u64::from(loader::acpi::FIRMWARE_MEM32_LAST) + 1,
+        ),
+    };
     mmio.insert(
         "pci mem32",
-        pci_root::MEM32_BASE,
-        pci_root::MEM32_END - pci_root::MEM32_BASE,
-        shared(root.mem_window(pci_root::MEM32_BASE)),
+        mem32_base,
+        mem32_end - mem32_base,
+        shared(root.mem_window(mem32_base)),
     )?;
     mmio.insert(
         "pci mem64",
@@ -409,24 +473,31 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
     let phase = |what: &str| log::debug!("boot: {what} at {:.1} ms", ms_since(start));
     let mut boot = adopt::Boot::prepare(&cfg)?;
     let hv = Hypervisor::open()?;
-    let vm = Arc::new(boot.create_vm(&hv, &cfg)?);
+    let mut vm = boot.create_vm(&hv, &cfg)?;
     phase("VM and guest RAM created");
-    // Boot tables first: the loader hands the RSDP address to the kernel. ACPI tables are
-    // always generated, as bhyve does on amd64 (-A is accepted for compatibility).
-    if cfg.mptable {
-        let ids: Vec<u8> = cfg.topology.apic_ids().iter().map(|&id| id as u8).collect();
-        loader::mptable::write_mptable_with_ids(vm.ram().memory(), &ids)?;
-    }
-    let rsdp = loader::acpi::write_acpi_tables(
-        vm.ram().memory(),
-        &loader::acpi::AcpiConfig {
-            nr_cpus: cfg.cpus,
-            apic_ids: cfg.topology.apic_ids(),
-            pci: !cfg.pci.is_empty(),
-            com: std::array::from_fn(|i| cfg.com.iter().any(|(c, _)| *c == i)),
-        },
-    )?;
-    let entry = boot.entry(&vm, &cfg, rsdp)?;
+    let rom = match &cfg.bootrom {
+        Some(path) => {
+            // Whatever rhyveload left in the object is not what runs now.
+            vm.object().clear_boot_state()?;
+            Some(crate::firmware::load_bootrom(&mut vm, path)?)
+        }
+        None => None,
+    };
+    let vm = Arc::new(vm);
+    // With a boot ROM the firmware builds the tables (ACPI from fw_cfg) and the vCPU starts
+    // at the reset vector. Otherwise boot tables first: the loader hands the RSDP address to
+    // the kernel. ACPI tables are always generated, as bhyve does on amd64 (-A is accepted
+    // for compatibility).
+    let entry = if rom.is_some() {
+        None
+    } else {
+        if cfg.mptable {
+            let ids: Vec<u8> = cfg.topology.apic_ids().iter().map(|&id| id as u8).collect();
+            loader::mptable::write_mptable_with_ids(vm.ram().memory(), &ids)?;
+        }
+        let rsdp = loader::acpi::write_acpi_tables(vm.ram().memory(), &acpi_config(&cfg))?;
+        Some(boot.entry(&vm, &cfg, rsdp)?)
+    };
     phase("boot tables written and kernel loaded");
 
     let control = Arc::new(VmControl::new());
@@ -439,7 +510,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
     if stdio_console && terminal::stdin_is_tty() {
         terminal::enter_raw().context("stdin terminal")?;
     }
-    let result = run_vcpus(&vm, &cfg, &entry, &control, start);
+    let result = run_vcpus(&vm, &cfg, entry.as_ref(), rom.as_ref(), &control, start);
     terminal::restore();
     console::cleanup();
     let reason = result?;
@@ -506,18 +577,20 @@ fn wait_for_stop(
 fn run_vcpus(
     vm: &Arc<Vm>,
     cfg: &VmConfig,
-    entry: &loader::EntryState,
+    entry: Option<&loader::EntryState>,
+    rom: Option<&crate::firmware::BootRom>,
     control: &Arc<VmControl>,
     start: Instant,
 ) -> Result<StopReason> {
-    let buses = build_buses(vm, cfg, control, start)?;
+    let buses = build_buses(vm, cfg, rom, control, start)?;
     log::debug!("boot: devices built at {:.1} ms", ms_since(start));
     let pio = Arc::new(buses.pio);
     let mmio = Arc::new(buses.mmio);
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm.create_vcpu(id, &cfg.topology)?;
-        if id == 0 {
+        // Without an entry state (a boot ROM) the vCPU keeps KVM's power-on state.
+        if let (0, Some(entry)) = (id, entry) {
             boot::set_entry_state(&vcpu, entry)?;
         }
         vcpus.push(vcpu);

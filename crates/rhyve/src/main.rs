@@ -6,6 +6,7 @@ mod config;
 mod console;
 mod control_server;
 mod emulations;
+mod firmware;
 mod logger;
 mod machine;
 mod signals;
@@ -23,17 +24,19 @@ NAME
 
 SYNOPSIS
      rhyve [-AaCDeHhPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
-           [-k config_file] [-l lpcdev[,conf]] [-m memsize[K|k|M|m|G|g|T|t]]
+           [-f name,[string|file]=data] [-k config_file] [-l lpcdev[,conf]]
+           [-m memsize[K|k|M|m|G|g|T|t]]
            [-o var=value] [-p vcpu:hostcpu] [-s slot,emulation[,conf]] [-U uuid]
            [--kernel path] [--initrd path] [--append cmdline] vmname
      rhyve -l help
      rhyve -s help
 
 DESCRIPTION
-     rhyve runs the virtual machine vmname. The guest's Linux kernel is booted directly
-     (bzImage or ELF vmlinux with a PVH note), no firmware involved: either --kernel, or,
-     without it, what rhyveload(8) loaded into the VM object vmname (-m must match the
-     object's size). rhyve consumes that load: after a guest reboot, run rhyveload again.
+     rhyve runs the virtual machine vmname. The guest boots through a boot ROM
+     (-l bootrom), or its Linux kernel is booted directly (bzImage or ELF vmlinux with a
+     PVH note), no firmware involved: either --kernel, or, without it, what rhyveload(8)
+     loaded into the VM object vmname (-m must match the object's size). rhyve consumes
+     that load: after a guest reboot, run rhyveload again.
 
      -c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]
              Number of guest vCPUs (default 1); if a topology is given, cpus must equal
@@ -44,12 +47,25 @@ DESCRIPTION
              Attach a PCI emulation; slot is slot, slot:function or bus:slot:function.
              rhyve -s help lists emulations.
      -l lpcdev[,conf]
-             Configure an LPC device: com1..com4 with a backend, or pc-testdev.
+             Configure an LPC device: com1..com4 with a backend, bootrom, fwcfg or
+             pc-testdev.
              rhyve -l help lists them. Backends: stdio; a device path (e.g. /dev/ttyS1);
              pty (a new pty pair, its path printed on stderr as `rhyve: comN: /dev/pts/M`
              and written to RUNDIR/vmname/comN.pty); unix=PATH and tcp=IP:PORT (listen
              for one client at a time; IP must be loopback). Guest output nobody reads is
              dropped, so a console never stalls the guest.
+     -l bootrom,romfile
+             Boot through firmware (e.g. SeaBIOS's bios-256k.bin): romfile (a multiple of
+             4 KiB, at most 16 MiB) is mapped read-only just below 4 GiB, its last 128 KiB
+             also as RAM at 0xE0000-0xFFFFF; the boot vCPU starts at the reset vector.
+             Implies QEMU's fw_cfg (ports 0x510-0x51b with DMA: RAM map, CPUs, ACPI
+             tables through etc/table-loader, etc/sercon-port for COM1) and gives the
+             hostbridge QEMU's i440FX identity (0x8086:0x1237, subsystem 0x1af4:0x1100),
+             without ECAM; PCI BARs are the firmware's to assign. Excludes --kernel.
+     -l fwcfg,qemu|none
+             Same as -o lpc.fwcfg=: QEMU's fw_cfg on or off (default: on with a bootrom).
+     -f name,string=data | -f name,file=path
+             Add a fw_cfg file (e.g. opt/org.example/config) for firmware or the guest.
      -k config_file
              Read key=value configuration lines (bhyve_config(5)).
      -o var=value

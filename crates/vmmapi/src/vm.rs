@@ -16,15 +16,20 @@ use crate::{
 };
 
 /// KVM wants three pages for the VMX real-mode TSS and one for the identity map; put them
-/// just under the 4 GiB boundary, in the PCI hole, where no RAM lives.
-const TSS_ADDRESS: usize = 0xfffb_d000;
-const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// where QEMU does (0xFEFFC000–0xFEFFFFFF, reserved in its e820): in the PCI hole, above the
+/// I/O APIC and below the 16 MiB a boot ROM may take under 4 GiB.
+pub const TSS_ADDRESS: usize = 0xfeff_d000;
+pub const IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
+/// The four pages at [`IDENTITY_MAP_ADDRESS`] that KVM may use (for an e820 reservation).
+pub const KVM_PRIVATE_LEN: u64 = 0x4000;
 
 /// A virtual machine (bhyve: `vm_create` + `vm_setup_memory`).
 pub struct Vm {
     name: String,
     fd: VmFd,
     ram: GuestRam,
+    /// Read-only slots (boot ROMs), after RAM's slots.
+    roms: Vec<RomMapping>,
     supported_cpuid: CpuId,
     /// The GSI routing table: the PC's pins, then MSI routes (None: KVM cannot route).
     routing: Option<IrqRouting>,
@@ -118,10 +123,39 @@ impl Vm {
             name,
             fd,
             ram,
+            roms: Vec::new(),
             supported_cpuid,
             routing,
             object,
         })
+    }
+
+    /// Maps `bytes` read-only at `gpa` (bhyve's boot ROM): guest reads come from a private
+    /// copy, guest writes exit as MMIO writes (the caller decides what they do).
+    pub fn map_rom(&mut self, gpa: u64, bytes: &[u8]) -> Result<()> {
+        let fail = |what: &str| Error::Memory(format!("boot ROM at {gpa:#x}: {what}"));
+        if bytes.is_empty() || !bytes.len().is_multiple_of(4096) || !gpa.is_multiple_of(4096) {
+            return Err(fail("size and address must be multiples of 4 KiB"));
+        }
+        if self.fd.check_extension_int(Cap::ReadonlyMem) <= 0 {
+            return Err(fail(
+                "KVM cannot map read-only memory (KVM_CAP_READONLY_MEM)",
+            ));
+        }
+        let rom = RomMapping::new(bytes).map_err(|e| fail(&e.to_string()))?;
+        let slot = (self.ram.regions().len() + self.roms.len()) as u32;
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: bytes.len() as u64,
+            userspace_addr: rom.addr as u64,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+        };
+        // SAFETY: the mapping lives in self.roms, dropped after the VM fd.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (read-only)"))?;
+        self.roms.push(rom);
+        Ok(())
     }
 
     /// The VM's name.
@@ -282,6 +316,54 @@ fn warn_if_ram_may_not_fit(dir: &std::path::Path, ram_bytes: u64) {
             free >> 20,
             ram_bytes >> 20
         );
+    }
+}
+
+/// A private read-only host mapping holding a ROM image.
+struct RomMapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing aliases it mutably.
+unsafe impl Send for RomMapping {}
+// SAFETY: read-only after construction.
+unsafe impl Sync for RomMapping {}
+
+impl RomMapping {
+    fn new(bytes: &[u8]) -> std::io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes.len(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let rom = RomMapping {
+            addr,
+            len: bytes.len(),
+        };
+        // SAFETY: the mapping is bytes.len() long and writable; the source does not overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr.cast::<u8>(), bytes.len()) };
+        // SAFETY: our own mapping.
+        if unsafe { libc::mprotect(addr, bytes.len(), libc::PROT_READ) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(rom)
+    }
+}
+
+impl Drop for RomMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping, which KVM no longer uses (the VM fd is gone).
+        unsafe { libc::munmap(self.addr, self.len) };
     }
 }
 

@@ -26,6 +26,8 @@ testbed_say() { echo "TESTBED: $*"; }
 #   --name NAME        VM name for rhyve                        (default vm0)
 #   --loaded           rhyve only: boot what rhyveload put into the named VM (no --kernel,
 #                      --initrd, --append are passed)
+#   --firmware ROM     boot through firmware ROM instead of a kernel: rhyve -l bootrom,ROM,
+#                      QEMU -bios ROM (no --kernel, --initrd, --append are passed)
 #   --marker STR       line printed by L2's /init: its arrival time from VMM start is reported
 #                      as "TESTBED: l2-init-ms=N"               (default L2-INIT-REACHED)
 #   --timeout SECS     SIGKILL the VMM's process group after SECS (default 120)
@@ -40,7 +42,7 @@ testbed_say() { echo "TESTBED: $*"; }
 # Returns the VMM's exit status.
 testbed_boot() {
     local kernel="$L2_VMLINUZ" initrd="$L2_INITRD" append="console=ttyS0 quiet" mem=512M
-    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after="" loaded=0
+    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after="" loaded=0 firmware="" 
     while [ $# -gt 0 ]; do
         case "$1" in
             --kernel) kernel="$2"; shift 2 ;;
@@ -49,6 +51,7 @@ testbed_boot() {
             --mem) mem="$2"; shift 2 ;;
             --name) name="$2"; shift 2 ;;
             --loaded) loaded=1; shift ;;
+            --firmware) firmware="$2"; shift 2 ;;
             --marker) marker="$2"; shift 2 ;;
             --timeout) tmo="$2"; shift 2 ;;
             --tag) tag=".$2"; shift 2 ;;
@@ -63,10 +66,19 @@ testbed_boot() {
     # VM name must stay the final argument.
     case "$TESTBED_VMM" in
         qemu)
-            set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none -no-reboot \
-                -nic none -kernel "$kernel" -initrd "$initrd" -append "$append" "$@" ;;
+            if [ -n "$firmware" ]; then
+                set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none \
+                    -no-reboot -nic none -bios "$firmware" "$@"
+            else
+                set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none \
+                    -no-reboot -nic none -kernel "$kernel" -initrd "$initrd" \
+                    -append "$append" "$@"
+            fi ;;
         rhyve)
-            if [ "$loaded" = 1 ]; then
+            if [ -n "$firmware" ]; then
+                set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                    -l "bootrom,$firmware" "$@" "$name"
+            elif [ "$loaded" = 1 ]; then
                 # Run what rhyveload loaded into the VM object: no --kernel.
                 set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
                     "$@" "$name"

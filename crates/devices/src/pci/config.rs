@@ -25,6 +25,13 @@ pub const BAR0: u16 = 0x10;
 pub const SUBSYSTEM_VENDOR_ID: u16 = 0x2C;
 pub const SUBSYSTEM_ID: u16 = 0x2E;
 pub const CAPABILITIES_PTR: u16 = 0x34;
+/// Expansion ROM base address: bits 31..11 the address, bit 0 decode enable.
+pub const EXPANSION_ROM: u16 = 0x30;
+const ROM_ENABLE: u32 = 1;
+/// Smallest expansion ROM decode (PCI LB 3.0 §6.2.5.2).
+pub const MIN_ROM_SIZE: u64 = 2048;
+/// Largest expansion ROM rhyve maps.
+pub const MAX_ROM_SIZE: u64 = 16 << 20;
 pub const INTERRUPT_LINE: u16 = 0x3C;
 pub const INTERRUPT_PIN: u16 = 0x3D;
 
@@ -98,6 +105,8 @@ pub struct PciConfig {
     next_cap: u16,
     msix: Option<MsixCapability>,
     msi: Option<MsiCapability>,
+    /// Size of the expansion ROM's decode (a power of two), when there is one.
+    rom_size: Option<u64>,
 }
 
 impl std::fmt::Debug for PciConfig {
@@ -121,6 +130,7 @@ impl PciConfig {
             next_cap: CAP_START,
             msix: None,
             msi: None,
+            rom_size: None,
         };
         c.set_u16(VENDOR_ID, vendor);
         c.set_u16(DEVICE_ID, device);
@@ -224,6 +234,40 @@ impl PciConfig {
                     .bars
                     .get(bar - 1)
                     .is_some_and(|b| b.is_some_and(|s| s.kind == BarKind::Mem64)))
+    }
+
+    /// Declares an expansion ROM of `len` bytes (decode size: the next power of two, at
+    /// least [`MIN_ROM_SIZE`]); false (nothing changed) when larger than [`MAX_ROM_SIZE`].
+    pub fn set_expansion_rom(&mut self, len: u64) -> bool {
+        let Some(size) = len.max(MIN_ROM_SIZE).checked_next_power_of_two() else {
+            return false;
+        };
+        if size > MAX_ROM_SIZE {
+            return false;
+        }
+        self.set_u32(EXPANSION_ROM, 0);
+        self.set_wmask_u32(
+            EXPANSION_ROM,
+            (!(size as u32 - 1) & 0xffff_f800) | ROM_ENABLE,
+        );
+        self.rom_size = Some(size);
+        true
+    }
+
+    /// The expansion ROM's decode size, if it has one.
+    pub fn rom_size(&self) -> Option<u64> {
+        self.rom_size
+    }
+
+    /// Where the expansion ROM decodes: its enable bit and memory decoding on, a non-zero
+    /// address; None otherwise.
+    pub fn rom_address(&self) -> Option<u64> {
+        self.rom_size?;
+        let reg = self.read_u32(EXPANSION_ROM);
+        if reg & ROM_ENABLE == 0 || self.command() & CMD_MEM == 0 {
+            return None;
+        }
+        Some(u64::from(reg & 0xffff_f800)).filter(|a| *a != 0)
     }
 
     /// The BAR declared at `bar` (None for an unused slot or a 64-bit BAR's upper half).

@@ -16,10 +16,40 @@ pub fn amd_hostbridge() -> ConfigOnlyFunction {
     with_ids(0x1022, 0x7432)
 }
 
-fn with_ids(vendor: u16, device: u16) -> ConfigOnlyFunction {
-    let mut config = PciConfig::new(vendor, device, CLASS_HOST_BRIDGE, 0);
-    config.set_subsystem(vendor, device);
+/// The identity firmware wants (QEMU's `pc` machine): Intel's i440FX 0x8086:0x1237 with
+/// subsystem 0x1af4:0x1100 ("QEMU virtual machine"). SeaBIOS reads fw_cfg only behind this
+/// subsystem ID and shadows itself on this device ID; OVMF accepts only a few host bridges,
+/// this one among them.
+pub const FIRMWARE_IDENTITY: HostBridgeIds = HostBridgeIds {
+    vendor: 0x8086,
+    device: 0x1237,
+    subsystem_vendor: 0x1af4,
+    subsystem: 0x1100,
+};
+
+/// A host bridge's IDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostBridgeIds {
+    pub vendor: u16,
+    pub device: u16,
+    pub subsystem_vendor: u16,
+    pub subsystem: u16,
+}
+
+/// A host bridge with `ids`.
+pub fn with_identity(ids: HostBridgeIds) -> ConfigOnlyFunction {
+    let mut config = PciConfig::new(ids.vendor, ids.device, CLASS_HOST_BRIDGE, 0);
+    config.set_subsystem(ids.subsystem_vendor, ids.subsystem);
     ConfigOnlyFunction::new(config)
+}
+
+fn with_ids(vendor: u16, device: u16) -> ConfigOnlyFunction {
+    with_identity(HostBridgeIds {
+        vendor,
+        device,
+        subsystem_vendor: vendor,
+        subsystem: device,
+    })
 }
 
 #[cfg(test)]

@@ -58,6 +58,9 @@ pub enum PciError {
     /// Two devices at one address.
     #[error("PCI slot {0}:{1}:{2} is already used")]
     Duplicate(u8, u8, u8),
+    /// `rom=` larger than a ROM BAR can decode.
+    #[error("the expansion ROM of {0}:{1} is {2} bytes: at most 16 MiB")]
+    RomTooBig(u8, u8, u64),
     /// The BAR windows are full.
     #[error("no room for BAR {bar} ({size:#x} bytes) of {slot}:{func} in its window")]
     NoSpace {
@@ -75,7 +78,12 @@ struct Function {
     slot: u8,
     func: u8,
     dev: SharedPciDevice,
+    /// The expansion ROM's contents (`rom=PATH`), served by the root itself.
+    rom: Option<Arc<[u8]>>,
 }
+
+/// The decode table's pseudo BAR number for an expansion ROM.
+const ROM_BAR: usize = NUM_BARS;
 
 #[derive(Debug, Clone, Copy)]
 struct Decode {
@@ -122,7 +130,32 @@ impl PciRoot {
         if self.find(slot, func).is_some() {
             return Err(PciError::Duplicate(bus, slot, func));
         }
-        self.functions.push(Function { slot, func, dev });
+        self.functions.push(Function {
+            slot,
+            func,
+            dev,
+            rom: None,
+        });
+        Ok(())
+    }
+
+    /// Places `dev` with an expansion ROM holding `rom` (its decode size rounded up to a
+    /// power of two); firmware assigns the ROM BAR and runs the image.
+    pub fn add_with_rom(
+        &mut self,
+        bus: u8,
+        slot: u8,
+        func: u8,
+        dev: SharedPciDevice,
+        rom: Vec<u8>,
+    ) -> Result<(), PciError> {
+        if !lock(&dev).config_mut().set_expansion_rom(rom.len() as u64) {
+            return Err(PciError::RomTooBig(slot, func, rom.len() as u64));
+        }
+        self.add(bus, slot, func, dev)?;
+        if let Some(f) = self.functions.last_mut() {
+            f.rom = Some(rom.into());
+        }
         Ok(())
     }
 
@@ -210,6 +243,13 @@ impl PciRoot {
         let entries: Vec<Decode> = {
             let d = lock(&f.dev);
             let c = d.config();
+            let rom = c.rom_address().zip(c.rom_size()).map(|(base, len)| Decode {
+                io: false,
+                base,
+                len,
+                function: i,
+                bar: ROM_BAR,
+            });
             (0..NUM_BARS)
                 .filter_map(|b| {
                     let spec = c.bar_spec(b)?;
@@ -222,6 +262,7 @@ impl PciRoot {
                         bar: b,
                     })
                 })
+                .chain(rom)
                 .collect()
         };
         let mut t = self.decode.write().unwrap_or_else(|p| p.into_inner());
@@ -249,9 +290,10 @@ impl PciRoot {
         let moved = {
             let mut d = lock(&self.functions[i].dev);
             let before = decoded_bars(&*d);
+            let rom_before = d.config().rom_address();
             d.config_mut().write(reg, data);
             let after = decoded_bars(&*d);
-            let mut moved = false;
+            let mut moved = d.config().rom_address() != rom_before;
             for b in 0..NUM_BARS {
                 if before[b] != after[b] {
                     d.bar_moved(b, after[b]);
@@ -266,31 +308,49 @@ impl PciRoot {
         }
     }
 
-    fn bar_access(
-        &self,
-        io: bool,
-        addr: u64,
-        len: usize,
-        f: impl FnOnce(&mut dyn PciDevice, usize, u64),
-    ) -> bool {
-        let hit = {
-            let t = self.decode.read().unwrap_or_else(|p| p.into_inner());
-            t.iter()
-                .find(|e| {
-                    e.io == io
-                        && addr >= e.base
-                        && addr
-                            .checked_add(len as u64)
-                            .is_some_and(|end| end <= e.base.saturating_add(e.len))
-                })
-                .copied()
+    /// Which decoded BAR holds `[addr, addr + len)`: (function, BAR or [`ROM_BAR`], offset).
+    fn decode_hit(&self, io: bool, addr: u64, len: usize) -> Option<(usize, usize, u64)> {
+        let t = self.decode.read().unwrap_or_else(|p| p.into_inner());
+        t.iter()
+            .find(|e| {
+                e.io == io
+                    && addr >= e.base
+                    && addr
+                        .checked_add(len as u64)
+                        .is_some_and(|end| end <= e.base.saturating_add(e.len))
+            })
+            .map(|e| (e.function, e.bar, addr - e.base))
+    }
+
+    fn bar_read(&self, io: bool, addr: u64, data: &mut [u8]) {
+        let Some((i, bar, off)) = self.decode_hit(io, addr, data.len()) else {
+            data.fill(0xff);
+            return;
         };
-        let Some(e) = hit else { return false };
-        let Some(func) = self.functions.get(e.function) else {
-            return false;
+        let Some(f) = self.functions.get(i) else {
+            data.fill(0xff);
+            return;
         };
-        f(&mut *lock(&func.dev), e.bar, addr - e.base);
-        true
+        if bar == ROM_BAR {
+            // Served from the image, zeros past its end.
+            let image = f.rom.as_deref().unwrap_or(&[]);
+            for (k, b) in data.iter_mut().enumerate() {
+                let at = usize::try_from(off).ok().and_then(|o| o.checked_add(k));
+                *b = at.and_then(|a| image.get(a)).copied().unwrap_or(0);
+            }
+            return;
+        }
+        lock(&f.dev).bar_read(bar, off, data);
+    }
+
+    fn bar_write(&self, io: bool, addr: u64, data: &[u8]) {
+        let Some((i, bar, off)) = self.decode_hit(io, addr, data.len()) else {
+            return;
+        };
+        // A ROM drops writes.
+        if let (Some(f), false) = (self.functions.get(i), bar == ROM_BAR) {
+            lock(&f.dev).bar_write(bar, off, data);
+        }
     }
 
     /// Bus device for configuration mechanism #1 at 0xCF8..0xD00. A byte access to 0xCF9
@@ -438,22 +498,13 @@ pub struct BarWindow {
 
 impl BusDevice for BarWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let addr = self.base.wrapping_add(offset);
-        let len = data.len();
-        if !self
-            .root
-            .bar_access(self.io, addr, len, |d, bar, off| d.bar_read(bar, off, data))
-        {
-            data.fill(0xff);
-        }
+        self.root
+            .bar_read(self.io, self.base.wrapping_add(offset), data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let addr = self.base.wrapping_add(offset);
         self.root
-            .bar_access(self.io, addr, data.len(), |d, bar, off| {
-                d.bar_write(bar, off, data)
-            });
+            .bar_write(self.io, self.base.wrapping_add(offset), data);
     }
 }
 
@@ -712,6 +763,44 @@ mod tests {
             "{log:?}"
         );
         assert!(log.contains(&"moved2:None".to_string()), "{log:?}");
+    }
+
+    #[test]
+    fn expansion_rom_sizing_decode_and_writes() {
+        let mut root = PciRoot::new();
+        let image: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        root.add_with_rom(0, 4, 0, Arc::new(Mutex::new(hostbridge())), image.clone())
+            .unwrap();
+        let big = vec![0u8; (16 << 20) + 1];
+        assert!(root
+            .add_with_rom(0, 5, 0, Arc::new(Mutex::new(hostbridge())), big)
+            .is_err());
+        let root = Arc::new(root);
+        let mut ecam = root.ecam();
+        let reg = 4 << 15 | 0x30;
+        let mut b = [0u8; 4];
+        // Sizing: 3000 bytes decode as 4 KiB, bit 0 (enable) writable.
+        ecam.write(reg, &u32::MAX.to_le_bytes());
+        ecam.read(reg, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0xffff_f001);
+        // Placed and enabled, but memory decoding off: nothing there yet.
+        ecam.write(reg, &(0xc100_0000u32 | 1).to_le_bytes());
+        let mut mem = root.mem_window(MEM32_BASE);
+        mem.read(0x100_0000, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        ecam.write(4 << 15 | 0x04, &[CMD_MEM as u8, 0]);
+        mem.read(0x100_0000 + 8, &mut b);
+        assert_eq!(&b, &image[8..12]);
+        // Past the image, inside the decode: zeros. Writes change nothing.
+        mem.read(0x100_0000 + 3998, &mut b[..2]);
+        assert_eq!(&b[..2], &[0, 0]);
+        mem.write(0x100_0000 + 8, &[0; 4]);
+        mem.read(0x100_0000 + 8, &mut b);
+        assert_eq!(&b, &image[8..12]);
+        // Disabled again: gone.
+        ecam.write(reg, &0xc100_0000u32.to_le_bytes());
+        mem.read(0x100_0000 + 8, &mut b);
+        assert_eq!(b, [0xff; 4]);
     }
 
     #[test]
