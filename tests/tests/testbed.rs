@@ -65,3 +65,11 @@ fn rhyveload_boots_a_debian_style_disk() {
 fn stock_linux_in_the_rhyveload_reboot_loop() {
     scenario("rhyveload-loop");
 }
+
+/// SeaBIOS runs iPXE from virtio-net's expansion ROM; iPXE's own virtio driver gets a lease
+/// from dnsmasq on L1's tap, fetches its script, the stock kernel and the initramfs over
+/// TFTP, and that kernel reaches /init and powers off through the fw_cfg-provided ACPI.
+#[test]
+fn seabios_and_ipxe_netboot_stock_linux() {
+    scenario("ipxe");
+}

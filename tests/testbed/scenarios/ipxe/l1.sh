@@ -2,6 +2,7 @@
 # virtio-net's expansion ROM (rom=pxe-virtio.rom). iPXE's own virtio driver gets a DHCP
 # lease from dnsmasq on L1's tap (in a network namespace of this script's own), fetches an
 # iPXE script over TFTP, then the stock kernel and L2's initramfs, and boots them to /init.
+. /testbed/net.sh
 net_enter_netns /scenario/l1.sh
 NET_TAP=tap0 NET_L1=10.0.2.1
 net_tap || exit 1
