@@ -95,11 +95,14 @@ fn seabios_boot(name: &str, end: End) -> Option<i32> {
     require_kvm();
     let dir = scratch_dir(name);
     let disk = boot_disk(&dir, end);
+    let debug_log = dir.join("seabios.log");
     let mut cmd = rhyve_cmd(&dir);
     cmd.args(["-m", "128M", "-s", "0,hostbridge", "-s", "31,lpc"])
         .arg("-s")
-        .arg(format!("2,virtio-blk,{}", disk.display()))
+        .arg(format!("2,virtio-blk,{},bootindex=1", disk.display()))
         .args(["-l", "com1,stdio", "-l", "pc-testdev"])
+        .arg("-l")
+        .arg(format!("debugcon,{}", debug_log.display()))
         .arg("-l")
         .arg(format!("bootrom,{}", seabios()))
         .arg(name);
@@ -124,6 +127,24 @@ fn seabios_boot(name: &str, end: End) -> Option<i32> {
     );
     assert!(!out.stderr.contains("panicked"), "{all}");
     assert!(!dir.join(name).exists(), "runtime directory left behind");
+    // SeaBIOS's own log (port 0x402): what it took from fw_cfg and how it drove the disk.
+    let log = std::fs::read_to_string(&debug_log).unwrap_or_default();
+    for line in [
+        "Running on QEMU (i440fx)",
+        "Found QEMU fw_cfg",
+        "QEMU fw_cfg DMA interface supported",
+        "qemu/e820: addr 0x0000000000000000 len 0x0000000008000000 [RAM]",
+        // bootindex=1 became fw_cfg's bootorder.
+        "1: /pci@i0cf8/scsi@2/disk@0,0",
+        // The FADT (and through it the DSDT) came through etc/table-loader.
+        "table(50434146)=",
+        "ACPI: parse DSDT at",
+        "found virtio-blk at 00:02.0",
+        "using modern (1.0) virtio mode",
+        "Booting from Hard Disk",
+    ] {
+        assert!(log.contains(line), "SeaBIOS log lacks {line:?}:\n{log}");
+    }
     out.code()
 }
 

@@ -7,6 +7,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod control;
+pub mod debugcon;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod pc_testdev;

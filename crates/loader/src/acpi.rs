@@ -44,13 +44,12 @@ const IOAPIC_ADDR: u32 = 0xFEC0_0000;
 
 /// PM1a event block (status + enable), PM1a control block and the reset register, at the
 /// ports `devices::acpi_pm` decodes.
-const PM1A_EVT_PORT: u16 = 0x400;
 const PM1A_EVT_LEN: u8 = 4;
-const PM1A_CNT_PORT: u16 = 0x404;
+const PM1A_CNT_OFFSET: u16 = 4;
 const PM1A_CNT_LEN: u8 = 2;
 const RESET_PORT: u16 = 0xCF9;
 /// ACPI PM timer (32-bit, `devices::acpi_pm::PmTimer`).
-const PM_TIMER_PORT: u16 = 0x408;
+const PM_TIMER_OFFSET: u16 = 8;
 const PM_TIMER_LEN: u8 = 4;
 /// CMOS register holding the century (`devices::rtc::CENTURY_REG`).
 const RTC_CENTURY_REG: u8 = 0x32;
@@ -111,9 +110,26 @@ pub enum PciLayout {
     #[default]
     Direct,
     /// Behind a boot ROM, which places the BARs itself as on QEMU's i440FX: no ECAM, a
-    /// 32-bit window from `mem32_base` up to the I/O APIC.
-    Firmware { mem32_base: u32 },
+    /// 32-bit window from `mem32_base` up to the I/O APIC, a 64-bit one from `mem64_base`
+    /// (above RAM) to [`FIRMWARE_MEM64_END`].
+    Firmware { mem32_base: u32, mem64_base: u64 },
 }
+
+impl PciLayout {
+    /// Where the ACPI PM block (PM1a event, PM1a control, PM timer at +0, +4, +8) sits:
+    /// 0x400 for direct boot; behind a boot ROM 0x600, where QEMU's machines have it, which
+    /// leaves port 0x402 to the debug console firmware writes its log to.
+    pub fn pm_base(self) -> u16 {
+        match self {
+            PciLayout::Direct => 0x400,
+            PciLayout::Firmware { .. } => 0x600,
+        }
+    }
+}
+
+/// End (exclusive) of the firmware layout's 64-bit window: 1 TiB, the top of a 40-bit
+/// physical address space, where OVMF may put its 64-bit aperture (SeaBIOS places it lower).
+pub const FIRMWARE_MEM64_END: u64 = 1 << 40;
 
 /// End (inclusive) of the firmware layout's 32-bit window: just below the I/O APIC, where
 /// SeaBIOS's and OVMF's allocators stop.
@@ -195,9 +211,15 @@ fn pci_devices(layout: PciLayout) -> Vec<u8> {
     let bus = aml::AddressSpace::<u16>::new_bus_number(0, u16::from(PCI_LAST_BUS));
     let cfg_io = aml::IO::new(0xCF8, 0xCF8, 1, 8);
     let io = aml::AddressSpace::<u16>::new_io(PCI_IO_WINDOW.0, PCI_IO_WINDOW.1, None);
-    let mem32_window = match layout {
-        PciLayout::Direct => PCI_MEM32_WINDOW,
-        PciLayout::Firmware { mem32_base } => (mem32_base, FIRMWARE_MEM32_LAST),
+    let (mem32_window, mem64_window) = match layout {
+        PciLayout::Direct => (PCI_MEM32_WINDOW, PCI_MEM64_WINDOW),
+        PciLayout::Firmware {
+            mem32_base,
+            mem64_base,
+        } => (
+            (mem32_base, FIRMWARE_MEM32_LAST),
+            (mem64_base, FIRMWARE_MEM64_END - 1),
+        ),
     };
     let mem32 = aml::AddressSpace::<u32>::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
@@ -209,8 +231,8 @@ fn pci_devices(layout: PciLayout) -> Vec<u8> {
     let mem64 = aml::AddressSpace::<u64>::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
-        PCI_MEM64_WINDOW.0,
-        PCI_MEM64_WINDOW.1,
+        mem64_window.0,
+        mem64_window.1,
         None,
     );
     let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io, &mem32, &mem64]);
@@ -394,7 +416,7 @@ fn io_gas(bytes: u8, access: AccessSize, port: u16) -> GAS {
 }
 
 /// The FADT (revision 6.5) pointing at the FACS and DSDT.
-fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
+fn fadt(facs: u64, dsdt: u64, pm_base: u16) -> Vec<u8> {
     // FACS: only the 32-bit FIRMWARE_CTRL (the spec wants X_FIRMWARE_CTRL zero when it is
     // set; with both, Linux installs the FACS twice). DSDT: both, equal, as ACPICA accepts.
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
@@ -412,15 +434,20 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     f.sci_int = u16::from(SCI_IRQ).into();
     // SMI_CMD 0: no SMM, the hardware is in ACPI mode from reset (SCI_EN reads 1).
     f.smi_cmd = 0.into();
-    f.pm1a_evt_blk = u32::from(PM1A_EVT_PORT).into();
+    let (evt, cnt, tmr) = (
+        pm_base,
+        pm_base + PM1A_CNT_OFFSET,
+        pm_base + PM_TIMER_OFFSET,
+    );
+    f.pm1a_evt_blk = u32::from(evt).into();
     f.pm1_evt_len = PM1A_EVT_LEN;
-    f.pm1a_cnt_blk = u32::from(PM1A_CNT_PORT).into();
+    f.pm1a_cnt_blk = u32::from(cnt).into();
     f.pm1_cnt_len = PM1A_CNT_LEN;
-    f.x_pm1a_evt_blk = io_gas(PM1A_EVT_LEN, AccessSize::Undefined, PM1A_EVT_PORT);
-    f.x_pm1a_cnt_blk = io_gas(PM1A_CNT_LEN, AccessSize::Undefined, PM1A_CNT_PORT);
-    f.pm_tmr_blk = u32::from(PM_TIMER_PORT).into();
+    f.x_pm1a_evt_blk = io_gas(PM1A_EVT_LEN, AccessSize::Undefined, evt);
+    f.x_pm1a_cnt_blk = io_gas(PM1A_CNT_LEN, AccessSize::Undefined, cnt);
+    f.pm_tmr_blk = u32::from(tmr).into();
     f.pm_tmr_len = PM_TIMER_LEN;
-    f.x_pm_tmr_blk = io_gas(PM_TIMER_LEN, AccessSize::DwordAccess, PM_TIMER_PORT);
+    f.x_pm_tmr_blk = io_gas(PM_TIMER_LEN, AccessSize::DwordAccess, tmr);
     f.century = RTC_CENTURY_REG;
     f.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     f.reset_reg = io_gas(1, AccessSize::ByteAccess, RESET_PORT);
@@ -588,7 +615,7 @@ fn build_tables(cfg: &AcpiConfig) -> Result<(AcpiLayout, PlacedTables), Error> {
         (l.rsdp, to_bytes(&Rsdp::new(OEM_ID, l.xsdt))),
         (l.xsdt, to_bytes(&xsdt)),
         (l.facs, to_bytes(&FACS::new())),
-        (l.fadt, fadt(l.facs, l.dsdt)),
+        (l.fadt, fadt(l.facs, l.dsdt, cfg.pci_layout.pm_base())),
         (l.dsdt, dsdt(cfg)),
         (l.madt, madt(cfg.nr_cpus, &cfg.apic_ids)),
     ];
@@ -985,6 +1012,7 @@ mod tests {
             com: [true, false, false, false],
             pci_layout: PciLayout::Firmware {
                 mem32_base: 0x8000_0000,
+                mem64_base: 0x1_0000_0000,
             },
             ..Default::default()
         };
@@ -1023,6 +1051,11 @@ mod tests {
         let fadt = table(u64_at(xsdt, 36));
         let dsdt = table(u64_at(fadt, 140));
         assert_eq!(u32_at(fadt, 40) as u64, u64_at(fadt, 140));
+        // Behind a ROM the PM block is at 0x600 (PM1a event, control, timer).
+        assert_eq!(
+            (u32_at(fadt, 56), u32_at(fadt, 64), u32_at(fadt, 76)),
+            (0x600, 0x604, 0x608)
+        );
         assert_eq!(&dsdt[..4], b"DSDT");
         let facs = (u32_at(fadt, 36) as u64 - tables_at) as usize;
         assert_eq!(&blob[facs..facs + 4], b"FACS");

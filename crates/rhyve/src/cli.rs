@@ -264,6 +264,8 @@ fn parse_lpc(t: &mut ConfigTree, v: &str) -> Result<(), ConfigError> {
             }
         }
         ("bootrom", _) => return err(format!("-l {v}: expected bootrom,ROMFILE[,VARSFILE]")),
+        ("debugcon", Some(path)) if !path.is_empty() => t.set("lpc.debugcon.path", path),
+        ("debugcon", _) => return err(format!("-l {v}: expected debugcon,PATH")),
         // bhyve's `-l fwcfg,qemu`, the same as `-o lpc.fwcfg=qemu`.
         ("fwcfg", Some(kind)) => t.set("lpc.fwcfg", kind),
         ("tpm", _) => return err(format!("-l {v}: '{dev}' is not supported yet")),

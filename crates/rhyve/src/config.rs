@@ -46,6 +46,7 @@ const KNOWN_KEYS: &[&str] = &[
     "lpc.bootrom",
     "lpc.bootvars",
     "lpc.fwcfg",
+    "lpc.debugcon.path",
     "fwcfg.*",
     "boot.kernel",
     "boot.initrd",
@@ -273,6 +274,9 @@ pub struct VmConfig {
     pub fw_cfg_files: Vec<(String, FwCfgSource)>,
     /// `-U`: the system UUID (fw_cfg; zero when not given).
     pub uuid: [u8; 16],
+    /// `-l debugcon,PATH`: QEMU's debug console at port 0x402 (firmware debug logs), appended
+    /// to PATH.
+    pub debugcon: Option<PathBuf>,
 }
 
 /// Where a `-f` file's bytes come from.
@@ -596,6 +600,7 @@ impl VmConfig {
             fw_cfg,
             fw_cfg_files,
             uuid,
+            debugcon: t.get("lpc.debugcon.path").map(PathBuf::from),
         })
     }
 }

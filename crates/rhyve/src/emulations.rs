@@ -231,6 +231,10 @@ pub fn lpc_help() -> String {
             "QEMU's fw_cfg interface (on by default with a bootrom)",
         ),
         (
+            "debugcon,PATH",
+            "QEMU's debug console at port 0x402 (firmware debug logs), appended to PATH",
+        ),
+        (
             "pc-testdev",
             "test device: a write of N to port 0xf4 exits rhyve with (N<<1)|1",
         ),

@@ -56,7 +56,13 @@ fn pci_layout(cfg: &VmConfig) -> loader::acpi::PciLayout {
     } else {
         0xC000_0000
     };
-    loader::acpi::PciLayout::Firmware { mem32_base }
+    // Above the RAM moved past 4 GiB, 1 GiB-aligned.
+    let ram_top = loader::layout::MMIO_HOLE_END + (cfg.memory - low);
+    let mem64_base = ram_top.div_ceil(1 << 30) << 30;
+    loader::acpi::PciLayout::Firmware {
+        mem32_base,
+        mem64_base,
+    }
 }
 
 fn build_buses(
@@ -98,21 +104,17 @@ fn build_buses(
             }
         })
     })));
-    pio.insert(
-        "pm1a-evt",
-        u64::from(acpi_pm::PM1A_EVT_PORT),
-        acpi_pm::PM1A_EVT_LEN,
-        pm1_evt.clone(),
-    )?;
+    let pm_base = u64::from(pci_layout(cfg).pm_base());
+    pio.insert("pm1a-evt", pm_base, acpi_pm::PM1A_EVT_LEN, pm1_evt.clone())?;
     pio.insert(
         "pm1a-cnt",
-        u64::from(acpi_pm::PM1A_CNT_PORT),
+        pm_base + u64::from(acpi_pm::PM1A_CNT_PORT - acpi_pm::PM1A_EVT_PORT),
         acpi_pm::PM1A_CNT_LEN,
         shared(acpi_pm::Pm1Control::new(control.clone())),
     )?;
     pio.insert(
         "pm-timer",
-        u64::from(acpi_pm::PM_TIMER_PORT),
+        pm_base + u64::from(acpi_pm::PM_TIMER_PORT - acpi_pm::PM1A_EVT_PORT),
         acpi_pm::PM_TIMER_LEN,
         shared(acpi_pm::PmTimer::new()),
     )?;
@@ -146,6 +148,19 @@ fn build_buses(
             u64::from(devices::fw_cfg::FW_CFG_PORT),
             devices::fw_cfg::FW_CFG_LEN,
             shared(dev),
+        )?;
+    }
+    if let Some(path) = &cfg.debugcon {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("-l debugcon,{}", path.display()))?;
+        pio.insert(
+            "debugcon",
+            u64::from(devices::debugcon::DEBUGCON_PORT),
+            1,
+            shared(devices::debugcon::DebugCon::new(Box::new(file))),
         )?;
     }
     if let Some(rom) = rom {
@@ -384,6 +399,12 @@ fn attach_pci(
         }
         log::info!("pci {b}:{d}:{f}: {}", s.emulation.name);
     }
+    // OVMF reads its ACPI timer's address from the PIIX4 PM function at 00:01.3 behind an
+    // i440FX host bridge: give firmware one when slot 1 is free.
+    if cfg.bootrom.is_some() && !cfg.pci.iter().any(|s| s.bus == 0 && s.slot == 1) {
+        let pm = devices::pci::piix4_pm::piix4_pm(layout.pm_base());
+        root.add(0, 1, 3, Arc::new(Mutex::new(pm)))?;
+    }
     root.assign_resources()?;
     let root = Arc::new(root);
     pio.insert(
@@ -414,10 +435,19 @@ fn attach_pci(
             )?;
             (pci_root::MEM32_BASE, pci_root::MEM32_END)
         }
-        loader::acpi::PciLayout::Firmware { mem32_base } => (
+        loader::acpi::PciLayout::Firmware { mem32_base, .. } => (
             u64::from(mem32_base),
             u64::from(loader::acpi::FIRMWARE_MEM32_LAST) + 1,
         ),
+    };
+    let (mem64_base, mem64_end) = match layout {
+        loader::acpi::PciLayout::Direct => (
+            pci_root::MEM64_BASE,
+            pci_root::MEM64_BASE + pci_root::MEM64_SIZE,
+        ),
+        loader::acpi::PciLayout::Firmware { mem64_base, .. } => {
+            (mem64_base, loader::acpi::FIRMWARE_MEM64_END)
+        }
     };
     mmio.insert(
         "pci mem32",
@@ -427,9 +457,9 @@ fn attach_pci(
     )?;
     mmio.insert(
         "pci mem64",
-        pci_root::MEM64_BASE,
-        pci_root::MEM64_SIZE,
-        shared(root.mem_window(pci_root::MEM64_BASE)),
+        mem64_base,
+        mem64_end - mem64_base,
+        shared(root.mem_window(mem64_base)),
     )?;
     Ok(())
 }

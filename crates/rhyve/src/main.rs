@@ -62,6 +62,8 @@ DESCRIPTION
              tables through etc/table-loader, etc/sercon-port for COM1) and gives the
              hostbridge QEMU's i440FX identity (0x8086:0x1237, subsystem 0x1af4:0x1100),
              without ECAM; PCI BARs are the firmware's to assign. Excludes --kernel.
+     -l debugcon,path
+             QEMU's debug console at port 0x402 (firmware debug logs), appended to path.
      -l fwcfg,qemu|none
              Same as -o lpc.fwcfg=: QEMU's fw_cfg on or off (default: on with a bootrom).
      -f name,string=data | -f name,file=path

@@ -27,6 +27,7 @@ pub mod hostbridge;
 pub mod lpc;
 pub mod msi;
 pub mod msix;
+pub mod piix4_pm;
 pub mod root;
 
 pub use config::PciConfig;
