@@ -3,7 +3,10 @@
  * the boot drive in DL. It reads 2 x 32 sectors through int 13h's LBA extension (LBA 1 to
  * 0x8000 and LBA 2048 to 0x10000), checks that each sector holds its LBA (a word) followed
  * by 510 bytes of (LBA ^ 0x5a), reports on COM1 and ends through pc-testdev (port 0xf4):
- * 0x10 all good, 0x11 no int 13h extensions, 0x12 a read failed, 0x13 wrong data.
+ * It prints its first line with rep outsb and reads COM1's line status four times with
+ * rep insb: string I/O is one port access per element.
+ * 0x10 all good, 0x11 no int 13h extensions, 0x12 a read failed, 0x13 wrong data,
+ * 0x14 string I/O went wrong.
  * With --defsym END_MODE=1 success ends in an i8042 reset instead, with END_MODE=2 in
  * cli; hlt (bhyve's exit statuses 0 and 2).
  * Assembled by the tests: as --32, ld -m elf_i386 -Ttext 0x7c00 --oformat binary.
@@ -23,8 +26,21 @@ _start:
         mov sp, 0x7c00
         sti
         mov [drive], dl
+        cld
         mov si, offset msg_start
-        call puts
+        mov cx, offset msg_start_end - msg_start
+        mov dx, 0x3f8
+        /* Without interrupts: SeaBIOS's serial console flushes its own output from the
+         * timer interrupt, which would land between our bytes. */
+        cli
+        rep outsb
+        sti
+        mov di, offset lsr
+        mov cx, 4
+        mov dx, 0x3fd
+        rep insb
+        cmp dword ptr [lsr], 0x60606060
+        jne bad_string_io
 
         mov ah, 0x41
         mov bx, 0x55aa
@@ -60,6 +76,10 @@ read_failed:
 bad_data:
         mov si, offset msg_data
         mov al, 0x13
+        jmp finish
+bad_string_io:
+        mov si, offset msg_string
+        mov al, 0x14
 finish:
         push ax
         xor ax, ax
@@ -139,11 +159,14 @@ dap_high:
         .word 32, 0x0000, 0x1000
         .quad 2048
 drive:  .byte 0
-msg_start:  .asciz "rhyve-mbr: started\r\n"
+lsr:    .long 0
+msg_start:  .ascii "rhyve-mbr: started\r\n"
+msg_start_end:
 msg_ok:     .asciz "rhyve-mbr: read 64 sectors through int 13h: data ok\r\n"
 msg_no_edd: .asciz "rhyve-mbr: FAIL no int 13h extensions\r\n"
 msg_read:   .asciz "rhyve-mbr: FAIL int 13h read error\r\n"
 msg_data:   .asciz "rhyve-mbr: FAIL wrong sector data\r\n"
+msg_string: .asciz "rhyve-mbr: FAIL string I/O\r\n"
 
         . = _start + 510
         .byte 0x55, 0xaa

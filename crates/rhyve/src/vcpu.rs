@@ -233,15 +233,22 @@ pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
                 | Ok(VmExit::MmioWrite { .. })
         );
         let outcome: Option<StopReason> = match exit {
-            Ok(VmExit::IoIn { port, data }) => {
+            Ok(VmExit::IoIn { port, size, data }) => {
                 bump(&ctx.stats.pio);
-                let dev = ctx.pio.read_indexed(u64::from(port), data);
+                // `rep ins`: one access per element, in order.
+                let mut dev = None;
+                for element in data.chunks_mut(size) {
+                    dev = ctx.pio.read_indexed(u64::from(port), element);
+                }
                 let claimed = count_device(&ctx.stats.pio_devices, dev);
                 unclaimed(&ctx, claimed, "in", u64::from(port), &mut reported_ports)
             }
-            Ok(VmExit::IoOut { port, data }) => {
+            Ok(VmExit::IoOut { port, size, data }) => {
                 bump(&ctx.stats.pio);
-                let dev = ctx.pio.write_indexed(u64::from(port), data);
+                let mut dev = None;
+                for element in data.chunks(size) {
+                    dev = ctx.pio.write_indexed(u64::from(port), element);
+                }
                 let claimed = count_device(&ctx.stats.pio_devices, dev);
                 unclaimed(&ctx, claimed, "out", u64::from(port), &mut reported_ports)
             }

@@ -13,7 +13,7 @@
 //! let vm = Vm::create(&hv, "vm0", &[(0, 256 << 20)], &Default::default())?;
 //! let mut vcpu = vm.create_vcpu(0, &vmmapi::Topology::flat(1))?;
 //! match vcpu.run()? {
-//!     VmExit::IoOut { port, data } => println!("out {port:#x} {data:?}"),
+//!     VmExit::IoOut { port, data, .. } => println!("out {port:#x} {data:?}"),
 //!     other => println!("{other:?}"),
 //! }
 //! # Ok::<(), vmmapi::Error>(())

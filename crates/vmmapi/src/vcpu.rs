@@ -1,7 +1,7 @@
 //! A virtual CPU: registers, LAPIC, MSRs and the run loop's typed exits.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, Msrs,
     KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
     KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -14,10 +14,20 @@ use crate::{kvm_err, Error, GuestRam, Result};
 /// Why `run()` returned: what the guest touched or did (bhyve: `struct vm_exit`).
 #[derive(Debug)]
 pub enum VmExit<'a> {
-    /// `in` from an I/O port the kernel does not handle; fill `data`.
-    IoIn { port: u16, data: &'a mut [u8] },
-    /// `out` to an I/O port the kernel does not handle.
-    IoOut { port: u16, data: &'a [u8] },
+    /// `in` from an I/O port the kernel does not handle; fill `data`: `data.len() / size`
+    /// accesses of `size` bytes each to `port` (more than one for `rep ins`).
+    IoIn {
+        port: u16,
+        size: usize,
+        data: &'a mut [u8],
+    },
+    /// `out` to an I/O port the kernel does not handle: `data.len() / size` accesses of
+    /// `size` bytes (more than one for `rep outs`).
+    IoOut {
+        port: u16,
+        size: usize,
+        data: &'a [u8],
+    },
     /// Read from guest-physical memory that is not RAM; fill `data`.
     MmioRead { addr: u64, data: &'a mut [u8] },
     /// Write to guest-physical memory that is not RAM.
@@ -111,6 +121,8 @@ pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
     ram: GuestRam,
+    /// Bytes of the mmap'ed `kvm_run` (bounds the I/O data KVM points into it).
+    run_size: usize,
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -133,8 +145,13 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 
 impl Vcpu {
-    pub(crate) fn new(id: u32, fd: VcpuFd, ram: GuestRam) -> Self {
-        Self { id, fd, ram }
+    pub(crate) fn new(id: u32, fd: VcpuFd, ram: GuestRam, run_size: usize) -> Self {
+        Self {
+            id,
+            fd,
+            ram,
+            run_size,
+        }
     }
 
     /// The vCPU index (0-based, as in `-p` and the `vcpu N` thread names; the APIC ID is
@@ -145,12 +162,84 @@ impl Vcpu {
 
     /// Runs the guest until the next exit userspace must handle.
     pub fn run(&mut self) -> Result<VmExit<'_>> {
-        match self.fd.run() {
+        // kvm-ioctls' I/O exits lack the access size, which string I/O (`rep ins/outs`:
+        // several accesses in one exit) needs: those are decoded from kvm_run below.
+        // The exits that carry data are re-read from kvm_run once kvm-ioctls' borrow ended.
+        let done = match self.fd.run() {
+            Ok(VcpuExit::IoIn(..)) => return self.io_exit(true),
+            Ok(VcpuExit::IoOut(..)) => return self.io_exit(false),
+            Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => None,
+            other => Some(Self::other_exit(other)?),
+        };
+        match done {
+            Some(exit) => Ok(exit),
+            None => Ok(self.mmio_exit()),
+        }
+    }
+
+    /// The MMIO exit KVM just returned, from `kvm_run`.
+    fn mmio_exit(&mut self) -> VmExit<'_> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last KVM_RUN ended with KVM_EXIT_MMIO (kvm-ioctls said so), which
+        // makes `mmio` the union's live member.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = (mmio.len as usize).min(mmio.data.len());
+        let addr = mmio.phys_addr;
+        if mmio.is_write != 0 {
+            VmExit::MmioWrite {
+                addr,
+                data: &mmio.data[..len],
+            }
+        } else {
+            VmExit::MmioRead {
+                addr,
+                data: &mut mmio.data[..len],
+            }
+        }
+    }
+
+    /// The I/O exit KVM just returned, from `kvm_run`.
+    fn io_exit(&mut self, input: bool) -> Result<VmExit<'_>> {
+        let run_size = self.run_size;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last KVM_RUN ended with KVM_EXIT_IO (kvm-ioctls said so), which makes
+        // `io` the union's live member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let len = size * io.count as usize;
+        let offset = usize::try_from(io.data_offset).unwrap_or(usize::MAX);
+        if size == 0 || offset.checked_add(len).is_none_or(|end| end > run_size) {
+            return Ok(VmExit::Other(format!(
+                "I/O exit with data outside kvm_run (offset {offset:#x}, {len} bytes)"
+            )));
+        }
+        // SAFETY: [offset, offset + len) lies in this vCPU's kvm_run mapping (checked just
+        // above), which lives as long as self.fd; the slice borrows self mutably meanwhile.
+        let data = unsafe {
+            std::slice::from_raw_parts_mut((run as *mut kvm_run).cast::<u8>().add(offset), len)
+        };
+        Ok(if input {
+            VmExit::IoIn {
+                port: io.port,
+                size,
+                data,
+            }
+        } else {
+            VmExit::IoOut {
+                port: io.port,
+                size,
+                data,
+            }
+        })
+    }
+
+    /// Every exit without data, as kvm-ioctls decoded it (I/O and MMIO are read from
+    /// kvm_run by the caller).
+    fn other_exit(
+        exit: std::result::Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    ) -> Result<VmExit<'static>> {
+        match exit {
             Ok(exit) => Ok(match exit {
-                VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
-                VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
-                VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
-                VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
                 VcpuExit::Hlt => VmExit::Hlt,
                 VcpuExit::Shutdown => VmExit::Shutdown,
                 VcpuExit::SystemEvent(kind, _) => match kind {

@@ -189,7 +189,7 @@ impl Vm {
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = cpuid::for_vcpu(&self.supported_cpuid, index, topo);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let vcpu = Vcpu::new(id, fd, self.ram.clone());
+        let vcpu = Vcpu::new(id, fd, self.ram.clone(), self.fd.run_size());
         vcpu.setup_lapic()?;
         vcpu.set_boot_msrs()?;
         Ok(vcpu)
