@@ -65,6 +65,20 @@ impl Default for Run {
 }
 
 /// The pc-testdev convention: `out` N to port 0xf4 ends the VMM with status (N << 1) | 1.
+/// Asserts bad input was refused as the command line promises: exit status 4 and one line
+/// on stderr, `rhyve: ...` containing `needle`, no panic. `what` names the case.
+pub fn assert_refused(out: &Output, what: &str, needle: &str) {
+    assert_eq!(out.code(), Some(4), "{what}: stderr {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: expected one line, got {lines:?}");
+    assert!(
+        lines[0].starts_with("rhyve: ") && lines[0].contains(needle),
+        "{what}: {}",
+        lines[0]
+    );
+    assert!(!out.stderr.contains("panicked"), "{what}: {}", out.stderr);
+}
+
 pub const fn testdev_status(n: u32) -> i32 {
     ((n << 1) | 1) as i32
 }

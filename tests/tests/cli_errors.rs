@@ -20,15 +20,7 @@ fn rhyve_fails(args: &[&str], env: &[(&str, &str)], needle: &str) {
         },
     )
     .unwrap();
-    assert_eq!(out.code(), Some(4), "{args:?}: stderr {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {lines:?}");
-    assert!(
-        lines[0].starts_with("rhyve: ") && lines[0].contains(needle),
-        "{args:?}: {}",
-        lines[0]
-    );
-    assert!(!out.stderr.contains("panicked"));
+    harness::assert_refused(&out, &format!("{args:?}"), needle);
 }
 
 fn scratch_file(name: &str, bytes: &[u8]) -> String {

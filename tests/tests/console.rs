@@ -268,14 +268,7 @@ fn refused(backend: &str, needle: &str, name: &str) -> bool {
         },
     )
     .unwrap();
-    assert_eq!(out.code(), Some(4), "{backend}: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{backend}: {lines:?}");
-    assert!(
-        lines[0].starts_with("rhyve: ") && lines[0].contains(needle),
-        "{backend}: {}",
-        lines[0]
-    );
+    harness::assert_refused(&out, backend, needle);
     dir.join(name).exists()
 }
 

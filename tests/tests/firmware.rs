@@ -176,14 +176,7 @@ fn refused(args: &[&str], needle: &str) {
         },
     )
     .unwrap();
-    assert_eq!(out.code(), Some(4), "{args:?}: {}", out.stderr);
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
-    assert!(
-        lines[0].starts_with("rhyve: ") && lines[0].contains(needle),
-        "{args:?}: {}",
-        lines[0]
-    );
+    harness::assert_refused(&out, &format!("{args:?}"), needle);
 }
 
 #[test]

@@ -40,24 +40,14 @@ impl crate::BusDevice for DebugCon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uart::tests::Sink;
     use crate::BusDevice;
-    use std::sync::{Arc, Mutex};
-
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn reads_e9_and_writes_through() {
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let mut d = DebugCon::new(Box::new(Sink(got.clone())));
+        let sink = Sink::default();
+        let got = sink.0.clone();
+        let mut d = DebugCon::new(Box::new(sink));
         let mut b = [0u8];
         d.read(0, &mut b);
         assert_eq!(b[0], 0xe9);

@@ -168,10 +168,9 @@ mod tests {
     use std::io::{Read, Seek, SeekFrom};
     use vm_memory::{Bytes, GuestAddress};
 
-    #[test]
-    fn wired_ram_is_allocated_in_the_file() {
-        use std::os::unix::fs::MetadataExt;
-        let path = std::env::temp_dir().join(format!("rhyve-wire-test-{}", std::process::id()));
+    /// A fresh read-write file in the temporary directory, named after `tag`.
+    fn scratch_file(tag: &str) -> (std::path::PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("rhyve-{tag}-test-{}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -179,6 +178,13 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn wired_ram_is_allocated_in_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let (path, file) = scratch_file("wire");
         let size = 4u64 << 20;
         let ram = GuestRam::new(&file, &[(0, size)], &MemoryOptions::default()).unwrap();
         let allocated = || file.metadata().unwrap().blocks() * 512;
@@ -194,14 +200,7 @@ mod tests {
 
     #[test]
     fn writes_are_visible_through_the_file() {
-        let path = std::env::temp_dir().join(format!("rhyve-mem-test-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (path, file) = scratch_file("mem");
         let ram = GuestRam::new(
             &file,
             &[(0, 0x10000), (0x1_0000_0000, 0x10000)],
@@ -227,14 +226,7 @@ mod tests {
     }
 
     fn tempfile_in_tmp() -> File {
-        let path = std::env::temp_dir().join(format!("rhyve-mem-empty-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (path, f) = scratch_file("mem-empty");
         let _ = std::fs::remove_file(path);
         f
     }
