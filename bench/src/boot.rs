@@ -96,6 +96,37 @@ pub fn run() {
     }
 }
 
+/// Firmware boot (`scenarios/seabios-grub`, both VMMs in one L1): SeaBIOS boots the same disk
+/// (GRUB i386-pc in its MBR, kernel and initramfs read through int 13h by SeaBIOS's own
+/// virtio-blk driver) to L2's /init, on rhyve and on QEMU+KVM.
+pub fn run_firmware() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed");
+    let status = Command::new(root.join("run-scenario"))
+        .arg(root.join("scenarios/seabios-grub"))
+        .args(["--vmm", "both", "--quiet", "--timeout", "900"])
+        .env("RHYVE_BIN", crate::rhyve_bin())
+        .stdout(std::process::Stdio::null())
+        .status();
+    let log_path = root.join("../../target/testbed/seabios-grub-both/console.log");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    if !status.is_ok_and(|s| s.success()) {
+        println!("Test bed firmware boot: failed, see {}", log_path.display());
+    }
+    let m = metrics(&log);
+    let (r, q) = (m.get("l2-init-ms.rhyve"), m.get("l2-init-ms.qemu"));
+    let ratio = match (r, q) {
+        (Some(r), Some(q)) if *q > 0 => format!("{:.2}x", *r as f64 / *q as f64),
+        _ => "n/a".into(),
+    };
+    let show = |v: Option<&u64>| v.map_or("n/a".to_string(), |v| format!("{v} ms"));
+    println!(
+        "Test bed: VMM start -> stock Linux /init through SeaBIOS + GRUB from a virtio-blk disk\n  \
+         rhyve {}  QEMU {}  rhyve/QEMU {ratio}",
+        show(r),
+        show(q)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,6 +171,7 @@ fn main() {
         return;
     }
     boot::run();
+    boot::run_firmware();
     l2blk::run();
     l2net::run();
 }

@@ -73,3 +73,11 @@ fn stock_linux_in_the_rhyveload_reboot_loop() {
 fn seabios_and_ipxe_netboot_stock_linux() {
     scenario("ipxe");
 }
+
+/// SeaBIOS boots GRUB (i386-pc) from a virtio-blk disk's MBR; GRUB reads the stock kernel and
+/// initramfs through int 13h (SeaBIOS's virtio-blk driver); Linux reaches /init and powers off
+/// through the ACPI tables fw_cfg handed the firmware.
+#[test]
+fn seabios_and_grub_boot_stock_linux_from_virtio_blk() {
+    scenario("seabios-grub");
+}
