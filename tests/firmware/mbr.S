@@ -6,7 +6,8 @@
  * It prints its first line with rep outsb and reads COM1's line status four times with
  * rep insb: string I/O is one port access per element.
  * 0x10 all good, 0x11 no int 13h extensions, 0x12 a read failed, 0x13 wrong data,
- * 0x14 string I/O went wrong.
+ * 0x14 string I/O went wrong, 0x15 an unassigned port (0xAF00, which OVMF probes) did
+ * not read all-ones.
  * With --defsym END_MODE=1 success ends in an i8042 reset instead, with END_MODE=2 in
  * cli; hlt (bhyve's exit statuses 0 and 2).
  * Assembled by the tests: as --32, ld -m elf_i386 -Ttext 0x7c00 --oformat binary.
@@ -41,6 +42,10 @@ _start:
         rep insb
         cmp dword ptr [lsr], 0x60606060
         jne bad_string_io
+        mov dx, 0xaf00
+        in ax, dx
+        cmp ax, 0xffff
+        jne bad_port
 
         mov ah, 0x41
         mov bx, 0x55aa
@@ -80,6 +85,10 @@ bad_data:
 bad_string_io:
         mov si, offset msg_string
         mov al, 0x14
+        jmp finish
+bad_port:
+        mov si, offset msg_port
+        mov al, 0x15
 finish:
         push ax
         xor ax, ax
@@ -163,10 +172,11 @@ lsr:    .long 0
 msg_start:  .ascii "rhyve-mbr: started\r\n"
 msg_start_end:
 msg_ok:     .asciz "rhyve-mbr: read 64 sectors through int 13h: data ok\r\n"
-msg_no_edd: .asciz "rhyve-mbr: FAIL no int 13h extensions\r\n"
-msg_read:   .asciz "rhyve-mbr: FAIL int 13h read error\r\n"
-msg_data:   .asciz "rhyve-mbr: FAIL wrong sector data\r\n"
+msg_no_edd: .asciz "rhyve-mbr: FAIL edd\r\n"
+msg_read:   .asciz "rhyve-mbr: FAIL read\r\n"
+msg_data:   .asciz "rhyve-mbr: FAIL data\r\n"
 msg_string: .asciz "rhyve-mbr: FAIL string I/O\r\n"
+msg_port:   .asciz "rhyve-mbr: FAIL port\r\n"
 
         . = _start + 510
         .byte 0x55, 0xaa

@@ -2,7 +2,8 @@
 //! fw_cfg behind the firmware host-bridge identity, prints its banner on COM1 through
 //! `etc/sercon-port`, assigns the PCI BARs itself, and boots a virtio-blk disk with its own
 //! virtio driver. The disk's boot sector (tests/firmware/mbr.S, assembled here) prints with
-//! `rep outsb` and reads COM1's status with `rep insb` (string I/O: one access per element),
+//! `rep outsb`, reads COM1's status with `rep insb` (string I/O: one access per element) and
+//! an unassigned port (all-ones, as OVMF insists),
 //! reads 64 sectors through int 13h, checks them and ends through pc-testdev. Bad boot-ROM
 //! input is one line and exit 4.
 
