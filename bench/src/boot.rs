@@ -127,6 +127,39 @@ pub fn run_firmware() {
     );
 }
 
+/// Huge pages against 4 KiB pages for guest RAM (`scenarios/hugepages`, rhyve, PVH boot to
+/// /init, 2 alternating rounds): KVM's nested-paging faults, rhyve's minor faults, boot time.
+pub fn run_hugepages() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed");
+    let status = Command::new(root.join("run-scenario"))
+        .arg(root.join("scenarios/hugepages"))
+        .args(["--vmm", "rhyve", "--quiet", "--timeout", "900"])
+        .env("RHYVE_BIN", crate::rhyve_bin())
+        .stdout(std::process::Stdio::null())
+        .status();
+    let log_path = root.join("../../target/testbed/hugepages-rhyve/console.log");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    if !status.is_ok_and(|s| s.success()) {
+        println!("Test bed huge pages: failed, see {}", log_path.display());
+    }
+    let m = metrics(&log);
+    println!("Test bed: guest RAM on huge pages vs 4 KiB pages (rhyve, PVH to /init, median of 2)");
+    for hp in ["on", "off"] {
+        let med = |what: &str| {
+            let v: Vec<u64> = (1..=2)
+                .filter_map(|r| m.get(&format!("{what}.{hp}-{r}")).copied())
+                .collect();
+            median(&v).map_or("n/a".to_string(), |x| format!("{x:.0}"))
+        };
+        println!(
+            "  memory.hugepages={hp:<3}  NPT faults {:>6}  rhyve minor faults {:>6}  /init {:>5} ms",
+            med("npt-faults"),
+            med("host-minflt"),
+            med("l2-init-ms")
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

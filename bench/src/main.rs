@@ -172,6 +172,7 @@ fn main() {
     }
     boot::run();
     boot::run_firmware();
+    boot::run_hugepages();
     l2blk::run();
     l2net::run();
 }
