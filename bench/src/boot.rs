@@ -2,7 +2,8 @@
 //! L1 with both VMMs boots the same stock Debian kernel, initramfs and command line to L2's
 //! /init with rhyve, QEMU pc (`-kernel`) and QEMU microvm, as bzImage and as PVH vmlinux,
 //! in alternating order, and reads each VMM's own resident memory (every mapping but the
-//! guest RAM block) while L2 sits at /init.
+//! guest RAM block) while L2 sits at /init. Also the firmware boot (SeaBIOS + GRUB, rhyve
+//! against QEMU) and huge pages against 4 KiB pages for guest RAM.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,23 +42,26 @@ fn median(v: &[u64]) -> Option<f64> {
     }
 }
 
-pub fn run() {
+/// Runs test-bed `scenario` with `--vmm vmm` and returns the `TESTBED:` metrics of its L1
+/// console log (whatever it printed, also after a failure, which is reported).
+fn testbed_metrics(scenario: &str, vmm: &str) -> BTreeMap<String, u64> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed");
     let status = Command::new(root.join("run-scenario"))
-        .arg(root.join("scenarios/boot-compare"))
-        .args(["--vmm", "both", "--quiet", "--timeout", "600"])
+        .arg(root.join("scenarios").join(scenario))
+        .args(["--vmm", vmm, "--quiet", "--timeout", "900"])
         .env("RHYVE_BIN", crate::rhyve_bin())
         .stdout(std::process::Stdio::null())
         .status();
-    let log_path = root.join("../../target/testbed/boot-compare-both/console.log");
+    let log_path = root.join(format!("../../target/testbed/{scenario}-{vmm}/console.log"));
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     if !status.is_ok_and(|s| s.success()) {
-        println!(
-            "Test bed boot comparison: failed, see {}",
-            log_path.display()
-        );
+        println!("Test bed {scenario}: failed, see {}", log_path.display());
     }
-    let m = metrics(&log);
+    metrics(&log)
+}
+
+pub fn run() {
+    let m = testbed_metrics("boot-compare", "both");
     println!(
         "Test bed: VMM start -> stock Linux /init in one L1 (ms, median of {} alternating rounds; \
          best in brackets)",
@@ -100,19 +104,7 @@ pub fn run() {
 /// (GRUB i386-pc in its MBR, kernel and initramfs read through int 13h by SeaBIOS's own
 /// virtio-blk driver) to L2's /init, on rhyve and on QEMU+KVM.
 pub fn run_firmware() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed");
-    let status = Command::new(root.join("run-scenario"))
-        .arg(root.join("scenarios/seabios-grub"))
-        .args(["--vmm", "both", "--quiet", "--timeout", "900"])
-        .env("RHYVE_BIN", crate::rhyve_bin())
-        .stdout(std::process::Stdio::null())
-        .status();
-    let log_path = root.join("../../target/testbed/seabios-grub-both/console.log");
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    if !status.is_ok_and(|s| s.success()) {
-        println!("Test bed firmware boot: failed, see {}", log_path.display());
-    }
-    let m = metrics(&log);
+    let m = testbed_metrics("seabios-grub", "both");
     let (r, q) = (m.get("l2-init-ms.rhyve"), m.get("l2-init-ms.qemu"));
     let ratio = match (r, q) {
         (Some(r), Some(q)) if *q > 0 => format!("{:.2}x", *r as f64 / *q as f64),
@@ -130,19 +122,7 @@ pub fn run_firmware() {
 /// Huge pages against 4 KiB pages for guest RAM (`scenarios/hugepages`, rhyve, PVH boot to
 /// /init, 2 alternating rounds): KVM's nested-paging faults, rhyve's minor faults, boot time.
 pub fn run_hugepages() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed");
-    let status = Command::new(root.join("run-scenario"))
-        .arg(root.join("scenarios/hugepages"))
-        .args(["--vmm", "rhyve", "--quiet", "--timeout", "900"])
-        .env("RHYVE_BIN", crate::rhyve_bin())
-        .stdout(std::process::Stdio::null())
-        .status();
-    let log_path = root.join("../../target/testbed/hugepages-rhyve/console.log");
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    if !status.is_ok_and(|s| s.success()) {
-        println!("Test bed huge pages: failed, see {}", log_path.display());
-    }
-    let m = metrics(&log);
+    let m = testbed_metrics("hugepages", "rhyve");
     println!("Test bed: guest RAM on huge pages vs 4 KiB pages (rhyve, PVH to /init, median of 2)");
     for hp in ["on", "off"] {
         let med = |what: &str| {
