@@ -116,6 +116,27 @@ pub enum PciLayout {
 }
 
 impl PciLayout {
+    /// Whether the root has an ECAM (and so an MCFG and its motherboard reservation).
+    pub fn has_ecam(self) -> bool {
+        self == PciLayout::Direct
+    }
+
+    /// The 32-bit memory BAR window, first and last address.
+    pub fn mem32_window(self) -> (u32, u32) {
+        match self {
+            PciLayout::Direct => PCI_MEM32_WINDOW,
+            PciLayout::Firmware { mem32_base, .. } => (mem32_base, FIRMWARE_MEM32_LAST),
+        }
+    }
+
+    /// The 64-bit memory BAR window, first and last address.
+    pub fn mem64_window(self) -> (u64, u64) {
+        match self {
+            PciLayout::Direct => PCI_MEM64_WINDOW,
+            PciLayout::Firmware { mem64_base, .. } => (mem64_base, FIRMWARE_MEM64_END - 1),
+        }
+    }
+
     /// Where the ACPI PM block (PM1a event, PM1a control, PM timer at +0, +4, +8) sits:
     /// 0x400 for direct boot; behind a boot ROM 0x600, where QEMU's machines have it, which
     /// leaves port 0x402 to the debug console firmware writes its log to.
@@ -211,16 +232,7 @@ fn pci_devices(layout: PciLayout) -> Vec<u8> {
     let bus = aml::AddressSpace::<u16>::new_bus_number(0, u16::from(PCI_LAST_BUS));
     let cfg_io = aml::IO::new(0xCF8, 0xCF8, 1, 8);
     let io = aml::AddressSpace::<u16>::new_io(PCI_IO_WINDOW.0, PCI_IO_WINDOW.1, None);
-    let (mem32_window, mem64_window) = match layout {
-        PciLayout::Direct => (PCI_MEM32_WINDOW, PCI_MEM64_WINDOW),
-        PciLayout::Firmware {
-            mem32_base,
-            mem64_base,
-        } => (
-            (mem32_base, FIRMWARE_MEM32_LAST),
-            (mem64_base, FIRMWARE_MEM64_END - 1),
-        ),
-    };
+    let (mem32_window, mem64_window) = (layout.mem32_window(), layout.mem64_window());
     let mem32 = aml::AddressSpace::<u32>::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
@@ -259,7 +271,7 @@ fn pci_devices(layout: PciLayout) -> Vec<u8> {
     ];
     let pci0 = aml::Device::new("PCI0".into(), names.iter().map(|n| n as &dyn Aml).collect());
     let mut v = to_bytes(&pci0);
-    if layout != PciLayout::Direct {
+    if !layout.has_ecam() {
         return v;
     }
 
@@ -468,7 +480,7 @@ pub fn acpi_layout(cfg: &AcpiConfig) -> AcpiLayout {
     let dsdt_at = align_up(fadt + acpi_tables::fadt::FADT::len() as u64, 16);
     let madt = align_up(dsdt_at + dsdt(cfg).len() as u64, 16);
     let mut end = madt + madt_len(cfg.nr_cpus) as u64;
-    let mcfg = (cfg.pci && cfg.pci_layout == PciLayout::Direct).then(|| {
+    let mcfg = (cfg.pci && cfg.pci_layout.has_ecam()).then(|| {
         let at = align_up(end, 16);
         end = at + MCFG_LEN;
         at

@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use devices::fw_cfg::{FwCfg, FwCfgBuilder, FwCfgMachine};
 use devices::BusDevice;
+use loader::layout::E820Kind;
 use vm_memory::{Bytes, GuestAddress};
 use vmmapi::Vm;
 
@@ -18,9 +19,6 @@ use crate::config::{FwCfgSource, VmConfig, MAX_BOOTROM};
 const LEGACY_BIOS_END: u64 = 0x10_0000;
 /// How much of the ROM's end is copied below 1 MiB: 0xE0000–0xFFFFF.
 const LEGACY_BIOS_LEN: u64 = 128 << 10;
-/// e820 types.
-const E820_RAM: u32 = 1;
-const E820_RESERVED: u32 = 2;
 
 /// A mapped boot ROM.
 pub struct BootRom {
@@ -88,18 +86,18 @@ impl BusDevice for RomWrites {
 /// address, length, type).
 fn e820(cfg: &VmConfig) -> Vec<u8> {
     let mut v = Vec::new();
-    let mut entry = |addr: u64, len: u64, kind: u32| {
+    let mut entry = |addr: u64, len: u64, kind: E820Kind| {
         v.extend_from_slice(&addr.to_le_bytes());
         v.extend_from_slice(&len.to_le_bytes());
-        v.extend_from_slice(&kind.to_le_bytes());
+        v.extend_from_slice(&(kind as u32).to_le_bytes());
     };
     for (addr, len) in loader::layout::ram_regions(cfg.memory) {
-        entry(addr, len, E820_RAM);
+        entry(addr, len, E820Kind::Ram);
     }
     entry(
         vmmapi::IDENTITY_MAP_ADDRESS,
         vmmapi::KVM_PRIVATE_LEN,
-        E820_RESERVED,
+        E820Kind::Reserved,
     );
     v
 }

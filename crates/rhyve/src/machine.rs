@@ -425,30 +425,19 @@ fn attach_pci(
         pci_root::IO_END - io_base,
         shared(root.io_window(io_base)),
     )?;
-    let (mem32_base, mem32_end) = match layout {
-        loader::acpi::PciLayout::Direct => {
-            mmio.insert(
-                "pci ecam",
-                pci_root::ECAM_BASE,
-                pci_root::ECAM_SIZE,
-                shared(root.ecam()),
-            )?;
-            (pci_root::MEM32_BASE, pci_root::MEM32_END)
-        }
-        loader::acpi::PciLayout::Firmware { mem32_base, .. } => (
-            u64::from(mem32_base),
-            u64::from(loader::acpi::FIRMWARE_MEM32_LAST) + 1,
-        ),
-    };
-    let (mem64_base, mem64_end) = match layout {
-        loader::acpi::PciLayout::Direct => (
-            pci_root::MEM64_BASE,
-            pci_root::MEM64_BASE + pci_root::MEM64_SIZE,
-        ),
-        loader::acpi::PciLayout::Firmware { mem64_base, .. } => {
-            (mem64_base, loader::acpi::FIRMWARE_MEM64_END)
-        }
-    };
+    if layout.has_ecam() {
+        mmio.insert(
+            "pci ecam",
+            pci_root::ECAM_BASE,
+            pci_root::ECAM_SIZE,
+            shared(root.ecam()),
+        )?;
+    }
+    // The windows the DSDT announces: the same function gives both.
+    let (mem32_base, mem32_last) = layout.mem32_window();
+    let (mem32_base, mem32_end) = (u64::from(mem32_base), u64::from(mem32_last) + 1);
+    let (mem64_base, mem64_last) = layout.mem64_window();
+    let mem64_end = mem64_last + 1;
     mmio.insert(
         "pci mem32",
         mem32_base,
