@@ -100,22 +100,45 @@ pub fn run() {
     }
 }
 
-/// Firmware boot (`scenarios/seabios-grub`, both VMMs in one L1): SeaBIOS boots the same disk
-/// (GRUB i386-pc in its MBR, kernel and initramfs read through int 13h by SeaBIOS's own
-/// virtio-blk driver) to L2's /init, on rhyve and on QEMU+KVM.
+/// Firmware boot, both VMMs in one L1 per firmware: `scenarios/seabios-grub` (SeaBIOS boots
+/// GRUB i386-pc from a virtio-blk disk's MBR; kernel and initramfs read through int 13h by
+/// SeaBIOS's own virtio-blk driver) and `scenarios/ovmf` (OVMF with a fresh VARSFILE boots
+/// GRUB from an EFI system partition through its own virtio-blk driver; first boot, then the
+/// second on the variables the first left), each to L2's /init on rhyve and on QEMU+KVM.
 pub fn run_firmware() {
-    let m = testbed_metrics("seabios-grub", "both");
-    let (r, q) = (m.get("l2-init-ms.rhyve"), m.get("l2-init-ms.qemu"));
-    let ratio = match (r, q) {
-        (Some(r), Some(q)) if *q > 0 => format!("{:.2}x", *r as f64 / *q as f64),
-        _ => "n/a".into(),
-    };
     let show = |v: Option<&u64>| v.map_or("n/a".to_string(), |v| format!("{v} ms"));
-    println!(
-        "Test bed: VMM start -> stock Linux /init through SeaBIOS + GRUB from a virtio-blk disk\n  \
-         rhyve {}  QEMU {}  rhyve/QEMU {ratio}",
-        show(r),
-        show(q)
+    let line = |m: &BTreeMap<String, u64>, what: &str, rhyve: &str, qemu: &str| {
+        let (r, q) = (m.get(rhyve), m.get(qemu));
+        let ratio = match (r, q) {
+            (Some(r), Some(q)) if *q > 0 => format!("{:.2}x", *r as f64 / *q as f64),
+            _ => "n/a".into(),
+        };
+        println!(
+            "  {what:<32} rhyve {:>9}  QEMU {:>9}  rhyve/QEMU {ratio}",
+            show(r),
+            show(q)
+        );
+    };
+    println!("Test bed: VMM start -> stock Linux /init through firmware and GRUB from virtio-blk");
+    let m = testbed_metrics("seabios-grub", "both");
+    line(
+        &m,
+        "SeaBIOS + GRUB (MBR)",
+        "l2-init-ms.rhyve",
+        "l2-init-ms.qemu",
+    );
+    let m = testbed_metrics("ovmf", "both");
+    line(
+        &m,
+        "OVMF + GRUB (ESP), first boot",
+        "l2-init-ms.rhyve-first",
+        "l2-init-ms.qemu-first",
+    );
+    line(
+        &m,
+        "OVMF + GRUB (ESP), second boot",
+        "l2-init-ms.rhyve-second",
+        "l2-init-ms.qemu-second",
     );
 }
 

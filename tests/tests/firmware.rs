@@ -193,6 +193,7 @@ fn bad_boot_roms_are_one_line_and_exit_4() {
     let big = write("big.rom", (16 << 20) + 4096);
     let empty = write("empty.rom", 0);
     let good = write("good.rom", 64 << 10);
+    let small_vars = write("small-vars.fd", 100);
     let rom = |p: &str| format!("bootrom,{p}");
     let base = ["-m", "64M", "-s", "0,hostbridge", "-s", "31,lpc", "-l"];
     let with = |extra: &[&str]| -> Vec<String> {
@@ -214,8 +215,24 @@ fn bad_boot_roms_are_one_line_and_exit_4() {
             "exclude each other".into(),
         ),
         (
-            with(&[&format!("bootrom,{good},{good}"), "vm0"]),
-            "VARSFILE".into(),
+            with(&[&format!("bootrom,{good},/nonexistent/vars.fd"), "vm0"]),
+            "/nonexistent/vars.fd".into(),
+        ),
+        (
+            with(&[&format!("bootrom,{good},{small_vars}"), "vm0"]),
+            "variable store is 100 bytes".into(),
+        ),
+        (
+            with(&[&format!("bootrom,{good},{odd}"), "vm0"]),
+            "variable store is 4097 bytes".into(),
+        ),
+        (
+            with(&[&format!("bootrom,{good},{big}"), "vm0"]),
+            "at most 16320 KiB next to this ROM".into(),
+        ),
+        (
+            with(&[&format!("bootrom,{good},"), "vm0"]),
+            "bootrom,ROMFILE".into(),
         ),
         (with(&["bootrom", "vm0"]), "bootrom,ROMFILE".into()),
         (

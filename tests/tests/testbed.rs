@@ -81,3 +81,12 @@ fn seabios_and_ipxe_netboot_stock_linux() {
 fn seabios_and_grub_boot_stock_linux_from_virtio_blk() {
     scenario("seabios-grub");
 }
+
+/// OVMF (code as the boot ROM, its variable store as the VARSFILE) boots GRUB from an EFI
+/// system partition on virtio-blk with its own drivers; the stock kernel it loads finds both
+/// CPUs and the FADT through the tables OVMF installed from fw_cfg's table loader, stores a
+/// UEFI variable, powers off through ACPI; the second boot on the same VARSFILE finds it.
+#[test]
+fn ovmf_boots_stock_linux_and_keeps_uefi_variables() {
+    scenario("ovmf");
+}

@@ -6,6 +6,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod cfi_flash;
 pub mod control;
 pub mod debugcon;
 pub mod fw_cfg;

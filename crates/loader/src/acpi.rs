@@ -527,6 +527,9 @@ const FADT_POINTERS: [(usize, u8); 4] = [(36, 4), (40, 4), (132, 8), (140, 8)];
 /// RSDP: RsdtAddress (32-bit), XsdtAddress (64-bit); checksums over 20 and all 36 bytes.
 const RSDP_POINTERS: [(usize, u8); 2] = [(16, 4), (24, 8)];
 const SDT_CHECKSUM_OFFSET: u32 = 9;
+/// RSDP: the ACPI 1.0 checksum (first 20 bytes) and the extended one (all of it).
+const RSDP_CHECKSUM_OFFSET: usize = 8;
+const RSDP_EXT_CHECKSUM_OFFSET: usize = 32;
 
 /// [`FirmwareAcpi`] for `cfg`: the same tables [`write_acpi_tables`] writes.
 pub fn firmware_acpi(cfg: &AcpiConfig) -> Result<FirmwareAcpi, Error> {
@@ -563,8 +566,10 @@ pub fn firmware_acpi(cfg: &AcpiConfig) -> Result<FirmwareAcpi, Error> {
                 script.add_pointer(FW_CFG_TABLES, FW_CFG_TABLES, (at + off) as u32, size);
             }
         }
-        // The FACS has no checksum.
+        // The FACS has no checksum. OVMF stores the range's sum into the checksum byte
+        // rather than subtracting it, so the byte goes out zeroed.
         if *addr != l.facs {
+            blob[at + SDT_CHECKSUM_OFFSET as usize] = 0;
             checksums.push((
                 at as u32 + SDT_CHECKSUM_OFFSET,
                 at as u32,
@@ -577,11 +582,18 @@ pub fn firmware_acpi(cfg: &AcpiConfig) -> Result<FirmwareAcpi, Error> {
             script.add_pointer(FW_CFG_RSDP, FW_CFG_TABLES, off as u32, size);
         }
     }
+    rsdp[RSDP_CHECKSUM_OFFSET] = 0;
+    rsdp[RSDP_EXT_CHECKSUM_OFFSET] = 0;
     for (result, start, len) in checksums {
         script.add_checksum(FW_CFG_TABLES, result, start, len);
     }
-    script.add_checksum(FW_CFG_RSDP, 8, 0, 20);
-    script.add_checksum(FW_CFG_RSDP, 32, 0, rsdp.len() as u32);
+    script.add_checksum(FW_CFG_RSDP, RSDP_CHECKSUM_OFFSET as u32, 0, 20);
+    script.add_checksum(
+        FW_CFG_RSDP,
+        RSDP_EXT_CHECKSUM_OFFSET as u32,
+        0,
+        rsdp.len() as u32,
+    );
     Ok(FirmwareAcpi {
         rsdp,
         tables: blob,
@@ -1007,8 +1019,10 @@ mod tests {
                         u32_at(c, 64) as usize,
                         u32_at(c, 68) as usize,
                     );
+                    // OVMF's QemuFwCfgAcpi.c assigns the sum of the range, checksum byte
+                    // included, so that byte must arrive zeroed (SeaBIOS subtracts instead,
+                    // and forgives a stale one).
                     let data = &mut files[f].2;
-                    data[res] = 0;
                     data[res] = 0u8.wrapping_sub(sum(&data[start..start + len]));
                 }
                 other => panic!("unknown command {other}"),

@@ -268,6 +268,9 @@ pub struct VmConfig {
     pub pci: Vec<PciSlot>,
     /// `-l bootrom,ROM`: boot through firmware instead of a kernel.
     pub bootrom: Option<PathBuf>,
+    /// `-l bootrom,ROM,VARSFILE`: the firmware's variable store, a CFI flash right below
+    /// the ROM, kept in this file.
+    pub bootvars: Option<PathBuf>,
     /// QEMU's fw_cfg on ports 0x510–0x51b (`lpc.fwcfg=qemu`, the default with a boot ROM).
     pub fw_cfg: bool,
     /// `-f name,string=...|file=...`: extra fw_cfg files, in command-line order.
@@ -545,10 +548,9 @@ impl VmConfig {
         pci.sort_by_key(|p| (p.bus, p.slot, p.func));
         refuse_shared_tap_fds(&pci)?;
         let bootrom = t.get("lpc.bootrom").map(PathBuf::from);
-        if let Some(vars) = t.get("lpc.bootvars") {
-            return err(format!(
-                "-l bootrom,ROM,{vars}: a VARSFILE (persistent UEFI variables) is not supported yet"
-            ));
+        let bootvars = t.get("lpc.bootvars").map(PathBuf::from);
+        if bootvars.is_some() && bootrom.is_none() {
+            return err("lpc.bootvars: a VARSFILE needs a boot ROM (-l bootrom,ROM,VARSFILE)");
         }
         if bootrom.is_some() && t.get("boot.kernel").is_some() {
             return err(
@@ -597,6 +599,7 @@ impl VmConfig {
             pins,
             pci,
             bootrom,
+            bootvars,
             fw_cfg,
             fw_cfg_files,
             uuid,

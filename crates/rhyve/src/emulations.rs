@@ -223,8 +223,9 @@ pub fn lpc_help() -> String {
              device path (e.g. -l com1,stdio)",
         ),
         (
-            "bootrom,ROM",
-            "boot through firmware ROM (e.g. /usr/share/seabios/bios-256k.bin), with fw_cfg",
+            "bootrom,ROM[,VARS]",
+            "boot through firmware ROM (e.g. /usr/share/seabios/bios-256k.bin), with fw_cfg; \
+             VARS: a file kept as CFI flash below the ROM (OVMF's UEFI variables)",
         ),
         (
             "fwcfg,qemu|none",

@@ -5,13 +5,15 @@
 //! and the `-f` files.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use devices::cfi_flash::{FlashBacking, BLOCK_SIZE};
 use devices::fw_cfg::{FwCfg, FwCfgBuilder, FwCfgMachine};
 use devices::BusDevice;
 use loader::layout::E820Kind;
 use vm_memory::{Bytes, GuestAddress};
-use vmmapi::Vm;
+use vmmapi::{FlashMemory, Vm};
 
 use crate::config::{FwCfgSource, VmConfig, MAX_BOOTROM};
 
@@ -25,11 +27,14 @@ pub struct BootRom {
     /// Guest-physical range `[base, 4 GiB)`.
     pub base: u64,
     pub size: u64,
+    /// The VARSFILE's flash, right below `base`.
+    pub vars: Option<Arc<FlashMemory>>,
 }
 
-/// Reads and checks `-l bootrom,PATH`, maps it read-only under 4 GiB and copies its last
-/// 128 KiB (less for a smaller ROM) to the top of the first megabyte.
-pub fn load_bootrom(vm: &mut Vm, path: &Path) -> Result<BootRom> {
+/// Reads and checks `-l bootrom,PATH[,VARS]`, maps it read-only under 4 GiB and copies its
+/// last 128 KiB (less for a smaller ROM) to the top of the first megabyte; VARS is mapped
+/// right below it, as QEMU places OVMF's variable flash (pflash1) below its code (pflash0).
+pub fn load_bootrom(vm: &mut Vm, path: &Path, vars: Option<&Path>) -> Result<BootRom> {
     let arg = || format!("-l bootrom,{}", path.display());
     let meta = std::fs::metadata(path).with_context(arg)?;
     if !meta.is_file() {
@@ -62,7 +67,73 @@ pub fn load_bootrom(vm: &mut Vm, path: &Path) -> Result<BootRom> {
         low >> 10,
         LEGACY_BIOS_END - low
     );
-    Ok(BootRom { base, size })
+    let vars = match vars {
+        Some(p) => Some(map_vars(vm, p, base, size)?),
+        None => None,
+    };
+    Ok(BootRom { base, size, vars })
+}
+
+/// Maps the VARSFILE as flash ending at `rom_base`; ROM and flash together stay within
+/// the top [`MAX_BOOTROM`] below 4 GiB (clear of KVM's pages under it).
+fn map_vars(vm: &mut Vm, path: &Path, rom_base: u64, rom_size: u64) -> Result<Arc<FlashMemory>> {
+    let arg = || format!("-l bootrom,ROM,{}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(arg)?;
+    let meta = file.metadata().with_context(arg)?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", arg());
+    }
+    let size = meta.len();
+    let room = MAX_BOOTROM - rom_size;
+    if size < BLOCK_SIZE || !size.is_multiple_of(BLOCK_SIZE) || size > room {
+        bail!(
+            "{}: the variable store is {size} bytes; it must be a non-zero multiple of 4 KiB, \
+             at most {} KiB next to this ROM (copy the firmware's own, e.g. OVMF_VARS_4M.fd)",
+            arg(),
+            room >> 10
+        );
+    }
+    let flash = vm.map_flash(rom_base - size, file).with_context(arg)?;
+    log::info!(
+        "boot variables {} ({} KiB) at {:#x}",
+        path.display(),
+        size >> 10,
+        flash.gpa()
+    );
+    Ok(flash)
+}
+
+/// [`CfiFlash`]'s array in KVM: the shared file mapping, read directly by the guest while
+/// its read-only slot is in place.
+pub struct KvmFlash {
+    pub vm: Arc<Vm>,
+    pub mem: Arc<FlashMemory>,
+}
+
+impl FlashBacking for KvmFlash {
+    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        self.mem.read(offset, data)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> bool {
+        self.mem.write(offset, data)
+    }
+
+    fn fill(&mut self, offset: u64, len: u64, byte: u8) -> bool {
+        self.mem.fill(offset, len, byte)
+    }
+
+    fn set_direct_reads(&mut self, on: bool) {
+        // Failing leaves the slot as it was: reads then come from the device (status) or the
+        // array (stale mode), both harmless to the host; say so, the variables may suffer.
+        if let Err(e) = self.vm.set_flash_mapped(&self.mem, on) {
+            log::error!("boot variables: switching read-array mode to {on}: {e}");
+        }
+    }
 }
 
 /// The bus device over the ROM's range: reads come from the read-only memory slot and

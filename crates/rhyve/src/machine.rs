@@ -170,6 +170,18 @@ fn build_buses(
             rom.size,
             shared(crate::firmware::RomWrites),
         )?;
+        if let Some(mem) = &rom.vars {
+            let backing = crate::firmware::KvmFlash {
+                vm: vm.clone(),
+                mem: mem.clone(),
+            };
+            mmio.insert(
+                "bootvars",
+                mem.gpa(),
+                mem.len(),
+                shared(devices::cfi_flash::CfiFlash::new(Box::new(backing))),
+            )?;
+        }
     }
 
     for (index, backend) in &cfg.com {
@@ -498,7 +510,11 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         Some(path) => {
             // Whatever rhyveload left in the object is not what runs now.
             vm.object().clear_boot_state()?;
-            Some(crate::firmware::load_bootrom(&mut vm, path)?)
+            Some(crate::firmware::load_bootrom(
+                &mut vm,
+                path,
+                cfg.bootvars.as_deref(),
+            )?)
         }
         None => None,
     };

@@ -20,6 +20,7 @@
 //! ```
 
 mod cpuid;
+mod flash;
 pub mod hugepages;
 mod hypervisor;
 pub mod irq_routing;
@@ -30,6 +31,7 @@ mod vcpu;
 mod vm;
 
 pub use cpuid::Topology;
+pub use flash::FlashMemory;
 pub use hugepages::HugePages;
 pub use hypervisor::{Hypervisor, KVM_DEV_ENV, REQUIRED_CAPS};
 pub use irq_routing::{GsiTable, IrqRouting, Route};

@@ -1,6 +1,8 @@
 //! A named VM: KVM VM fd, guest RAM, in-kernel irqchip and PIT.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
@@ -9,6 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::flash::FlashMemory;
 use crate::irq_routing::{GsiTable, IrqRouting};
 use crate::{
     cpuid, cpuid::Topology, kvm_err, Error, GuestRam, Hypervisor, MemoryOptions, Result, Vcpu,
@@ -30,6 +33,8 @@ pub struct Vm {
     ram: GuestRam,
     /// Read-only slots (boot ROMs), after RAM's slots.
     roms: Vec<RomMapping>,
+    /// Device-programmed, file-backed slots (firmware variable stores).
+    flash: Vec<Arc<FlashMemory>>,
     supported_cpuid: CpuId,
     /// The GSI routing table: the PC's pins, then MSI routes (None: KVM cannot route).
     routing: Option<IrqRouting>,
@@ -124,6 +129,7 @@ impl Vm {
             fd,
             ram,
             roms: Vec::new(),
+            flash: Vec::new(),
             supported_cpuid,
             routing,
             object,
@@ -143,7 +149,7 @@ impl Vm {
             ));
         }
         let rom = RomMapping::new(bytes).map_err(|e| fail(&e.to_string()))?;
-        let slot = (self.ram.regions().len() + self.roms.len()) as u32;
+        let slot = self.next_slot();
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: gpa,
@@ -159,6 +165,45 @@ impl Vm {
     }
 
     /// The VM's name.
+    /// Maps `file` at `gpa` as flash (bhyve's boot ROM VARSFILE): shared with the file,
+    /// read-only to the guest while [`Vm::set_flash_mapped`] says so, every guest write an
+    /// MMIO exit for the flash device, which programs it through the returned handle.
+    /// Starts mapped (read-array mode).
+    pub fn map_flash(&mut self, gpa: u64, file: std::fs::File) -> Result<Arc<FlashMemory>> {
+        if self.fd.check_extension_int(Cap::ReadonlyMem) <= 0 {
+            return Err(Error::Memory(format!(
+                "flash at {gpa:#x}: KVM cannot map read-only memory (KVM_CAP_READONLY_MEM)"
+            )));
+        }
+        let flash = Arc::new(FlashMemory::new(file, gpa, self.next_slot())?);
+        self.set_flash_mapped(&flash, true)?;
+        self.flash.push(flash.clone());
+        Ok(flash)
+    }
+
+    /// Adds (true) or removes (false) `flash`'s read-only slot: removed, guest reads exit to
+    /// the device too (a flash answering status or ID reads instead of its array).
+    pub fn set_flash_mapped(&self, flash: &FlashMemory, on: bool) -> Result<()> {
+        if flash.mapped().swap(on, Ordering::SeqCst) == on {
+            return Ok(());
+        }
+        let region = kvm_userspace_memory_region {
+            slot: flash.slot(),
+            guest_phys_addr: flash.gpa(),
+            memory_size: if on { flash.len() } else { 0 },
+            userspace_addr: flash.host_addr(),
+            flags: kvm_bindings::KVM_MEM_READONLY,
+        };
+        // SAFETY: the mapping is kept alive by self.flash, dropped after the VM fd; a zero
+        // size deletes the slot.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (flash)"))
+    }
+
+    fn next_slot(&self) -> u32 {
+        (self.ram.regions().len() + self.roms.len() + self.flash.len()) as u32
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -28,6 +28,8 @@ testbed_say() { echo "TESTBED: $*"; }
 #                      --initrd, --append are passed)
 #   --firmware ROM     boot through firmware ROM instead of a kernel: rhyve -l bootrom,ROM,
 #                      QEMU -bios ROM (no --kernel, --initrd, --append are passed)
+#   --vars FILE        with --firmware: the firmware's variable store, kept in FILE:
+#                      rhyve -l bootrom,ROM,FILE, QEMU ROM and FILE as pflash0 and pflash1
 #   --marker STR       line printed by L2's /init: its arrival time from VMM start is reported
 #                      as "TESTBED: l2-init-ms=N"               (default L2-INIT-REACHED)
 #   --timeout SECS     SIGKILL the VMM's process group after SECS (default 120)
@@ -42,7 +44,7 @@ testbed_say() { echo "TESTBED: $*"; }
 # Returns the VMM's exit status.
 testbed_boot() {
     local kernel="$L2_VMLINUZ" initrd="$L2_INITRD" append="console=ttyS0 quiet" mem=512M
-    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after="" loaded=0 firmware="" 
+    local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after="" loaded=0 firmware="" vars=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --kernel) kernel="$2"; shift 2 ;;
@@ -52,12 +54,12 @@ testbed_boot() {
             --name) name="$2"; shift 2 ;;
             --loaded) loaded=1; shift ;;
             --firmware) firmware="$2"; shift 2 ;;
+            --vars) vars="$2"; shift 2 ;;
             --marker) marker="$2"; shift 2 ;;
             --timeout) tmo="$2"; shift 2 ;;
             --tag) tag=".$2"; shift 2 ;;
             --after-marker) after="$2"; shift 2 ;;
             --signal-after-marker) after="kill -$2 \"\$TESTBED_VMM_PID\""; shift 2 ;;
-            --loaded) loaded=1; shift ;;
             --) shift; break ;;
             *) echo "testbed_boot: unknown option $1" >&2; return 2 ;;
         esac
@@ -66,7 +68,12 @@ testbed_boot() {
     # VM name must stay the final argument.
     case "$TESTBED_VMM" in
         qemu)
-            if [ -n "$firmware" ]; then
+            if [ -n "$vars" ]; then
+                set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none \
+                    -no-reboot -nic none \
+                    -drive "if=pflash,format=raw,readonly=on,file=$firmware" \
+                    -drive "if=pflash,format=raw,file=$vars" "$@"
+            elif [ -n "$firmware" ]; then
                 set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none \
                     -no-reboot -nic none -bios "$firmware" "$@"
             else
@@ -77,7 +84,7 @@ testbed_boot() {
         rhyve)
             if [ -n "$firmware" ]; then
                 set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
-                    -l "bootrom,$firmware" "$@" "$name"
+                    -l "bootrom,$firmware${vars:+,$vars}" "$@" "$name"
             elif [ "$loaded" = 1 ]; then
                 # Run what rhyveload loaded into the VM object: no --kernel.
                 set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
