@@ -128,8 +128,9 @@ impl FlashBacking for KvmFlash {
     }
 
     fn set_direct_reads(&mut self, on: bool) {
-        // Failing leaves the slot as it was: reads then come from the device (status) or the
-        // array (stale mode), both harmless to the host; say so, the variables may suffer.
+        // Failing leaves the slot (and its recorded state) as it was: reads then come from the
+        // device (status) or the array (stale mode), both harmless to the host; say so, the
+        // variables may suffer.
         if let Err(e) = self.vm.set_flash_mapped(&self.mem, on) {
             log::error!("boot variables: switching read-array mode to {on}: {e}");
         }

@@ -164,7 +164,6 @@ impl Vm {
         Ok(())
     }
 
-    /// The VM's name.
     /// Maps `file` at `gpa` as flash (bhyve's boot ROM VARSFILE): shared with the file,
     /// read-only to the guest while [`Vm::set_flash_mapped`] says so, every guest write an
     /// MMIO exit for the flash device, which programs it through the returned handle.
@@ -176,15 +175,23 @@ impl Vm {
             )));
         }
         let flash = Arc::new(FlashMemory::new(file, gpa, self.next_slot())?);
-        self.set_flash_mapped(&flash, true)?;
         self.flash.push(flash.clone());
+        self.set_flash_mapped(&flash, true)?;
         Ok(flash)
     }
 
     /// Adds (true) or removes (false) `flash`'s read-only slot: removed, guest reads exit to
     /// the device too (a flash answering status or ID reads instead of its array).
     pub fn set_flash_mapped(&self, flash: &FlashMemory, on: bool) -> Result<()> {
-        if flash.mapped().swap(on, Ordering::SeqCst) == on {
+        // Only this VM's own flash: another's slot number could name one of our RAM slots.
+        if !self.flash.iter().any(|f| std::ptr::eq(&**f, flash)) {
+            return Err(Error::Memory(format!(
+                "flash at {:#x} is not mapped in VM {}",
+                flash.gpa(),
+                self.name
+            )));
+        }
+        if flash.mapped().load(Ordering::SeqCst) == on {
             return Ok(());
         }
         let region = kvm_userspace_memory_region {
@@ -197,13 +204,16 @@ impl Vm {
         // SAFETY: the mapping is kept alive by self.flash, dropped after the VM fd; a zero
         // size deletes the slot.
         unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (flash)"))
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (flash)"))?;
+        flash.mapped().store(on, Ordering::SeqCst);
+        Ok(())
     }
 
     fn next_slot(&self) -> u32 {
         (self.ram.regions().len() + self.roms.len() + self.flash.len()) as u32
     }
 
+    /// The VM's name.
     pub fn name(&self) -> &str {
         &self.name
     }
