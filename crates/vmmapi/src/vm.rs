@@ -143,11 +143,7 @@ impl Vm {
         if bytes.is_empty() || !bytes.len().is_multiple_of(4096) || !gpa.is_multiple_of(4096) {
             return Err(fail("size and address must be multiples of 4 KiB"));
         }
-        if self.fd.check_extension_int(Cap::ReadonlyMem) <= 0 {
-            return Err(fail(
-                "KVM cannot map read-only memory (KVM_CAP_READONLY_MEM)",
-            ));
-        }
+        self.require_readonly_mem().map_err(&fail)?;
         let rom = RomMapping::new(bytes).map_err(|e| fail(&e.to_string()))?;
         let slot = self.next_slot();
         let region = kvm_userspace_memory_region {
@@ -169,11 +165,8 @@ impl Vm {
     /// MMIO exit for the flash device, which programs it through the returned handle.
     /// Starts mapped (read-array mode).
     pub fn map_flash(&mut self, gpa: u64, file: std::fs::File) -> Result<Arc<FlashMemory>> {
-        if self.fd.check_extension_int(Cap::ReadonlyMem) <= 0 {
-            return Err(Error::Memory(format!(
-                "flash at {gpa:#x}: KVM cannot map read-only memory (KVM_CAP_READONLY_MEM)"
-            )));
-        }
+        self.require_readonly_mem()
+            .map_err(|e| Error::Memory(format!("flash at {gpa:#x}: {e}")))?;
         let flash = Arc::new(FlashMemory::new(file, gpa, self.next_slot())?);
         self.flash.push(flash.clone());
         self.set_flash_mapped(&flash, true)?;
@@ -206,6 +199,14 @@ impl Vm {
         unsafe { self.fd.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (flash)"))?;
         flash.mapped().store(on, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Boot ROMs and flash both need read-only slots (guest writes exit instead of landing).
+    fn require_readonly_mem(&self) -> std::result::Result<(), &'static str> {
+        if self.fd.check_extension_int(Cap::ReadonlyMem) <= 0 {
+            return Err("KVM cannot map read-only memory (KVM_CAP_READONLY_MEM)");
+        }
         Ok(())
     }
 
