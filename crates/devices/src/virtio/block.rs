@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::{self, Chain, ChainLimits, Segment};
 use super::{
     activate_single_queue, drain_queue, guest_error, read_config_bytes, ActivateError,
     GuestMemoryMmap, QueueWorker, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -409,73 +410,34 @@ impl Bounce {
     }
 }
 
-/// One descriptor's buffer.
-#[derive(Clone, Copy, Debug)]
-struct Seg {
-    addr: GuestAddress,
-    len: u64,
-}
-
-/// A chain split into its device-readable and device-writable parts.
-#[derive(Default)]
-struct Bufs {
-    r: Vec<Seg>,
-    w: Vec<Seg>,
-    rlen: u64,
-    wlen: u64,
-}
-
-/// Walks the chain; the second value says what is wrong with it, if anything.
-fn collect(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-) -> (Bufs, Option<&'static str>) {
-    let mut b = Bufs::default();
-    let mut bad = None;
-    let mut count = 0usize;
-    let mut last_has_next = false;
-    for d in chain {
-        count += 1;
-        last_has_next = d.has_next();
-        let seg = Seg {
-            addr: d.addr(),
-            len: u64::from(d.len()),
-        };
-        if seg.len > 0 && !mem.check_range(seg.addr, seg.len as usize) {
-            bad = Some("buffer outside guest memory");
-        }
-        if d.is_write_only() {
-            b.wlen += seg.len;
-            b.w.push(seg);
-        } else {
-            if !b.w.is_empty() {
-                bad = Some("device-readable descriptor after a device-writable one");
-            }
-            b.rlen += seg.len;
-            b.r.push(seg);
-        }
+/// What this device accepts in one chain: SEG_MAX data segments plus header and status
+/// (the queue size at most) when the driver negotiated SEG_MAX, descriptors of SIZE_MAX bytes
+/// at most when it negotiated SIZE_MAX. A driver that did not accept a limit is not held to it.
+fn chain_limits(acked: u64, queue_size: u16) -> ChainLimits {
+    let mut limits = ChainLimits::queue(queue_size);
+    if acked & (1 << F_SEG_MAX) != 0 {
+        limits.max_descriptors = limits.max_descriptors.min(SEG_MAX as usize + 2);
     }
-    if count == 0 {
-        bad = Some("empty or unreadable descriptor chain");
-    } else if last_has_next {
-        bad = Some("descriptor chain loops, ends at a bad index or has a bad indirect table");
+    if acked & (1 << F_SIZE_MAX) != 0 {
+        limits.max_segment = SIZE_MAX;
     }
-    (b, bad)
+    limits
 }
 
 /// The guest ranges covering bytes `[start, start + len)` of `segs` laid end to end.
-fn pieces(segs: &[Seg], start: u64, len: u64) -> Option<Vec<(GuestAddress, usize)>> {
+fn pieces(segs: &[Segment], start: u64, len: u64) -> Option<Vec<(GuestAddress, usize)>> {
     let mut out = Vec::new();
     let (mut skip, mut left) = (start, len);
     for s in segs {
         if left == 0 {
             break;
         }
-        if skip >= s.len {
-            skip -= s.len;
+        let seg_len = s.len as u64;
+        if skip >= seg_len {
+            skip -= seg_len;
             continue;
         }
-        let n = (s.len - skip).min(left);
+        let n = (seg_len - skip).min(left);
         out.push((s.addr.checked_add(skip)?, usize::try_from(n).ok()?));
         left -= n;
         skip = 0;
@@ -483,7 +445,7 @@ fn pieces(segs: &[Seg], start: u64, len: u64) -> Option<Vec<(GuestAddress, usize
     (left == 0).then_some(out)
 }
 
-fn gather(mem: &GuestMemoryMmap, segs: &[Seg], start: u64, out: &mut [u8]) -> Option<()> {
+fn gather(mem: &GuestMemoryMmap, segs: &[Segment], start: u64, out: &mut [u8]) -> Option<()> {
     let mut done = 0;
     for (a, n) in pieces(segs, start, out.len() as u64)? {
         mem.read_slice(&mut out[done..done + n], a).ok()?;
@@ -726,17 +688,16 @@ fn process_request(
     disk: &Disk,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
+    limits: ChainLimits,
     bounce: &mut Bounce,
 ) -> u32 {
     let st = &disk.stats;
-    let (bufs, bad) = collect(chain, mem);
+    let bufs = chain::parse(chain, mem, limits);
     // The status byte is the last byte of the device-writable part.
     let Some(status_at) = bufs
-        .w
-        .iter()
-        .rev()
-        .find(|s| s.len > 0)
-        .and_then(|s| s.addr.checked_add(s.len - 1))
+        .writable
+        .last()
+        .and_then(|s| s.addr.checked_add(s.len as u64 - 1))
     else {
         guest_error(
             &st.guest_errors,
@@ -744,7 +705,7 @@ fn process_request(
         );
         return 0;
     };
-    let (status, written) = match bad {
+    let (status, written) = match bufs.fault {
         Some(why) => {
             guest_error(&st.guest_errors, format_args!("virtio-blk: {why}"));
             (S_IOERR, 0)
@@ -758,22 +719,22 @@ fn process_request(
 }
 
 /// Runs a well-formed chain; returns (status, data bytes written to the guest).
-fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Bufs, bounce: &mut Bounce) -> (u8, u32) {
+fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Chain, bounce: &mut Bounce) -> (u8, u32) {
     let st = &disk.stats;
     let gerr = |why: &str| {
         guest_error(&st.guest_errors, format_args!("virtio-blk: {why}"));
         (S_IOERR, 0)
     };
     let mut hdr = [0u8; HEADER_LEN as usize];
-    if b.rlen < HEADER_LEN || gather(mem, &b.r, 0, &mut hdr).is_none() {
+    if b.readable_len < HEADER_LEN || gather(mem, &b.readable, 0, &mut hdr).is_none() {
         return gerr("request without a 16-byte header");
     }
     let typ = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&hdr[8..16]);
     let sector = u64::from_le_bytes(sector_bytes);
-    let data_out = b.rlen - HEADER_LEN;
-    let data_in = b.wlen - 1;
+    let data_out = b.readable_len - HEADER_LEN;
+    let data_in = b.writable_len - 1;
     let ioerr = |e: io::Error| {
         bump(&st.io_errors, 1);
         log::error!("virtio-blk: host I/O error: {e}");
@@ -792,7 +753,7 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Bufs, bounce: &mut Bounce) ->
             let Some(off) = disk.range(sector, data_in) else {
                 return gerr("IN beyond the disk end or not sector-aligned");
             };
-            let Some(ps) = pieces(&b.w, 0, data_in) else {
+            let Some(ps) = pieces(&b.writable, 0, data_in) else {
                 return gerr("IN buffers inconsistent");
             };
             match read_to_guest(disk, mem, &ps, off, data_in, bounce) {
@@ -817,7 +778,7 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Bufs, bounce: &mut Bounce) ->
             let Some(off) = disk.range(sector, data_out) else {
                 return gerr("OUT beyond the disk end or not sector-aligned");
             };
-            let Some(ps) = pieces(&b.r, HEADER_LEN, data_out) else {
+            let Some(ps) = pieces(&b.readable, HEADER_LEN, data_out) else {
                 return gerr("OUT buffers inconsistent");
             };
             match write_from_guest(disk, mem, &ps, off, data_out, bounce) {
@@ -839,7 +800,7 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Bufs, bounce: &mut Bounce) ->
         T_GET_ID => {
             bump(&st.get_ids, 1);
             let n = data_in.min(ID_BYTES as u64) as usize;
-            match pieces(&b.w, 0, n as u64).map(|ps| scatter(mem, &ps, 0, &disk.id[..n])) {
+            match pieces(&b.writable, 0, n as u64).map(|ps| scatter(mem, &ps, 0, &disk.id[..n])) {
                 Some(Ok(())) => (S_OK, n as u32),
                 _ => gerr("GET_ID buffer unusable"),
             }
@@ -855,7 +816,7 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Bufs, bounce: &mut Bounce) ->
             let mut ranges = Vec::with_capacity(nseg as usize);
             for i in 0..nseg {
                 let mut s = [0u8; 16];
-                if gather(mem, &b.r, HEADER_LEN + 16 * i, &mut s).is_none() {
+                if gather(mem, &b.readable, HEADER_LEN + 16 * i, &mut s).is_none() {
                     return gerr("DISCARD/WRITE_ZEROES segment unreadable");
                 }
                 let mut sec = [0u8; 8];
@@ -1028,6 +989,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         let disk = self.disk.clone();
         let mut bounce = Bounce::default();
+        let limits = chain_limits(self.acked, queues.first().map_or(0, |q| q.size()));
         activate_single_queue(
             &mut self.worker,
             "virtio-blk",
@@ -1037,7 +999,7 @@ impl VirtioDevice for Block {
             kicks,
             move |queue, mem| {
                 drain_queue(queue, mem, &disk.stats.guest_errors, |chain| {
-                    process_request(&disk, mem, chain, &mut bounce)
+                    process_request(&disk, mem, chain, limits, &mut bounce)
                 })
             },
         )
@@ -1076,6 +1038,8 @@ mod tests {
         q: Queue,
         disk: Disk,
         bounce: Bounce,
+        /// The features the "driver" accepted: SEG_MAX and SIZE_MAX, as Linux does.
+        acked: u64,
         _dir: TempDir,
         path: PathBuf,
     }
@@ -1093,6 +1057,7 @@ mod tests {
             q,
             disk,
             bounce: Bounce::default(),
+            acked: 1 << F_SEG_MAX | 1 << F_SIZE_MAX,
             _dir: dir,
             path,
         }
@@ -1105,8 +1070,9 @@ mod tests {
     impl H {
         fn run(&mut self) {
             let (disk, mem, bounce) = (&self.disk, &self.drv.mem, &mut self.bounce);
+            let limits = chain_limits(self.acked, self.q.size());
             drain_queue(&mut self.q, mem, &disk.stats.guest_errors, |c| {
-                process_request(disk, mem, c, bounce)
+                process_request(disk, mem, c, limits, bounce)
             });
         }
 
@@ -1421,6 +1387,45 @@ mod tests {
         h.run();
         assert_eq!(h.file(), before);
         assert!(h.disk.stats.guest_errors.load(Ordering::Relaxed) >= 10);
+    }
+
+    #[test]
+    fn seg_max_and_size_max_hold_once_negotiated() {
+        assert_eq!(chain_limits(0, QUEUE_SIZE), ChainLimits::queue(QUEUE_SIZE));
+        let both = chain_limits(1 << F_SEG_MAX | 1 << F_SIZE_MAX, QUEUE_SIZE);
+        assert_eq!(both.max_descriptors, SEG_MAX as usize + 2);
+        assert_eq!(both.max_segment, SIZE_MAX);
+        assert_eq!(chain_limits(1 << F_SEG_MAX, 64).max_descriptors, 64);
+
+        let mut h = harness();
+        let mut hdr = T_IN.to_le_bytes().to_vec();
+        hdr.extend_from_slice(&[0; 12]);
+        // One descriptor above SIZE_MAX.
+        let hd = h.drv.buf(&hdr);
+        let st = h.drv.buf(&[0xff]);
+        let big = h.drv.alloc(u64::from(SIZE_MAX) + 512);
+        h.send(&[(hd, 16, false), (big, SIZE_MAX + 512, true), (st, 1, true)]);
+        assert_eq!(h.drv.read(st, 1)[0], S_IOERR);
+        // An indirect table of 1000 descriptors: the walk stops at SEG_MAX + 2, no status.
+        let errors = h.disk.stats.guest_errors.load(Ordering::Relaxed);
+        let n = 1000u16;
+        let table = h.drv.alloc(16 * u64::from(n));
+        h.drv.write_desc(table, 0, hd, 16, F_NEXT, 1);
+        for i in 1..n {
+            let last = i + 1 == n;
+            let flags = F_WRITE | if last { 0 } else { F_NEXT };
+            h.drv.write_desc(table, i, st, 1, flags, i + 1);
+        }
+        h.drv
+            .write_desc(DESC, 210, table, 16 * u32::from(n), F_INDIRECT, 0);
+        h.drv.publish(210);
+        h.run();
+        assert_eq!(h.drv.used(h.drv.used_idx() - 1), (210, 1));
+        assert_eq!(h.drv.read(st, 1)[0], S_IOERR);
+        assert_eq!(
+            h.disk.stats.guest_errors.load(Ordering::Relaxed),
+            errors + 1
+        );
     }
 
     #[test]

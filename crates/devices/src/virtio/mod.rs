@@ -10,6 +10,7 @@
 //! are `Arc`s, so the clone is cheap and the mapping outlives every worker.
 
 pub mod block;
+pub mod chain;
 pub mod net;
 pub mod pci;
 pub mod rng;

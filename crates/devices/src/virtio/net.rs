@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::chain::{self, ChainError, ChainLimits, Segment as Seg};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -265,9 +266,6 @@ fn tun_offloads(features: u64) -> u32 {
     f
 }
 
-/// One descriptor's buffer.
-type Seg = (GuestAddress, usize);
-
 /// Walks a chain: its device-readable and device-writable buffers, or what is wrong with it.
 /// A chain may hold at most `max_descs` descriptors (the queue size, virtio 1.2 2.7.5.3.1),
 /// zero-length ones included: an indirect table of 65535 empty descriptors would otherwise
@@ -277,42 +275,14 @@ fn walk(
     mem: &GuestMemoryMmap,
     limit: usize,
     max_descs: usize,
-) -> Result<(Vec<Seg>, Vec<Seg>), &'static str> {
-    let (mut r, mut w) = (Vec::new(), Vec::new());
-    let (mut total, mut count, mut last_has_next) = (0usize, 0usize, false);
-    for d in chain {
-        count += 1;
-        if count > max_descs {
-            return Err("descriptor chain longer than the queue size");
-        }
-        last_has_next = d.has_next();
-        let len = d.len() as usize;
-        total = total.saturating_add(len);
-        if total > limit {
-            return Err("chain longer than the largest frame");
-        }
-        if len == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), len) {
-            return Err("buffer outside guest memory");
-        }
-        if d.is_write_only() {
-            w.push((d.addr(), len));
-        } else {
-            if !w.is_empty() {
-                return Err("device-readable descriptor after a device-writable one");
-            }
-            r.push((d.addr(), len));
-        }
-    }
-    if count == 0 {
-        return Err("empty or unreadable descriptor chain");
-    }
-    if last_has_next {
-        return Err("descriptor chain loops, ends at a bad index or has a bad indirect table");
-    }
-    Ok((r, w))
+) -> Result<(Vec<Seg>, Vec<Seg>), ChainError> {
+    let limits = ChainLimits {
+        max_descriptors: max_descs,
+        max_total: limit as u64,
+        max_segment: u32::MAX,
+    };
+    let c = chain::parse(chain, mem, limits).checked()?;
+    Ok((c.readable, c.writable))
 }
 
 /// Whether a receive header from the tap uses only the TUN_F_* offloads in `enabled`.
@@ -352,13 +322,13 @@ fn tx_hdr_check(flags: u8, gso_type: u8, features: u64) -> Result<(), &'static s
 }
 
 fn seg_len(segs: &[Seg]) -> usize {
-    segs.iter().map(|s| s.1).sum()
+    segs.iter().map(|s| s.len).sum()
 }
 
 /// Copies `data` into `segs` laid end to end; false if guest memory refused a write.
 fn scatter(mem: &GuestMemoryMmap, segs: &[Seg], data: &[u8]) -> bool {
     let mut done = 0;
-    for &(a, n) in segs {
+    for &Seg { addr: a, len: n } in segs {
         if done == data.len() {
             break;
         }
@@ -374,7 +344,7 @@ fn scatter(mem: &GuestMemoryMmap, segs: &[Seg], data: &[u8]) -> bool {
 /// Copies `segs` laid end to end into `out` (which must be at least as long); the length.
 fn gather(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<usize> {
     let mut done = 0;
-    for &(a, n) in segs {
+    for &Seg { addr: a, len: n } in segs {
         mem.read_slice(out.get_mut(done..done + n)?, a).ok()?;
         done += n;
     }
@@ -384,7 +354,7 @@ fn gather(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<usize> 
 /// Fills `out` from the start of `segs` laid end to end (which must hold that much).
 fn gather_prefix(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<()> {
     let mut done = 0;
-    for &(a, n) in segs {
+    for &Seg { addr: a, len: n } in segs {
         if done == out.len() {
             break;
         }
@@ -399,7 +369,7 @@ fn gather_prefix(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<
 /// range is not plain guest RAM or the chain needs more than IOV_MAX pieces.
 fn guest_iovecs(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: usize) -> Option<Vec<libc::iovec>> {
     let mut iov = Vec::with_capacity(segs.len());
-    for &(a, n) in segs {
+    for &Seg { addr: a, len: n } in segs {
         if skip >= n {
             skip -= n;
             continue;
@@ -719,11 +689,11 @@ impl Worker {
                         chains.push((head, w));
                     }
                     Ok(_) => {
-                        bad = Some((head, "receive chain with device-readable buffers"));
+                        bad = Some((head, "receive chain with device-readable buffers".into()));
                         break;
                     }
                     Err(why) => {
-                        bad = Some((head, why));
+                        bad = Some((head, why.to_string()));
                         break;
                     }
                 }
@@ -865,7 +835,11 @@ impl Worker {
                     return 0;
                 }
             };
-            let Some(&(ack_seg, ack_len)) = w.last() else {
+            let Some(&Seg {
+                addr: ack_seg,
+                len: ack_len,
+            }) = w.last()
+            else {
                 guest_error(
                     &st.guest_errors,
                     format_args!("virtio-net: control command without an ack byte"),

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::{self, ChainLimits};
 use super::{
     activate_single_queue, drain_queue, guest_error, ActivateError, GuestMemoryMmap, QueueWorker,
     VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
@@ -52,31 +53,34 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Fills the device-writable buffers of one chain; returns the bytes written.
+/// Fills the device-writable buffers of one chain; returns the bytes written. A chain with
+/// device-readable buffers, a buffer outside guest memory or more descriptors than the queue
+/// holds gets nothing.
 fn process_request(
     stats: &RngStats,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     scratch: &mut Vec<u8>,
 ) -> u32 {
-    let mut written = 0usize;
-    for d in chain {
-        if !d.is_write_only() {
+    let limits = ChainLimits::queue(QUEUE_SIZE);
+    let bufs = match chain::parse(chain, mem, limits).checked() {
+        Ok(c) if c.readable.is_empty() => c,
+        Ok(_) => {
             guest_error(
                 &stats.guest_errors,
                 format_args!("virtio-rnd: device-readable buffer in a request"),
             );
-            continue;
+            return 0;
         }
-        let n = (d.len() as usize).min(MAX_PER_REQUEST - written);
+        Err(why) => {
+            guest_error(&stats.guest_errors, format_args!("virtio-rnd: {why}"));
+            return 0;
+        }
+    };
+    let mut written = 0usize;
+    for seg in &bufs.writable {
+        let n = seg.len.min(MAX_PER_REQUEST - written);
         if n == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), n) {
-            guest_error(
-                &stats.guest_errors,
-                format_args!("virtio-rnd: buffer outside guest memory"),
-            );
             break;
         }
         scratch.resize(n, 0);
@@ -85,7 +89,7 @@ fn process_request(
             log::error!("virtio-rnd: getrandom failed: {e}");
             break;
         }
-        if mem.write_slice(scratch, d.addr()).is_err() {
+        if mem.write_slice(scratch, seg.addr).is_err() {
             break;
         }
         written += n;
@@ -233,12 +237,20 @@ mod tests {
             .read(big + MAX_PER_REQUEST as u64, 4096)
             .iter()
             .all(|&x| x == 0));
-        // Readable descriptor skipped, buffer outside memory stops the request.
+        // A readable descriptor makes the chain a guest error (one per chain): nothing written.
         let r = drv.buf(&[7; 16]);
-        drv.push_chain(&[(r, 16, false), (u64::MAX - 8, 64, true)]);
+        let w = drv.alloc(64);
+        drv.push_chain(&[(w, 64, true), (r, 16, false)]);
         run(&drv, &mut q, &stats);
         assert_eq!(drv.used(1).1, 0);
         assert_eq!(drv.read(r, 16), vec![7; 16]);
+        assert_eq!(drv.read(w, 64), vec![0; 64]);
+        assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 1);
+        // So does a buffer outside guest memory, even after a good one.
+        drv.push_chain(&[(w, 64, true), (u64::MAX - 8, 64, true)]);
+        run(&drv, &mut q, &stats);
+        assert_eq!(drv.used(2).1, 0);
+        assert_eq!(drv.read(w, 64), vec![0; 64]);
         assert_eq!(stats.guest_errors.load(Ordering::Relaxed), 2);
         // Random descriptor tables: no panic, and the queue keeps being served.
         let mut rng = XorShift(12345);
