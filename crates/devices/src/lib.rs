@@ -11,10 +11,12 @@ pub mod control;
 pub mod debugcon;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod lifecycle;
 pub mod pc_testdev;
 pub mod pci;
 pub mod post;
 pub mod rtc;
+pub mod threads;
 pub mod uart;
 pub mod virtio;
 

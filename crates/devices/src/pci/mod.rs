@@ -30,6 +30,8 @@ pub mod msix;
 pub mod piix4_pm;
 pub mod root;
 
+use crate::lifecycle::Lifecycle;
+
 pub use config::PciConfig;
 pub use msi::{Msi, MsiNotify};
 pub use msix::{MsixNotify, MsixTable};
@@ -86,8 +88,8 @@ pub trait InterruptSink: Send + Sync {
     }
 }
 
-/// A PCI function.
-pub trait PciDevice: Send {
+/// A PCI function; its [`Lifecycle`] is how the VMM pauses it and reads its counters.
+pub trait PciDevice: Lifecycle + Send {
     fn config(&self) -> &PciConfig;
     fn config_mut(&mut self) -> &mut PciConfig;
     /// Guest read at `offset` inside BAR `bar`.
@@ -113,6 +115,9 @@ impl ConfigOnlyFunction {
         Self { config }
     }
 }
+
+/// Configuration space only: nothing to pause, no counters.
+impl Lifecycle for ConfigOnlyFunction {}
 
 impl PciDevice for ConfigOnlyFunction {
     fn config(&self) -> &PciConfig {

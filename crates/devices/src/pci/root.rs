@@ -558,6 +558,8 @@ mod tests {
         }
     }
 
+    impl crate::lifecycle::Lifecycle for Probe {}
+
     impl PciDevice for Probe {
         fn config(&self) -> &PciConfig {
             &self.config
@@ -806,6 +808,8 @@ mod tests {
     #[test]
     fn allocator_exhaustion() {
         struct Huge(PciConfig);
+        impl crate::lifecycle::Lifecycle for Huge {}
+
         impl PciDevice for Huge {
             fn config(&self) -> &PciConfig {
                 &self.0

@@ -24,9 +24,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::{self, Chain, ChainLimits, Segment};
 use super::{
     activate_single_queue, drain_queue, guest_error, read_config_bytes, ActivateError,
-    GuestMemoryMmap, QueueWorker, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    GuestMemoryMmap, VirtioDevice, VirtioInterrupt, Worker, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::lifecycle::{LifecycleError, Stat};
 
 const F_SIZE_MAX: u32 = 1;
 const F_SEG_MAX: u32 = 2;
@@ -877,7 +878,7 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     features: u64,
     acked: u64,
-    worker: Option<QueueWorker>,
+    worker: Option<Worker>,
 }
 
 fn put(cfg: &mut [u8], off: usize, bytes: &[u8]) {
@@ -1010,6 +1011,34 @@ impl VirtioDevice for Block {
             w.stop();
         }
         self.acked = 0;
+    }
+
+    fn pause(&mut self) -> Result<(), LifecycleError> {
+        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
+    fn counters(&self) -> Vec<Stat> {
+        let s = &*self.disk.stats;
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("reads", l(&s.reads)),
+            ("writes", l(&s.writes)),
+            ("flushes", l(&s.flushes)),
+            ("discards", l(&s.discards)),
+            ("write_zeroes", l(&s.write_zeroes)),
+            ("get_ids", l(&s.get_ids)),
+            ("bytes_read", l(&s.bytes_read)),
+            ("bytes_written", l(&s.bytes_written)),
+            ("io_errors", l(&s.io_errors)),
+            ("guest_errors", l(&s.guest_errors)),
+            ("unsupported", l(&s.unsupported)),
+        ]
     }
 }
 

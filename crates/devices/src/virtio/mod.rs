@@ -15,17 +15,20 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod tap;
+pub mod worker;
 
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::lifecycle::{LifecycleError, Stat};
+pub(crate) use worker::{Worker, CTL_TOKEN};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
 pub use net::{Net, NetConfig, NetConfigError, NetStats, TYPE_NET};
@@ -50,6 +53,9 @@ pub trait VirtioInterrupt: Send + Sync {
     fn queue_used(&self, queue: u16);
     /// Signal a configuration change (the config MSI-X vector, or INTx + ISR bit 1).
     fn config_changed(&self);
+    /// The device failed (its worker panicked): set DEVICE_NEEDS_RESET and signal a
+    /// configuration change, so the driver resets it.
+    fn device_failed(&self);
 }
 
 /// Why a device refused to start.
@@ -100,6 +106,14 @@ pub trait VirtioDevice: Send {
     /// Device reset (status 0): stops the worker thread (waits for the request in flight) and
     /// drops the queues; the device can be activated again. A no-op when not active.
     fn reset(&mut self);
+    /// Parks the worker (no guest-memory or backend access until [`resume`](Self::resume));
+    /// Ok at once when not active. (Activation comes from a vCPU's write, and the VMM
+    /// pauses vCPUs before devices.)
+    fn pause(&mut self) -> Result<(), LifecycleError>;
+    /// Lets the worker go on.
+    fn resume(&mut self);
+    /// The device's counters, for `rhyvectl --get-stats`.
+    fn counters(&self) -> Vec<Stat>;
 }
 
 /// Checks the queue and kick counts and that every queue is usable in `mem`.
@@ -126,7 +140,7 @@ pub(crate) fn check_queues(
 /// queues, and starts `name`'s worker, which at start and on every kick runs `drain` on the
 /// queue (returning whether chains were used) and then signals the queue once per batch.
 pub(crate) fn activate_single_queue<F>(
-    worker: &mut Option<QueueWorker>,
+    worker: &mut Option<Worker>,
     name: &str,
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -144,9 +158,10 @@ where
     let Some(mut queue) = queues.pop() else {
         return Err(ActivateError::InvalidQueue(0));
     };
-    let started = QueueWorker::spawn(name.to_string(), kicks, move |_| {
+    let irq = interrupt.clone();
+    let started = spawn_queue_worker(name, interrupt, kicks, move |_| {
         if drain(&mut queue, &mem) {
-            interrupt.queue_used(0);
+            irq.queue_used(0);
         }
     })
     .map_err(ActivateError::Worker)?;
@@ -211,96 +226,62 @@ where
     used && queue.needs_notification(mem).unwrap_or(true)
 }
 
-/// A device's worker thread: waits on the queues' kick eventfds (epoll) and calls the handler
-/// with the index of the kicked queue; stopped through its own eventfd.
-pub(crate) struct QueueWorker {
-    stop: EventFd,
-    handle: Option<JoinHandle<()>>,
-}
-
-const STOP_TOKEN: u64 = u64::MAX;
-
-impl QueueWorker {
-    /// Starts `name`, which runs `handler(i)` once per queue at start (buffers may have been
-    /// made available before DRIVER_OK) and then on each kick of queue `i`.
-    pub(crate) fn spawn<F>(name: String, kicks: Vec<EventFd>, mut handler: F) -> io::Result<Self>
-    where
-        F: FnMut(usize) + Send + 'static,
-    {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        for (i, k) in kicks.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                k.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
-        }
+/// Starts `name`'s worker for a device whose work is all in its queues: it runs
+/// `handler(i)` once per queue at start (buffers may have been made available before
+/// DRIVER_OK) and then on each kick of queue `i`.
+pub(crate) fn spawn_queue_worker<F>(
+    name: &str,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    kicks: Vec<EventFd>,
+    mut handler: F,
+) -> io::Result<Worker>
+where
+    F: FnMut(usize) + Send + 'static,
+{
+    let epoll = Epoll::new()?;
+    for (i, k) in kicks.iter().enumerate() {
         epoll.ctl(
             ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            k.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, i as u64),
         )?;
-        let stop_thread = stop.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .stack_size(crate::THREAD_STACK_SIZE)
-            .name(name)
-            .spawn(move || {
-                for i in 0..kicks.len() {
-                    handler(i);
+    }
+    Worker::spawn(name, interrupt, move |ctl| {
+        if let Err(e) = epoll.ctl(
+            ControlOperation::Add,
+            ctl.fd(),
+            EpollEvent::new(EventSet::IN, CTL_TOKEN),
+        ) {
+            log::error!("virtio worker: epoll: {e}");
+            return;
+        }
+        for i in 0..kicks.len() {
+            handler(i);
+        }
+        let mut events = vec![EpollEvent::default(); kicks.len() + 1];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("virtio worker: epoll_wait failed: {e}");
+                    return;
                 }
-                let mut events = vec![EpollEvent::default(); kicks.len() + 1];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("virtio worker: epoll_wait failed: {e}");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        let token = ev.data();
-                        if token == STOP_TOKEN {
-                            let _ = stop_thread.read();
-                            return;
-                        }
-                        if let Some(kick) = kicks.get(token as usize) {
-                            // Non-blocking or not, epoll said it is readable: this clears it.
-                            let _ = kick.read();
-                            handler(token as usize);
-                        }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == CTL_TOKEN {
+                    if !ctl.on_event() {
+                        return;
                     }
+                } else if let Some(kick) = kicks.get(token as usize) {
+                    // Non-blocking or not, epoll said it is readable: this clears it.
+                    let _ = kick.read();
+                    handler(token as usize);
                 }
-            })?;
-        Ok(QueueWorker {
-            stop,
-            handle: Some(handle),
-        })
-    }
-
-    /// Stops the thread and waits for it (the request in flight completes first).
-    pub(crate) fn stop(mut self) {
-        self.stop_and_join();
-    }
-
-    fn stop_and_join(&mut self) {
-        if let Some(h) = self.handle.take() {
-            if let Err(e) = self.stop.write(1) {
-                log::error!("virtio worker: cannot signal stop: {e}");
-                return; // leave the thread detached rather than hang
-            }
-            if h.join().is_err() {
-                log::error!("virtio worker panicked");
             }
         }
-    }
-}
-
-impl Drop for QueueWorker {
-    fn drop(&mut self) {
-        self.stop_and_join();
-    }
+    })
 }
 
 /// Copies `len` bytes of config space image `config` at `offset` into `data` (zeros past the end).
@@ -456,6 +437,7 @@ pub(crate) mod testutil {
     pub struct CountingInterrupt {
         pub used: AtomicU64,
         pub config: AtomicU64,
+        pub failed: AtomicU64,
     }
 
     impl VirtioInterrupt for CountingInterrupt {
@@ -464,6 +446,9 @@ pub(crate) mod testutil {
         }
         fn config_changed(&self) {
             self.config.fetch_add(1, Ordering::SeqCst);
+        }
+        fn device_failed(&self) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -526,6 +511,7 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::*;
     use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
     fn config_bytes_past_the_end_read_zero() {

@@ -23,19 +23,20 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use super::chain::{self, ChainError, ChainLimits, Segment as Seg};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::{self, ChainError, ChainLimits, Segment as Seg};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
+use super::worker::{Worker as DeviceThread, WorkerCtl, CTL_TOKEN};
 use super::{
     check_queues, drain_queue, guest_error, read_config_bytes, ActivateError, GuestMemoryMmap,
     VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::lifecycle::{LifecycleError, Stat};
 
 /// Device type of virtio-net.
 pub const TYPE_NET: u32 = 1;
@@ -499,7 +500,6 @@ struct Worker {
 }
 
 const TOKEN_TAP: u64 = 3;
-const TOKEN_STOP: u64 = 4;
 
 impl Worker {
     fn new(
@@ -898,7 +898,7 @@ impl Worker {
         }
     }
 
-    fn run(mut self, kicks: Vec<EventFd>, stop: EventFd) {
+    fn run(mut self, kicks: Vec<EventFd>, ctl: &WorkerCtl) {
         self.process_ctrl();
         // Work left after a batch: done after the next (non-blocking) look at the events.
         let mut tx_due = self.process_tx();
@@ -916,9 +916,10 @@ impl Worker {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_STOP => {
-                        let _ = stop.read();
-                        return;
+                    CTL_TOKEN => {
+                        if !ctl.on_event() {
+                            return;
+                        }
                     }
                     TOKEN_TAP => rx_due = true,
                     q => {
@@ -946,43 +947,13 @@ impl Worker {
     }
 }
 
-/// The running device thread.
-struct NetThread {
-    stop: EventFd,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl NetThread {
-    fn stop(mut self) {
-        self.stop_and_join();
-    }
-
-    fn stop_and_join(&mut self) {
-        if let Some(h) = self.handle.take() {
-            if let Err(e) = self.stop.write(1) {
-                log::error!("virtio-net: cannot signal stop: {e}");
-                return;
-            }
-            if h.join().is_err() {
-                log::error!("virtio-net: device thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for NetThread {
-    fn drop(&mut self) {
-        self.stop_and_join();
-    }
-}
-
 /// The virtio-net device.
 pub struct Net {
     shared: Arc<Shared>,
     config: [u8; CONFIG_LEN],
     features: u64,
     acked: u64,
-    thread: Option<NetThread>,
+    thread: Option<DeviceThread>,
 }
 
 impl Net {
@@ -1122,19 +1093,18 @@ impl VirtioDevice for Net {
                 self.shared.tap.name()
             );
         }
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let mut worker = Worker::new(
             self.shared.clone(),
             mem,
-            interrupt,
+            interrupt.clone(),
             self.acked,
             [rx, tx],
             ctrl,
         )
         .map_err(ActivateError::Worker)?;
-        let epoll = &worker.epoll;
         for (i, k) in kicks.iter().enumerate() {
-            epoll
+            worker
+                .epoll
                 .ctl(
                     ControlOperation::Add,
                     k.as_raw_fd(),
@@ -1142,24 +1112,19 @@ impl VirtioDevice for Net {
                 )
                 .map_err(ActivateError::Worker)?;
         }
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_STOP),
-            )
-            .map_err(ActivateError::Worker)?;
         worker.poll_tap(true);
-        let stop_thread = stop.try_clone().map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .stack_size(crate::THREAD_STACK_SIZE)
-            .name("virtio-net".into())
-            .spawn(move || worker.run(kicks, stop_thread))
-            .map_err(ActivateError::Worker)?;
-        self.thread = Some(NetThread {
-            stop,
-            handle: Some(handle),
-        });
+        let thread = DeviceThread::spawn("virtio-net", interrupt, move |ctl| {
+            match worker.epoll.ctl(
+                ControlOperation::Add,
+                ctl.fd(),
+                EpollEvent::new(EventSet::IN, CTL_TOKEN),
+            ) {
+                Ok(()) => worker.run(kicks, ctl),
+                Err(e) => log::error!("virtio-net: epoll: {e}"),
+            }
+        })
+        .map_err(ActivateError::Worker)?;
+        self.thread = Some(thread);
         Ok(())
     }
 
@@ -1172,6 +1137,32 @@ impl VirtioDevice for Net {
         }
         self.acked = 0;
     }
+
+    fn pause(&mut self) -> Result<(), LifecycleError> {
+        self.thread.as_ref().map_or(Ok(()), DeviceThread::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(t) = &self.thread {
+            t.resume();
+        }
+    }
+
+    fn counters(&self) -> Vec<Stat> {
+        let s = &self.shared.stats;
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("rx_frames", l(&s.rx_frames)),
+            ("rx_bytes", l(&s.rx_bytes)),
+            ("rx_dropped", l(&s.rx_dropped)),
+            ("tx_frames", l(&s.tx_frames)),
+            ("tx_bytes", l(&s.tx_bytes)),
+            ("tx_dropped", l(&s.tx_dropped)),
+            ("guest_errors", l(&s.guest_errors)),
+            ("host_errors", l(&s.host_errors)),
+            ("ctrl_commands", l(&s.ctrl_commands)),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -1180,6 +1171,7 @@ mod tests {
     use super::*;
     use std::fs::File;
     use std::io::{Read, Write};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// One split ring of the test driver, at `[base, base + 0x2c04)` of the shared memory.
     struct Ring {
@@ -1986,6 +1978,56 @@ mod tests {
             }
             assert!(n(&stats(&h).guest_errors) > 0);
         }
+    }
+
+    #[test]
+    fn a_paused_device_leaves_guest_ram_alone_while_frames_arrive() {
+        let (tap, mut peer) = Tap::socket_pair(true);
+        let mut net = Net::with_tap(tap, [2, 0, 0, 0, 0, 9], 1500);
+        let irq = Arc::new(CountingInterrupt::default());
+        net.ack_features(bits(&[F_MRG_RXBUF]));
+        let mut drv = Driver::new(256);
+        let (mut rx, mut tx, ctrl) = (Ring::new(0, 256), Ring::new(1, 256), Ring::new(2, 64));
+        let kicks: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let mut unready = ctrl.queue(&drv.mem);
+        unready.set_ready(false);
+        net.activate(
+            drv.mem.clone(),
+            irq,
+            vec![rx.queue(&drv.mem), tx.queue(&drv.mem), unready],
+            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+        )
+        .unwrap();
+        // Receive buffers posted, then paused: frames from the host and a transmit kick.
+        let b = drv.alloc(2048);
+        rx.push(&drv, &[(b, 2048, true)]);
+        kicks[RXQ].write(1).unwrap();
+        net.pause().unwrap();
+        let g = with_hdr(&frame(500, 4));
+        peer.write_all(&g).unwrap();
+        let f = with_hdr(&frame(300, 3));
+        let a = drv.buf(&f);
+        tx.push(&drv, &[(a, f.len() as u32, false)]);
+        kicks[TXQ].write(1).unwrap();
+        let before = drv.read(0, MEM_SIZE);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            drv.read(0, MEM_SIZE) == before,
+            "guest RAM written while paused"
+        );
+        let mut got = vec![0u8; 4096];
+        assert!(peer.read(&mut got).is_err(), "a frame left while paused");
+        // Resumed: both directions go through.
+        net.resume();
+        assert!(wait_for(|| rx.used_idx(&drv) == 1));
+        assert_eq!(drv.read(b + 12, g.len() - 12), g[12..]);
+        assert!(wait_for(|| tx.used_idx(&drv) == 1));
+        assert_eq!(peer.read(&mut got).unwrap(), f.len());
+        let stats: std::collections::HashMap<_, _> = net.counters().into_iter().collect();
+        assert_eq!((stats["rx_frames"], stats["tx_frames"]), (1, 1));
+        net.reset();
     }
 
     #[test]

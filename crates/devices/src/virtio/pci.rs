@@ -44,6 +44,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{guest_error, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_BLOCK};
+use crate::lifecycle::{DeviceState, Lifecycle, LifecycleError, Stat};
 use crate::pci::config::{CAP_ID_VENDOR, CMD_INTX_DISABLE};
 use crate::pci::{BarKind, BarSpec, InterruptSink, Msi, MsixTable, PciConfig, PciDevice};
 
@@ -131,6 +132,8 @@ struct Interrupts {
     state: Mutex<IrqState>,
     sink: Arc<dyn InterruptSink>,
     intx_disabled: AtomicBool,
+    /// The device's worker failed: DEVICE_NEEDS_RESET until the driver resets the device.
+    device_failed: AtomicBool,
 }
 
 impl Interrupts {
@@ -186,6 +189,11 @@ impl VirtioInterrupt for Interrupts {
     fn config_changed(&self) {
         self.signal(2, |s| s.config_vector);
     }
+
+    fn device_failed(&self) {
+        self.device_failed.store(true, Ordering::Release);
+        self.config_changed();
+    }
 }
 
 /// A virtio device on the PCI bus through the modern transport.
@@ -210,6 +218,8 @@ pub struct VirtioPci {
     /// Offset of the cfg_type 5 capability.
     pci_cfg_cap: u16,
     guest_errors: AtomicU64,
+    /// Paused by the VMM.
+    paused: bool,
 }
 
 fn vendor_cap(cfg_type: u8, bar: u8, offset: u32, length: u32, extra: &[u8]) -> Vec<u8> {
@@ -318,6 +328,7 @@ impl VirtioPci {
             }),
             sink,
             intx_disabled: AtomicBool::new(false),
+            device_failed: AtomicBool::new(false),
         });
         let queues = max_sizes
             .iter()
@@ -347,6 +358,7 @@ impl VirtioPci {
             queue_select: 0,
             pci_cfg_cap,
             guest_errors: AtomicU64::new(0),
+            paused: false,
         })
     }
 
@@ -389,7 +401,7 @@ impl VirtioPci {
         };
         put(0x10, &config_vector.to_le_bytes());
         put(0x12, &(self.queues.len() as u16).to_le_bytes());
-        put(0x14, &[self.status, self.config_generation]);
+        put(0x14, &[self.device_status(), self.config_generation]);
         put(0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = self.queues.get(usize::from(self.queue_select)) {
             put(0x18, &q.size.to_le_bytes());
@@ -561,9 +573,19 @@ impl VirtioPci {
             .map_err(|e| e.to_string())
     }
 
+    /// The status the driver reads: its own bits, plus NEEDS_RESET once the device failed.
+    fn device_status(&self) -> u8 {
+        if self.irq.device_failed.load(Ordering::Acquire) {
+            self.status | STATUS_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
     /// Device reset: the device stops, the transport forgets the driver's settings.
     fn reset(&mut self) {
         self.dev.reset();
+        self.irq.device_failed.store(false, Ordering::Release);
         self.status = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -656,6 +678,38 @@ impl VirtioPci {
                 }
             }
         }
+    }
+}
+
+impl Lifecycle for VirtioPci {
+    fn pause(&mut self) -> Result<(), LifecycleError> {
+        self.dev.pause()?;
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        self.dev.resume();
+        self.paused = false;
+    }
+
+    fn state(&self) -> DeviceState {
+        if self.device_status() & STATUS_NEEDS_RESET != 0 {
+            DeviceState::NeedsReset
+        } else if self.paused {
+            DeviceState::Paused
+        } else if self.status & STATUS_DRIVER_OK != 0 {
+            DeviceState::Active
+        } else {
+            DeviceState::Inactive
+        }
+    }
+
+    /// The device's counters, then the transport's guest errors.
+    fn stats(&self) -> Vec<Stat> {
+        let mut s = self.dev.counters();
+        s.push(("transport_guest_errors", self.guest_errors()));
+        s
     }
 }
 
@@ -795,16 +849,14 @@ mod tests {
     const BASE: u64 = 0xc000_4000;
 
     fn rig() -> Rig {
+        rig_with(Box::new(Rng::new()))
+    }
+
+    fn rig_with(dev: Box<dyn VirtioDevice>) -> Rig {
         let drv = Driver::new(16);
         let sink = Arc::new(Recorder::default());
         let io = FakeIoEvents::default();
-        let pci = VirtioPci::new(
-            Box::new(Rng::new()),
-            drv.mem.clone(),
-            sink.clone(),
-            Box::new(io.clone()),
-        )
-        .unwrap();
+        let pci = VirtioPci::new(dev, drv.mem.clone(), sink.clone(), Box::new(io.clone())).unwrap();
         Rig { pci, sink, io, drv }
     }
 
@@ -972,6 +1024,109 @@ mod tests {
         t.drv.push_chain(&[(buf, 16, true)]);
         t.w(NOTIFY_CFG, 4, 0);
         assert!(wait_for(|| t.drv.used_idx() == 1));
+    }
+
+    #[test]
+    fn pause_stops_device_dma_until_resume() {
+        let mut t = rig();
+        assert_eq!(t.pci.state(), DeviceState::Inactive);
+        assert_eq!(t.start(VIRTIO_F_VERSION_1), 0x0f);
+        assert_eq!(t.pci.state(), DeviceState::Active);
+        t.pci.pause().unwrap();
+        assert_eq!(t.pci.state(), DeviceState::Paused);
+        let buf = t.drv.alloc(64);
+        t.drv.push_chain(&[(buf, 64, true)]);
+        t.w(NOTIFY_CFG, 2, 0);
+        // Guest memory as the driver left it: the device must not write a byte of it.
+        let before = t.drv.read(0, MEM_SIZE);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            t.drv.read(0, MEM_SIZE) == before,
+            "guest RAM written while paused"
+        );
+        assert_eq!(t.drv.used_idx(), 0);
+        t.pci.resume();
+        assert_eq!(t.pci.state(), DeviceState::Active);
+        assert!(wait_for(|| t.drv.used_idx() == 1));
+        assert_ne!(t.drv.read(buf, 64), vec![0u8; 64]);
+        let stats: std::collections::HashMap<_, _> = t.pci.stats().into_iter().collect();
+        assert_eq!(stats["requests"], 1);
+        assert_eq!(stats["bytes"], 64);
+        assert_eq!(stats["transport_guest_errors"], 0);
+    }
+
+    /// A device whose worker panics on its first look at the queue.
+    #[derive(Default)]
+    struct Panicky {
+        worker: Option<crate::virtio::Worker>,
+    }
+
+    impl VirtioDevice for Panicky {
+        fn device_type(&self) -> u32 {
+            crate::virtio::TYPE_RNG
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn ack_features(&mut self, _features: u64) {}
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            mem: GuestMemoryMmap,
+            interrupt: Arc<dyn VirtioInterrupt>,
+            queues: Vec<Queue>,
+            kicks: Vec<EventFd>,
+        ) -> Result<(), crate::virtio::ActivateError> {
+            crate::virtio::activate_single_queue(
+                &mut self.worker,
+                "panicky",
+                mem,
+                interrupt,
+                queues,
+                kicks,
+                |_, _| panic!("injected device bug"),
+            )
+        }
+        fn reset(&mut self) {
+            if let Some(w) = self.worker.take() {
+                w.stop();
+            }
+        }
+        fn pause(&mut self) -> Result<(), LifecycleError> {
+            self.worker
+                .as_ref()
+                .map_or(Ok(()), crate::virtio::Worker::pause)
+        }
+        fn resume(&mut self) {}
+        fn counters(&self) -> Vec<Stat> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn a_worker_panic_ends_in_needs_reset() {
+        let mut t = rig_with(Box::<Panicky>::default());
+        assert_eq!(t.start(VIRTIO_F_VERSION_1), 0x0f);
+        assert!(wait_for(|| t.pci.state() == DeviceState::NeedsReset));
+        assert_eq!(t.status(), 0x0f | STATUS_NEEDS_RESET);
+        // The driver hears of it: a configuration change (INTx + ISR bit 1 here).
+        assert_eq!(t.r(ISR_CFG, 1) & 2, 2);
+        // Pause and the device's other paths still answer.
+        t.pci.pause().unwrap();
+        t.pci.resume();
+        assert_eq!(t.r(0x18, 2), 16);
+        // A reset clears it; the device can start (and fail) again.
+        t.w(0x14, 1, 0);
+        assert_eq!(t.status(), 0);
+        assert_eq!(t.pci.state(), DeviceState::Inactive);
+        assert_eq!(t.start(VIRTIO_F_VERSION_1), 0x0f);
+        assert!(wait_for(|| t.pci.state() == DeviceState::NeedsReset));
     }
 
     #[test]

@@ -11,9 +11,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{self, ChainLimits};
 use super::{
-    activate_single_queue, drain_queue, guest_error, ActivateError, GuestMemoryMmap, QueueWorker,
-    VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    activate_single_queue, drain_queue, guest_error, ActivateError, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, Worker, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::lifecycle::{LifecycleError, Stat};
 
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 256;
@@ -103,7 +104,7 @@ fn process_request(
 pub struct Rng {
     stats: Arc<RngStats>,
     acked: u64,
-    worker: Option<QueueWorker>,
+    worker: Option<Worker>,
 }
 
 impl Default for Rng {
@@ -190,6 +191,27 @@ impl VirtioDevice for Rng {
             w.stop();
         }
         self.acked = 0;
+    }
+
+    fn pause(&mut self) -> Result<(), LifecycleError> {
+        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
+    fn counters(&self) -> Vec<Stat> {
+        let s = &*self.stats;
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("requests", l(&s.requests)),
+            ("bytes", l(&s.bytes)),
+            ("guest_errors", l(&s.guest_errors)),
+            ("host_errors", l(&s.host_errors)),
+        ]
     }
 }
 
