@@ -5,17 +5,18 @@ use std::sync::Arc;
 
 use crate::{BusDevice, StopReason, VmControl};
 
-/// PM1a event block: status (2 bytes) + enable (2 bytes).
-pub const PM1A_EVT_PORT: u16 = 0x400;
-pub const PM1A_EVT_LEN: u64 = 4;
+use platform::ports;
+
+/// PM1a event block: status (2 bytes) + enable (2 bytes), at the PM block's base.
+pub const PM1A_EVT_LEN: u64 = ports::PM1A_EVT_LEN as u64;
 /// PM1a control block (2 bytes).
-pub const PM1A_CNT_PORT: u16 = 0x404;
-pub const PM1A_CNT_LEN: u64 = 2;
+pub const PM1A_CNT_OFFSET: u64 = ports::PM1A_CNT_OFFSET as u64;
+pub const PM1A_CNT_LEN: u64 = ports::PM1A_CNT_LEN as u64;
 /// Reset control register.
-pub const RESET_PORT: u16 = 0xcf9;
-/// ACPI PM timer (bhyve's address), a 32-bit counter (FADT TMR_VAL_EXT).
-pub const PM_TIMER_PORT: u16 = 0x408;
-pub const PM_TIMER_LEN: u64 = 4;
+pub const RESET_PORT: u16 = ports::RESET_PORT;
+/// ACPI PM timer, a 32-bit counter (FADT TMR_VAL_EXT).
+pub const PM_TIMER_OFFSET: u64 = ports::PM_TIMER_OFFSET as u64;
+pub const PM_TIMER_LEN: u64 = ports::PM_TIMER_LEN as u64;
 /// The PM timer runs at 3.579545 MHz.
 pub const PM_TIMER_HZ: u128 = 3_579_545;
 
@@ -31,8 +32,8 @@ fn reg_index(offset: u64, i: usize) -> Option<usize> {
     usize::try_from(offset).ok()?.checked_add(i)
 }
 
-/// The SCI's GSI (ISA IRQ 9, level-triggered active high in the MADT; the FADT's SCI_INT).
-pub const SCI_GSI: u32 = 9;
+/// The SCI's GSI (level-triggered active high in the MADT; the FADT's SCI_INT).
+pub const SCI_GSI: u32 = platform::irq::SCI_GSI;
 
 /// PM1 status/enable bit 8: the fixed-feature power button.
 pub const PWRBTN: u16 = 1 << 8;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::{BusDevice, StopReason, VmControl};
 
 /// Data port 0x60 and command port 0x64 are 4 apart; the device spans both.
-pub const I8042_BASE: u16 = 0x60;
+pub const I8042_BASE: u16 = platform::ports::I8042_BASE;
 pub const I8042_LEN: u64 = 5;
 
 /// Offset of the data port (0x60).

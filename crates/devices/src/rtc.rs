@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::BusDevice;
 
 /// Index port 0x70, data port 0x71.
-pub const RTC_PORT: u16 = 0x70;
+pub const RTC_PORT: u16 = platform::ports::RTC_PORT;
 pub const RTC_LEN: u64 = 2;
 /// CMOS register holding the century, announced in the FADT.
 pub const CENTURY_REG: u8 = 0x32;
@@ -127,7 +127,7 @@ impl Rtc {
         cmos[REG_D] = D_VRT;
         // Memory above 1 MiB in KiB (0x17/0x18, 0x30/0x31) capped at 64 MiB, above 16 MiB in
         // 64 KiB units (0x34/0x35), above 4 GiB in 64 KiB units (0x5b-0x5d), as PC firmware.
-        let low = ram_bytes.min(0xC000_0000);
+        let low = platform::map::low_ram_end(ram_bytes);
         let ext_kib = (low.saturating_sub(1 << 20) >> 10).min(0xffff) as u16;
         cmos[0x17..0x19].copy_from_slice(&ext_kib.to_le_bytes());
         cmos[0x30..0x32].copy_from_slice(&ext_kib.to_le_bytes());

@@ -7,13 +7,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::BusDevice;
 
-/// Standard ISA ports and IRQs: (name, port, irq).
-pub const COM_PORTS: [(&str, u16, u32); 4] = [
-    ("com1", 0x3f8, 4),
-    ("com2", 0x2f8, 3),
-    ("com3", 0x3e8, 4),
-    ("com4", 0x2e8, 3),
-];
+/// COM1..COM4: (name, port, irq), as the platform places them.
+pub const COM_PORTS: [(&str, u16, u32); 4] = {
+    use platform::{irq::COM_IRQS as I, ports::COM_PORTS as P};
+    [
+        ("com1", P[0], I[0]),
+        ("com2", P[1], I[1]),
+        ("com3", P[2], I[2]),
+        ("com4", P[3], I[3]),
+    ]
+};
 
 /// The 8 registers of a 16550.
 pub const UART_REGS: u64 = 8;

@@ -39,23 +39,22 @@ const OEM_ID: [u8; 6] = *b"RHYVE ";
 const OEM_TABLE_ID: [u8; 8] = *b"RHYVE VM";
 const OEM_REVISION: u32 = 1;
 
-const LAPIC_ADDR: u32 = 0xFEE0_0000;
-const IOAPIC_ADDR: u32 = 0xFEC0_0000;
+use platform::map::{
+    PciLayout, ECAM_BASE as PCI_ECAM_BASE, ECAM_SIZE as PCI_ECAM_SIZE, IOAPIC_ADDR, LAPIC_ADDR,
+    PCI_IO_WINDOW,
+};
+use platform::ports::{PM1A_CNT_OFFSET, PM_TIMER_OFFSET, RESET_PORT};
 
-/// PM1a event block (status + enable), PM1a control block and the reset register, at the
-/// ports `devices::acpi_pm` decodes.
-const PM1A_EVT_LEN: u8 = 4;
-const PM1A_CNT_OFFSET: u16 = 4;
-const PM1A_CNT_LEN: u8 = 2;
-const RESET_PORT: u16 = 0xCF9;
-/// ACPI PM timer (32-bit, `devices::acpi_pm::PmTimer`).
-const PM_TIMER_OFFSET: u16 = 8;
-const PM_TIMER_LEN: u8 = 4;
+/// PM1a event block (status + enable), PM1a control block and the PM timer, as the
+/// platform places them.
+const PM1A_EVT_LEN: u8 = platform::ports::PM1A_EVT_LEN as u8;
+const PM1A_CNT_LEN: u8 = platform::ports::PM1A_CNT_LEN as u8;
+const PM_TIMER_LEN: u8 = platform::ports::PM_TIMER_LEN as u8;
 /// CMOS register holding the century (`devices::rtc::CENTURY_REG`).
 const RTC_CENTURY_REG: u8 = 0x32;
 const RESET_VALUE: u8 = 0x06;
-/// SCI on ISA IRQ 9 (= GSI 9).
-const SCI_IRQ: u8 = 9;
+/// The SCI's ISA IRQ (= its GSI).
+const SCI_IRQ: u8 = platform::irq::SCI_GSI as u8;
 /// `\_S5_` sleep type, as `devices::acpi_pm` powers off on it.
 const SLP_TYP_S5: u8 = 5;
 /// IAPC_BOOT_ARCH: LEGACY_DEVICES (bit 0) | 8042 (bit 1).
@@ -76,17 +75,6 @@ const ALL_PROCESSORS: u8 = 0xFF;
 const SDT_HEADER_LEN: usize = 36;
 const MADT_HEADER_LEN: usize = SDT_HEADER_LEN + 8;
 
-/// PCI as `devices::pci::root` lays it out: ECAM, the BAR windows and the INTx rule.
-pub const PCI_ECAM_BASE: u64 = 0xE000_0000;
-pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
-const PCI_IO_WINDOW: (u16, u16) = (0x2000, 0xFFFF);
-const PCI_MEM32_WINDOW: (u32, u32) = (0xC000_0000, 0xDFFF_FFFF);
-const PCI_MEM64_WINDOW: (u64, u64) = (0x80_0000_0000, 0x80_0000_0000 + (64 << 30) - 1);
-/// Slot S, pin P (0 = INTA#) → GSI 16 + (S + P) mod 8.
-fn pci_intx_gsi(slot: u32, pin: u32) -> u32 {
-    16 + (slot + pin) % 8
-}
-
 /// What the tables describe.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcpiConfig {
@@ -102,59 +90,6 @@ pub struct AcpiConfig {
     /// How the PCI root is laid out.
     pub pci_layout: PciLayout,
 }
-
-/// The PCI root's address map, as `devices::pci::root` decodes it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum PciLayout {
-    /// Direct boot: ECAM at [`PCI_ECAM_BASE`] (MCFG), BARs in 0xC000_0000–0xDFFF_FFFF.
-    #[default]
-    Direct,
-    /// Behind a boot ROM, which places the BARs itself as on QEMU's i440FX: no ECAM, a
-    /// 32-bit window from `mem32_base` up to the I/O APIC, a 64-bit one from `mem64_base`
-    /// (above RAM) to [`FIRMWARE_MEM64_END`].
-    Firmware { mem32_base: u32, mem64_base: u64 },
-}
-
-impl PciLayout {
-    /// Whether the root has an ECAM (and so an MCFG and its motherboard reservation).
-    pub fn has_ecam(self) -> bool {
-        self == PciLayout::Direct
-    }
-
-    /// The 32-bit memory BAR window, first and last address.
-    pub fn mem32_window(self) -> (u32, u32) {
-        match self {
-            PciLayout::Direct => PCI_MEM32_WINDOW,
-            PciLayout::Firmware { mem32_base, .. } => (mem32_base, FIRMWARE_MEM32_LAST),
-        }
-    }
-
-    /// The 64-bit memory BAR window, first and last address.
-    pub fn mem64_window(self) -> (u64, u64) {
-        match self {
-            PciLayout::Direct => PCI_MEM64_WINDOW,
-            PciLayout::Firmware { mem64_base, .. } => (mem64_base, FIRMWARE_MEM64_END - 1),
-        }
-    }
-
-    /// Where the ACPI PM block (PM1a event, PM1a control, PM timer at +0, +4, +8) sits:
-    /// 0x400 for direct boot; behind a boot ROM 0x600, where QEMU's machines have it, which
-    /// leaves port 0x402 to the debug console firmware writes its log to.
-    pub fn pm_base(self) -> u16 {
-        match self {
-            PciLayout::Direct => 0x400,
-            PciLayout::Firmware { .. } => 0x600,
-        }
-    }
-}
-
-/// End (exclusive) of the firmware layout's 64-bit window: 1 TiB, the top of a 40-bit
-/// physical address space, where OVMF may put its 64-bit aperture (SeaBIOS places it lower).
-pub const FIRMWARE_MEM64_END: u64 = 1 << 40;
-
-/// End (inclusive) of the firmware layout's 32-bit window: just below the I/O APIC, where
-/// SeaBIOS's and OVMF's allocators stop.
-pub const FIRMWARE_MEM32_LAST: u32 = 0xFEBF_FFFF;
 
 /// Guest-physical addresses of each table, as [`write_acpi_tables`] places them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,7 +186,10 @@ fn pci_devices(layout: PciLayout) -> Vec<u8> {
     // _PRT: Package { Address 0xSSSSFFFF, Pin, Source 0 (a GSI), Source Index = GSI }.
     let entries: Vec<(u32, u8, u32)> = (0..32u32)
         .flat_map(|slot| {
-            (0..4u32).map(move |pin| (slot << 16 | 0xFFFF, pin as u8, pci_intx_gsi(slot, pin)))
+            (0..4u8).filter_map(move |pin| {
+                let gsi = platform::irq::intx_gsi(slot as u8, pin + 1)?;
+                Some((slot << 16 | 0xFFFF, pin, gsi))
+            })
         })
         .collect();
     let pkgs: Vec<aml::Package> = entries
@@ -289,13 +227,8 @@ fn pci_devices(layout: PciLayout) -> Vec<u8> {
     v
 }
 
-/// ISA COM ports: (name, I/O base, IRQ), as `devices::uart::COM_PORTS`.
-const COM_PORTS: [(&str, u16, u8); 4] = [
-    ("COM1", 0x3F8, 4),
-    ("COM2", 0x2F8, 3),
-    ("COM3", 0x3E8, 4),
-    ("COM4", 0x2E8, 3),
-];
+/// The COM ports' AML names.
+const COM_NAMES: [&str; 4] = ["COM1", "COM2", "COM3", "COM4"];
 
 /// `Device (NAME) { _HID EISAID(hid), [_UID uid,] _CRS (io ranges (base, len), irq) }`.
 fn isa_device(name: &str, hid: &str, uid: Option<u8>, io: &[(u16, u8)], irq: u8) -> Vec<u8> {
@@ -326,24 +259,33 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let s5_name = aml::Name::new("_S5_".into(), &s5_pkg);
 
     let mut devices = Vec::new();
-    for (i, &(name, base, irq)) in COM_PORTS.iter().enumerate() {
+    use platform::{irq, ports};
+    for (i, name) in COM_NAMES.iter().enumerate() {
         if cfg.com[i] {
             devices.extend(isa_device(
                 name,
                 "PNP0501",
                 Some(i as u8 + 1),
-                &[(base, 8)],
-                irq,
+                &[(ports::COM_PORTS[i], 8)],
+                irq::COM_IRQS[i] as u8,
             ));
         }
     }
-    devices.extend(isa_device("RTC_", "PNP0B00", None, &[(0x70, 2)], 8));
+    let rtc = [(ports::RTC_PORT, 2)];
+    devices.extend(isa_device(
+        "RTC_",
+        "PNP0B00",
+        None,
+        &rtc,
+        irq::RTC_IRQ as u8,
+    ));
+    let kbd = [(ports::I8042_BASE, 1), (ports::I8042_BASE + 4, 1)];
     devices.extend(isa_device(
         "KBD_",
         "PNP0303",
         None,
-        &[(0x60, 1), (0x64, 1)],
-        1,
+        &kbd,
+        irq::KBD_IRQ as u8,
     ));
     if cfg.pci {
         devices.extend(pci_devices(cfg.pci_layout));
@@ -862,7 +804,6 @@ mod tests {
         ]));
         assert!(has(&[0x0C, 0xFF, 0xFF, 31, 0, 0x0A, 3, 0x00, 0x0A, 18]));
         assert!(has(b"MRES"));
-        assert_eq!(pci_intx_gsi(31, 3), 18);
         assert!(dsdt(&AcpiConfig::default()).len() < d.len());
     }
 

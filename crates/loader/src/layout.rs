@@ -18,16 +18,14 @@
 //! | 0xb000 – 0xefff     | 4 page directories (2 MiB pages, identity map of 0–4 GiB)    |
 //! | 0x20000 – 0x2ffff   | kernel command line (NUL-terminated)                         |
 
-/// Start of the 32-bit PCI/MMIO hole (3 GiB). RAM beyond this is moved above 4 GiB.
-pub const MMIO_HOLE_START: u64 = 0xC000_0000;
-/// End of the 32-bit PCI/MMIO hole (4 GiB).
-pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+// The RAM layout is the platform's; the loader places its own structures inside it.
+pub use platform::map::{in_ram, low_ram_end, ram_regions, MMIO_HOLE_END, MMIO_HOLE_START};
 
-/// PCI ECAM (`devices::pci::root::ECAM_BASE`): reserved in the e820 map, as firmware does,
-/// so the OS accepts the MCFG area and never puts anything else there.
-pub const PCI_ECAM_START: u64 = 0xE000_0000;
+/// PCI ECAM: reserved in the e820 map, as firmware does, so the OS accepts the MCFG area
+/// and never puts anything else there.
+pub const PCI_ECAM_START: u64 = platform::map::ECAM_BASE;
 /// End of the ECAM window (buses 0–255).
-pub const PCI_ECAM_END: u64 = 0xF000_0000;
+pub const PCI_ECAM_END: u64 = platform::map::ECAM_BASE + platform::map::ECAM_SIZE;
 
 /// Start of the extended BIOS data area; low RAM reported to the guest ends here.
 pub const EBDA_START: u64 = 0x9_fc00;
@@ -132,36 +130,6 @@ pub struct E820Entry {
     pub size: u64,
     /// Type.
     pub kind: E820Kind,
-}
-
-/// End of RAM below the MMIO hole for a guest of `ram_bytes`.
-pub fn low_ram_end(ram_bytes: u64) -> u64 {
-    ram_bytes.min(MMIO_HOLE_START)
-}
-
-/// The guest-physical RAM slots the VMM maps: `[0, min(ram, 3 GiB))` and, for larger guests,
-/// `[4 GiB, 4 GiB + rest)`. Empty slots are omitted.
-pub fn ram_regions(ram_bytes: u64) -> Vec<(u64, u64)> {
-    let low = low_ram_end(ram_bytes);
-    let high = ram_bytes - low;
-    let mut v = Vec::with_capacity(2);
-    if low > 0 {
-        v.push((0, low));
-    }
-    if high > 0 {
-        v.push((MMIO_HOLE_END, high));
-    }
-    v
-}
-
-/// Whether `[addr, addr + len)` lies within guest RAM (one slot; slots never touch).
-pub fn in_ram(ram_bytes: u64, addr: u64, len: u64) -> bool {
-    let Some(end) = addr.checked_add(len) else {
-        return false;
-    };
-    ram_regions(ram_bytes)
-        .iter()
-        .any(|&(base, size)| addr >= base && end <= base.saturating_add(size))
 }
 
 /// The e820 map for a guest with `ram_bytes` of RAM laid out as [`ram_regions`].

@@ -30,7 +30,7 @@ pub const MAX_CPUS: u32 = 254;
 /// Local APIC base address.
 pub const LAPIC_ADDR: u32 = 0xFEE0_0000;
 /// I/O APIC base address.
-pub const IOAPIC_ADDR: u32 = 0xFEC0_0000;
+pub const IOAPIC_ADDR: u32 = platform::map::IOAPIC_ADDR;
 
 const FPS_LEN: usize = 16;
 const HEADER_LEN: usize = 44;

@@ -438,9 +438,9 @@ impl VmConfig {
         };
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
             return err(format!(
-                "-m: memory size {memory} bytes is outside {}M..{}T",
-                MIN_MEMORY >> 20,
-                MAX_MEMORY >> 40
+                "-m: memory size {memory} bytes is outside {}..{}",
+                rhyve::memsize::show(MIN_MEMORY),
+                rhyve::memsize::show(MAX_MEMORY)
             ));
         }
         let huge_pages = match t.get("memory.hugepages") {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use devices::pci::{root as pci_root, InterruptSink, PciRoot};
 use devices::{acpi_pm, i8042, pc_testdev, post, rtc, uart, Bus, BusDevice, StopReason, VmControl};
+use platform::map::PciLayout;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use vmmapi::{Hypervisor, Vm};
@@ -43,26 +44,9 @@ fn acpi_config(cfg: &VmConfig) -> loader::acpi::AcpiConfig {
     }
 }
 
-/// Behind a boot ROM the PCI root looks like QEMU's i440FX: no ECAM, and a 32-bit BAR
-/// window from 2 GiB (3 GiB when low RAM reaches past 2 GiB) up to the I/O APIC — where
-/// SeaBIOS's and OVMF's allocators put BARs.
-fn pci_layout(cfg: &VmConfig) -> loader::acpi::PciLayout {
-    if cfg.bootrom.is_none() {
-        return loader::acpi::PciLayout::Direct;
-    }
-    let low = loader::layout::low_ram_end(cfg.memory);
-    let mem32_base = if low <= 0x8000_0000 {
-        0x8000_0000
-    } else {
-        0xC000_0000
-    };
-    // Above the RAM moved past 4 GiB, 1 GiB-aligned.
-    let ram_top = loader::layout::MMIO_HOLE_END + (cfg.memory - low);
-    let mem64_base = ram_top.div_ceil(1 << 30) << 30;
-    loader::acpi::PciLayout::Firmware {
-        mem32_base,
-        mem64_base,
-    }
+/// The PCI root's layout: rhyve's own for direct boot, QEMU's i440FX behind a boot ROM.
+fn pci_layout(cfg: &VmConfig) -> PciLayout {
+    PciLayout::for_machine(cfg.memory, cfg.bootrom.is_some())
 }
 
 fn build_buses(
@@ -108,13 +92,13 @@ fn build_buses(
     pio.insert("pm1a-evt", pm_base, acpi_pm::PM1A_EVT_LEN, pm1_evt.clone())?;
     pio.insert(
         "pm1a-cnt",
-        pm_base + u64::from(acpi_pm::PM1A_CNT_PORT - acpi_pm::PM1A_EVT_PORT),
+        pm_base + acpi_pm::PM1A_CNT_OFFSET,
         acpi_pm::PM1A_CNT_LEN,
         shared(acpi_pm::Pm1Control::new(control.clone())),
     )?;
     pio.insert(
         "pm-timer",
-        pm_base + u64::from(acpi_pm::PM_TIMER_PORT - acpi_pm::PM1A_EVT_PORT),
+        pm_base + acpi_pm::PM_TIMER_OFFSET,
         acpi_pm::PM_TIMER_LEN,
         shared(acpi_pm::PmTimer::new()),
     )?;

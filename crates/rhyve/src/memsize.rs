@@ -2,8 +2,8 @@
 
 /// Smallest RAM rhyve accepts.
 pub const MIN: u64 = 16 << 20;
-/// Largest RAM rhyve accepts.
-pub const MAX: u64 = 1 << 40;
+/// Largest RAM rhyve accepts: the platform's limit (RAM must end below the 64-bit BARs).
+pub const MAX: u64 = platform::map::MAX_RAM;
 
 /// A number with an optional K/M/G/T suffix (either case); no suffix means MiB. None for
 /// anything else, zero, or an overflow (the range check is the caller's).

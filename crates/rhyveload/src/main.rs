@@ -404,7 +404,7 @@ mod tests {
             (&["-m", "12Q", "-d", "x", "vm"][..], "-m 12Q"),
             (
                 &["-m", "1M", "-d", "x", "vm"][..],
-                "-m 1M: memory size is outside 16M..1T",
+                "-m 1M: memory size is outside 16M..511G",
             ),
             (&["-d", "x"][..], "missing vmname"),
             (&["-d", "x", "a", "b"][..], "one vmname expected"),

@@ -13,41 +13,35 @@ use super::config::{CMD_IO, CMD_MEM, COMMAND, NUM_BARS};
 use super::{BarKind, PciDevice};
 use crate::BusDevice;
 
+use platform::alloc::RangeAllocator;
+use platform::map;
+
 /// Configuration mechanism #1: CONFIG_ADDRESS at 0xCF8, CONFIG_DATA at 0xCFC (8 ports).
-pub const CONFIG_IO_PORT: u16 = 0xCF8;
-pub const CONFIG_IO_LEN: u64 = 8;
+pub const CONFIG_IO_PORT: u16 = platform::ports::PCI_CONFIG_PORT;
+pub const CONFIG_IO_LEN: u64 = platform::ports::PCI_CONFIG_LEN as u64;
 /// ECAM: 1 MiB per bus, buses 0..=255.
-pub const ECAM_BASE: u64 = 0xE000_0000;
-pub const ECAM_SIZE: u64 = 0x1000_0000;
-/// 32-bit memory BAR window.
-pub const MEM32_BASE: u64 = 0xC000_0000;
-pub const MEM32_END: u64 = 0xE000_0000;
-/// 64-bit memory BAR window (above any RAM this VMM maps).
-pub const MEM64_BASE: u64 = 0x80_0000_0000;
-pub const MEM64_SIZE: u64 = 64 << 30;
-/// I/O BAR window.
-pub const IO_BASE: u64 = 0x2000;
-pub const IO_END: u64 = 0x1_0000;
+pub const ECAM_BASE: u64 = map::ECAM_BASE;
+pub const ECAM_SIZE: u64 = map::ECAM_SIZE;
+/// Direct boot's 32-bit memory BAR window `[MEM32_BASE, MEM32_END)`.
+pub const MEM32_BASE: u64 = map::PCI_MEM32_WINDOW.0 as u64;
+pub const MEM32_END: u64 = map::PCI_MEM32_WINDOW.1 as u64 + 1;
+/// Direct boot's 64-bit memory BAR window (above any RAM this VMM maps).
+pub const MEM64_BASE: u64 = map::PCI_MEM64_WINDOW.0;
+pub const MEM64_SIZE: u64 = map::PCI_MEM64_WINDOW.1 - map::PCI_MEM64_WINDOW.0 + 1;
+/// I/O BAR window `[IO_BASE, IO_END)`.
+pub const IO_BASE: u64 = map::PCI_IO_WINDOW.0 as u64;
+pub const IO_END: u64 = map::PCI_IO_WINDOW.1 as u64 + 1;
 /// Where the allocator starts handing out I/O BARs: the first page of the window stays free
 /// for pc-testdev's IRQ ports at 0x2000.
-pub const IO_ALLOC_BASE: u64 = 0x3000;
+pub const IO_ALLOC_BASE: u64 = map::PCI_IO_ALLOC_BASE as u64;
 /// 64-bit BARs up to this size are placed below 4 GiB, as bhyve does.
 const MEM64_LOW_LIMIT: u64 = 128 << 20;
-/// First IOAPIC GSI used for PCI INTx.
-pub const INTX_GSI_BASE: u32 = 16;
 
 /// Slots per bus and functions per slot.
-pub const SLOTS: u8 = 32;
+pub const SLOTS: u8 = platform::irq::PCI_SLOTS;
 pub const FUNCTIONS: u8 = 8;
 
-/// The IOAPIC GSI of slot `slot`'s pin `pin` (1 = INTA# … 4 = INTD#):
-/// 16 + ((slot + pin − 1) mod 8). The DSDT's `_PRT` encodes the same rule.
-pub fn intx_gsi(slot: u8, pin: u8) -> Option<u32> {
-    if slot >= SLOTS || !(1..=4).contains(&pin) {
-        return None;
-    }
-    Some(INTX_GSI_BASE + (u32::from(slot) + u32::from(pin) - 1) % 8)
-}
+pub use platform::irq::intx_gsi;
 
 /// PCI assembly errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -169,9 +163,9 @@ impl PciRoot {
     /// several functions, the interrupt line of functions with a pin, assigns every BAR an
     /// address in its window (largest first, naturally aligned) and enables decoding.
     pub fn assign_resources(&mut self) -> Result<(), PciError> {
-        let mut io = IO_ALLOC_BASE;
-        let mut mem32 = MEM32_BASE;
-        let mut mem64 = MEM64_BASE;
+        let mut io = RangeAllocator::new(IO_ALLOC_BASE, IO_END);
+        let mut mem32 = RangeAllocator::new(MEM32_BASE, MEM32_END);
+        let mut mem64 = RangeAllocator::new(MEM64_BASE, MEM64_BASE + MEM64_SIZE);
         let mut bars = Vec::new();
         for (i, f) in self.functions.iter().enumerate() {
             let multi = self.functions.iter().filter(|g| g.slot == f.slot).count() > 1;
@@ -191,25 +185,18 @@ impl PciRoot {
         }
         bars.sort_by_key(|&(i, b, s)| (std::cmp::Reverse(s.size), i, b));
         for (i, b, spec) in bars {
-            let (cursor, end) = match spec.kind {
-                BarKind::Io => (&mut io, IO_END),
-                BarKind::Mem64 if spec.size > MEM64_LOW_LIMIT => {
-                    (&mut mem64, MEM64_BASE + MEM64_SIZE)
-                }
-                BarKind::Mem32 | BarKind::Mem64 => (&mut mem32, MEM32_END),
+            let window = match spec.kind {
+                BarKind::Io => &mut io,
+                BarKind::Mem64 if spec.size > MEM64_LOW_LIMIT => &mut mem64,
+                BarKind::Mem32 | BarKind::Mem64 => &mut mem32,
             };
             let f = &self.functions[i];
-            let addr = cursor
-                .checked_add(spec.size - 1)
-                .map(|a| a & !(spec.size - 1))
-                .filter(|a| a.checked_add(spec.size).is_some_and(|e| e <= end))
-                .ok_or(PciError::NoSpace {
-                    slot: f.slot,
-                    func: f.func,
-                    bar: b,
-                    size: spec.size,
-                })?;
-            *cursor = addr + spec.size;
+            let addr = window.allocate(spec.size).ok_or(PciError::NoSpace {
+                slot: f.slot,
+                func: f.func,
+                bar: b,
+                size: spec.size,
+            })?;
             let mut d = lock(&f.dev);
             let c = d.config_mut();
             c.set_bar_address(b, addr);
