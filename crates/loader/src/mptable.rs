@@ -28,7 +28,7 @@ pub const MPC_TABLE_ADDR: u64 = MPTABLE_START + FPS_LEN as u64;
 pub const MAX_CPUS: u32 = 254;
 
 /// Local APIC base address.
-pub const LAPIC_ADDR: u32 = 0xFEE0_0000;
+pub const LAPIC_ADDR: u32 = platform::map::LAPIC_ADDR;
 /// I/O APIC base address.
 pub const IOAPIC_ADDR: u32 = platform::map::IOAPIC_ADDR;
 
