@@ -71,7 +71,7 @@ fn raw_kvm_guest(cmdline: &str) -> (Duration, u64) {
         vcpu.get_regs().expect("regs"),
         vcpu.get_sregs().expect("sregs"),
     );
-    rhyve::boot::apply_entry_state(&loaded.entry, &mut regs, &mut sregs);
+    vmm::boot::apply_entry_state(&loaded.entry, &mut regs, &mut sregs);
     vcpu.set_sregs(&sregs).expect("sregs");
     vcpu.set_regs(&regs).expect("regs");
     let mut exits = 0;

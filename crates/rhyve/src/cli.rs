@@ -1,6 +1,6 @@
 //! bhyve(8)'s command line, turned into configuration keys (bhyve_config(5)).
 
-use crate::config::{ConfigError, ConfigTree};
+use vmm::config::{ConfigError, ConfigTree};
 
 /// What the command line asks for.
 #[derive(Debug)]

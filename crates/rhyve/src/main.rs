@@ -1,22 +1,12 @@
 //! rhyve: bhyve's userland hypervisor, on Linux KVM.
 
-mod adopt;
 mod cli;
-mod config;
-mod console;
-mod control_server;
-mod emulations;
-mod firmware;
 mod logger;
-mod machine;
-mod signals;
-mod terminal;
-mod vcpu;
-mod vcpu_ctl;
 
 use std::time::Instant;
 
 use cli::Command;
+use vmm::{config, emulations, machine, terminal};
 
 const HELP: &str = "\
 NAME

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use loader::{BootBytes, BootState};
-use rhyve::memsize;
+use vmm::memsize;
 use vmmapi::{GuestRam, VmObject};
 
 /// Appended to command-line errors, which stay on one line.

@@ -14,12 +14,12 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use vmmapi::{Hypervisor, Vm};
 
+use crate::boot;
 use crate::config::{ConsoleBackend, VmConfig};
 use crate::emulations::PciContext;
 use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
 use crate::vcpu_ctl::VcpuCtl;
 use crate::{adopt, console, control_server, signals, terminal};
-use rhyve::boot;
 
 fn shared(d: impl BusDevice + 'static) -> Arc<Mutex<dyn BusDevice>> {
     Arc::new(Mutex::new(d))

@@ -160,13 +160,13 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
 
 /// Parses `-m` sizes: a number with an optional K/M/G/T suffix; no suffix means MiB.
 pub fn parse_size(v: &str) -> Result<u64, ConfigError> {
-    rhyve::memsize::parse(v)
+    crate::memsize::parse(v)
         .ok_or_else(|| ConfigError(format!("-m {v}: invalid memory size (use e.g. 512M, 2G)")))
 }
 
 /// Smallest and largest RAM rhyve accepts.
-pub const MIN_MEMORY: u64 = rhyve::memsize::MIN;
-pub const MAX_MEMORY: u64 = rhyve::memsize::MAX;
+pub const MIN_MEMORY: u64 = crate::memsize::MIN;
+pub const MAX_MEMORY: u64 = crate::memsize::MAX;
 
 /// A console backend for a COM port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -439,8 +439,8 @@ impl VmConfig {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
             return err(format!(
                 "-m: memory size {memory} bytes is outside {}..{}",
-                rhyve::memsize::show(MIN_MEMORY),
-                rhyve::memsize::show(MAX_MEMORY)
+                crate::memsize::show(MIN_MEMORY),
+                crate::memsize::show(MAX_MEMORY)
             ));
         }
         let huge_pages = match t.get("memory.hugepages") {

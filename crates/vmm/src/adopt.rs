@@ -13,10 +13,10 @@
 //! reboot. `-D` (bhyve's "destroy the VM on guest initiated power-off") removes the object
 //! when the guest powers off (exit 1, also after SIGTERM's power button).
 
+use crate::memsize::show;
 use anyhow::{anyhow, bail, Context, Result};
 use devices::StopReason;
 use loader::{BootState, EntryState};
-use rhyve::memsize::show;
 use vmmapi::{Hypervisor, Vm, VmObject};
 
 use crate::config::VmConfig;
@@ -191,11 +191,9 @@ mod tests {
     use super::*;
 
     fn cfg(name: &str, kernel: Option<&str>, mem: u64) -> VmConfig {
-        let mut t = crate::cli::parse(&[name.to_string()]).map(|c| match c {
-            crate::cli::Command::Run(t) => t,
-            _ => unreachable!(),
-        });
-        let t = t.as_mut().unwrap();
+        let mut t = crate::config::ConfigTree::default();
+        t.set("name", name);
+        let t = &mut t;
         t.set("memory.size", &format!("{}M", mem >> 20));
         if let Some(k) = kernel {
             t.set("boot.kernel", k);

@@ -1,0 +1,25 @@
+//! rhyve's VMM as a library: what bhyve's `bhyve` binary does, minus its command line.
+//!
+//! - [`config`]: the VM's resources ([`config::VmConfig`], every device with an id), from
+//!   bhyve_config(5)'s dotted keys or built directly.
+//! - [`emulations`]: the `-s` emulations by name (bhyve's pci_emul table).
+//! - [`machine`]: assembly (guest RAM, irqchip, buses, PCI, firmware or kernel) and the run
+//!   until a stop, as bhyve's exit status.
+//! - [`vcpu`], [`vcpu_ctl`]: one thread per vCPU and how others reach it.
+//! - [`control_server`]: the VM's control socket (rhyvectl).
+//! - [`console`], [`terminal`], [`signals`]: the host side of the consoles and the signals.
+//! - [`adopt`], [`boot`], [`firmware`]: what runs first: rhyveload's load, a kernel, a ROM.
+
+pub mod adopt;
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod control_server;
+pub mod emulations;
+pub mod firmware;
+pub mod machine;
+pub mod memsize;
+pub mod signals;
+pub mod terminal;
+pub mod vcpu;
+pub mod vcpu_ctl;
