@@ -5,6 +5,7 @@
 //! every backend but stdio writes without blocking: bytes nobody can take right now (a full
 //! pty buffer, no client on a socket) are dropped and counted, reported at exit.
 
+use devices::threads::ThreadKind;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -194,10 +195,9 @@ pub fn spawn_reader(
     uart: Arc<Mutex<Uart>>,
 ) -> std::io::Result<()> {
     let label = name.to_string();
-    std::thread::Builder::new()
-        .stack_size(devices::THREAD_STACK_SIZE)
-        .name(format!("{name} input"))
-        .spawn(move || feed(&label, &mut *input, &uart))?;
+    devices::threads::spawn(ThreadKind::Console, format!("{name} input"), move || {
+        feed(&label, &mut *input, &uart)
+    })?;
     Ok(())
 }
 
@@ -270,46 +270,41 @@ fn spawn_listener(
     client: Client,
     uart: Arc<Mutex<Uart>>,
 ) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .stack_size(devices::THREAD_STACK_SIZE)
-        .name(format!("{name} listen"))
-        .spawn(move || {
-            let mut generation = 0u64;
-            loop {
-                let (mut input, fd) = match listener.accept() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        log::warn!("{name}: accept: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                let mut slot = client.lock().unwrap_or_else(|e| e.into_inner());
-                if slot.is_some() {
-                    log::warn!("{name}: a client is already connected; closing the new one");
+    devices::threads::spawn(ThreadKind::Console, format!("{name} listen"), move || {
+        let mut generation = 0u64;
+        loop {
+            let (mut input, fd) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("{name}: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
-                generation += 1;
-                *slot = Some((generation, fd));
-                drop(slot);
-                log::info!("{name}: client connected");
-                let (client, uart, id) = (client.clone(), uart.clone(), generation);
-                let spawned = std::thread::Builder::new()
-                    .stack_size(devices::THREAD_STACK_SIZE)
-                    .name(format!("{name} client"))
-                    .spawn(move || {
-                        feed(name, &mut *input, &uart);
-                        let mut slot = client.lock().unwrap_or_else(|e| e.into_inner());
-                        if slot.as_ref().map(|(g, _)| *g) == Some(id) {
-                            *slot = None;
-                        }
-                        log::info!("{name}: client disconnected");
-                    });
-                if let Err(e) = spawned {
-                    log::warn!("{name}: client thread: {e}");
-                }
+            };
+            let mut slot = client.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_some() {
+                log::warn!("{name}: a client is already connected; closing the new one");
+                continue;
             }
-        })?;
+            generation += 1;
+            *slot = Some((generation, fd));
+            drop(slot);
+            log::info!("{name}: client connected");
+            let (client, uart, id) = (client.clone(), uart.clone(), generation);
+            let spawned =
+                devices::threads::spawn(ThreadKind::Console, format!("{name} client"), move || {
+                    feed(name, &mut *input, &uart);
+                    let mut slot = client.lock().unwrap_or_else(|e| e.into_inner());
+                    if slot.as_ref().map(|(g, _)| *g) == Some(id) {
+                        *slot = None;
+                    }
+                    log::info!("{name}: client disconnected");
+                });
+            if let Err(e) = spawned {
+                log::warn!("{name}: client thread: {e}");
+            }
+        }
+    })?;
     Ok(())
 }
 

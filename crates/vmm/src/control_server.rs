@@ -7,6 +7,7 @@
 //! a client that vanishes mid-request only loses its answer, and nothing a client does can
 //! stop the server or the VM except the documented `reset`/`poweroff` requests.
 
+use devices::threads::ThreadKind;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -95,16 +96,13 @@ impl ControlServer {
             clients: AtomicUsize::new(0),
             connections: Mutex::new(Vec::new()),
         });
-        let thread = std::thread::Builder::new()
-            .stack_size(devices::THREAD_STACK_SIZE)
-            .name("control".into())
-            .spawn({
-                let listener = listener.clone();
-                let closing = closing.clone();
-                let shared = shared.clone();
-                move || accept_loop(&listener, &closing, &shared)
-            })
-            .context("control socket thread")?;
+        let thread = devices::threads::spawn(ThreadKind::Control, "control", {
+            let listener = listener.clone();
+            let closing = closing.clone();
+            let shared = shared.clone();
+            move || accept_loop(&listener, &closing, &shared)
+        })
+        .context("control socket thread")?;
         log::info!("control socket {}", path.display());
         Ok(Self {
             path,
@@ -218,10 +216,9 @@ fn accept_loop(listener: &UnixListener, closing: &AtomicBool, shared: &Arc<Share
         // Gives the client's slot back when dropped: when the thread ends, or with the
         // closure if the thread cannot be started.
         let slot = ClientSlot(shared.clone());
-        let spawned = std::thread::Builder::new()
-            .stack_size(devices::THREAD_STACK_SIZE)
-            .name("control client".into())
-            .spawn(move || serve_client(stream, &slot.0));
+        let spawned = devices::threads::spawn(ThreadKind::Control, "control client", move || {
+            serve_client(stream, &slot.0)
+        });
         match spawned {
             Ok(thread) => {
                 let mut connections = match shared.connections.lock() {

@@ -5,7 +5,8 @@
 //! - [`emulations`]: the `-s` emulations by name (bhyve's pci_emul table).
 //! - [`machine`]: assembly (guest RAM, irqchip, buses, PCI, firmware or kernel) and the run
 //!   until a stop, as bhyve's exit status.
-//! - [`vcpu`], [`vcpu_ctl`]: one thread per vCPU and how others reach it.
+//! - [`vcpu`], [`vcpu_ctl`], [`exit`]: one thread per vCPU, how others reach it, and the
+//!   pure handler of its exits.
 //! - [`control_server`]: the VM's control socket (rhyvectl).
 //! - [`console`], [`terminal`], [`signals`]: the host side of the consoles and the signals.
 //! - [`adopt`], [`boot`], [`firmware`]: what runs first: rhyveload's load, a kernel, a ROM.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod console;
 pub mod control_server;
 pub mod emulations;
+pub mod exit;
 pub mod firmware;
 pub mod machine;
 pub mod memsize;

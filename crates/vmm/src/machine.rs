@@ -1,6 +1,7 @@
 //! Machine assembly: VM + RAM + irqchip, devices on the buses, the kernel, vCPU threads,
 //! then wait for a stop and turn it into bhyve's exit status.
 
+use devices::threads::ThreadKind;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,6 +18,7 @@ use vmmapi::{Hypervisor, Vm};
 use crate::boot;
 use crate::config::{ConsoleBackend, VmConfig};
 use crate::emulations::PciContext;
+use crate::exit::ExitHandler;
 use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
 use crate::vcpu_ctl::VcpuCtl;
 use crate::{adopt, console, control_server, signals, terminal};
@@ -653,23 +655,18 @@ fn run_vcpus(
             .find(|(v, _)| *v == id)
             .map(|(_, c)| c.clone());
         let ctx = VcpuContext {
-            pio: pio.clone(),
-            mmio: mmio.clone(),
+            exits: ExitHandler::new(pio.clone(), mmio.clone(), stats.clone(), cfg.strict_io),
             control: control.clone(),
             stats: stats.clone(),
             halt: probe.clone(),
             ctl: ctl.clone(),
-            strict_io: cfg.strict_io,
         };
-        let handle = std::thread::Builder::new()
-            .stack_size(devices::THREAD_STACK_SIZE)
-            .name(format!("vcpu {id}"))
-            .spawn(move || {
-                if let Some(cpus) = pins {
-                    pin_current_thread(&cpus);
-                }
-                crate::vcpu::run(vcpu, ctx)
-            })?;
+        let handle = devices::threads::spawn(ThreadKind::Vcpu, format!("vcpu {id}"), move || {
+            if let Some(cpus) = pins {
+                pin_current_thread(&cpus);
+            }
+            crate::vcpu::run(vcpu, ctx)
+        })?;
         threads.push(handle);
     }
     log::debug!("boot: vCPUs started at {:.1} ms", ms_since(start));

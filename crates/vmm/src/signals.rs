@@ -7,6 +7,7 @@
 //! ACPI OS) is powered off at once. With a stdio console in raw mode ^C reaches the guest
 //! as a byte, so a SIGINT that arrives here was sent on purpose and is handled the same way.
 
+use devices::threads::ThreadKind;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -127,46 +128,43 @@ pub fn spawn_signal_thread(
     pm1: Weak<Mutex<Pm1Event>>,
     grace: Option<Duration>,
 ) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .stack_size(devices::THREAD_STACK_SIZE)
-        .name("signals".into())
-        .spawn(move || {
-            let mut policy = PowerPolicy::new(grace);
-            loop {
-                let Some(sig) = wait_signal(policy.deadline()) else {
-                    log::warn!(
-                        "the guest did not power off within power.grace={:?}: forcing it",
-                        grace.unwrap_or_default()
+    devices::threads::spawn(ThreadKind::Signal, "signals", move || {
+        let mut policy = PowerPolicy::new(grace);
+        loop {
+            let Some(sig) = wait_signal(policy.deadline()) else {
+                log::warn!(
+                    "the guest did not power off within power.grace={:?}: forcing it",
+                    grace.unwrap_or_default()
+                );
+                control.request_stop(StopReason::PowerOff);
+                return;
+            };
+            let press = || {
+                pm1.upgrade().is_some_and(|pm1| {
+                    pm1.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .press_power_button()
+                })
+            };
+            let first = !policy.pressed();
+            match policy.on_signal(Instant::now(), press) {
+                Action::Pressed => {
+                    log::info!("signal {sig}: ACPI power button pressed");
+                }
+                Action::PowerOff if first => {
+                    log::info!(
+                        "signal {sig}: the guest has not enabled the ACPI power button: \
+                             powering it off"
                     );
                     control.request_stop(StopReason::PowerOff);
-                    return;
-                };
-                let press = || {
-                    pm1.upgrade().is_some_and(|pm1| {
-                        pm1.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .press_power_button()
-                    })
-                };
-                let first = !policy.pressed();
-                match policy.on_signal(Instant::now(), press) {
-                    Action::Pressed => {
-                        log::info!("signal {sig}: ACPI power button pressed");
-                    }
-                    Action::PowerOff if first => {
-                        log::info!(
-                            "signal {sig}: the guest has not enabled the ACPI power button: \
-                             powering it off"
-                        );
-                        control.request_stop(StopReason::PowerOff);
-                    }
-                    Action::PowerOff => {
-                        log::warn!("signal {sig} again: forcing power-off");
-                        control.request_stop(StopReason::PowerOff);
-                    }
+                }
+                Action::PowerOff => {
+                    log::warn!("signal {sig} again: forcing power-off");
+                    control.request_stop(StopReason::PowerOff);
                 }
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 

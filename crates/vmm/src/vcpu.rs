@@ -1,12 +1,12 @@
 //! The vCPU threads: one loop per vCPU, every exit dispatched in one `match`.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use devices::{Bus, StopReason, VmControl};
+use devices::{StopReason, VmControl};
 use vmmapi::{MpState, Vcpu, VmExit};
 
+use crate::exit::{ExitHandler, Fatal, Outcome};
 use crate::vcpu_ctl::VcpuCtl;
 
 /// Exit counters per vCPU (rhyvectl --get-stats reads them later).
@@ -50,20 +50,6 @@ fn coarse_ns() -> u64 {
     (ts.tv_sec as u64)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(ts.tv_nsec as u64)
-}
-
-/// Counts one event on a counter only this vCPU's thread writes: a plain load and store,
-/// no locked read-modify-write on the exit path.
-fn bump(c: &AtomicU64) {
-    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-}
-
-/// Counts an access for the device that claimed it; whether one did.
-fn count_device(counts: &[AtomicU64], dev: Option<usize>) -> bool {
-    if let Some(c) = dev.and_then(|i| counts.get(i)) {
-        bump(c);
-    }
-    dev.is_some()
 }
 
 /// What a vCPU answers to the main thread's periodic "are you halted for good?" (bhyve exits
@@ -164,14 +150,14 @@ pub fn all_halted(answers: &[Option<HaltState>]) -> bool {
 
 /// What one vCPU needs to run.
 pub struct VcpuContext {
-    pub pio: Arc<Bus>,
-    pub mmio: Arc<Bus>,
+    /// Its exits' handling (the buses, its counters).
+    pub exits: ExitHandler,
     pub control: Arc<VmControl>,
+    /// Its counters (the handler's), for the time in KVM_RUN.
     pub stats: Arc<VcpuStats>,
     pub halt: Arc<HaltProbe>,
     /// Pause/resume, register access and NMI from the control socket.
     pub ctl: Arc<VcpuCtl>,
-    pub strict_io: bool,
 }
 
 /// A one-line register summary for error reports.
@@ -195,9 +181,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Runs `vcpu` until the VM stops.
-pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
+pub fn run(mut vcpu: Vcpu, mut ctx: VcpuContext) {
     let id = vcpu.id();
-    let mut reported_ports = HashSet::new();
     let _attached = ctx.ctl.attach();
     let mut run_ns = 0u64;
     // The last exit was I/O or MMIO: KVM completes it (IN data into RAX, RIP past the
@@ -225,116 +210,65 @@ pub fn run(mut vcpu: Vcpu, ctx: VcpuContext) {
         // Only this thread writes the counter: a plain store, no read-modify-write.
         run_ns += coarse_ns().saturating_sub(entered);
         ctx.stats.run_ns.store(run_ns, Ordering::Relaxed);
-        exit_incomplete = matches!(
-            exit,
-            Ok(VmExit::IoIn { .. })
-                | Ok(VmExit::IoOut { .. })
-                | Ok(VmExit::MmioRead { .. })
-                | Ok(VmExit::MmioWrite { .. })
-        );
-        let outcome: Option<StopReason> = match exit {
-            Ok(VmExit::IoIn { port, size, data }) => {
-                bump(&ctx.stats.pio);
-                // `rep ins`: one access per element, in order.
-                let mut dev = None;
-                for element in data.chunks_mut(size) {
-                    dev = ctx.pio.read_indexed(u64::from(port), element);
-                }
-                let claimed = count_device(&ctx.stats.pio_devices, dev);
-                unclaimed(&ctx, claimed, "in", u64::from(port), &mut reported_ports)
+        let outcome = match exit {
+            Ok(exit) => {
+                exit_incomplete = matches!(
+                    exit,
+                    VmExit::IoIn { .. }
+                        | VmExit::IoOut { .. }
+                        | VmExit::MmioRead { .. }
+                        | VmExit::MmioWrite { .. }
+                );
+                ctx.exits.handle(exit)
             }
-            Ok(VmExit::IoOut { port, size, data }) => {
-                bump(&ctx.stats.pio);
-                let mut dev = None;
-                for element in data.chunks(size) {
-                    dev = ctx.pio.write_indexed(u64::from(port), element);
-                }
-                let claimed = count_device(&ctx.stats.pio_devices, dev);
-                unclaimed(&ctx, claimed, "out", u64::from(port), &mut reported_ports)
+            Err(e) => {
+                exit_incomplete = false;
+                Outcome::Stop(StopReason::Error(format!("{e}")))
             }
-            Ok(VmExit::MmioRead { addr, data }) => {
-                bump(&ctx.stats.mmio);
-                let dev = ctx.mmio.read_indexed(addr, data);
-                let claimed = count_device(&ctx.stats.mmio_devices, dev);
-                unclaimed(&ctx, claimed, "mmio read", addr, &mut reported_ports)
-            }
-            Ok(VmExit::MmioWrite { addr, data }) => {
-                bump(&ctx.stats.mmio);
-                let dev = ctx.mmio.write_indexed(addr, data);
-                let claimed = count_device(&ctx.stats.mmio_devices, dev);
-                unclaimed(&ctx, claimed, "mmio write", addr, &mut reported_ports)
-            }
-            Ok(VmExit::Interrupted) => {
-                // Perhaps a kick from the halt check: answered at the top of the loop.
-                bump(&ctx.stats.interrupted);
-                None
-            }
-            // With the in-kernel LAPIC, a HLT reaching userspace means the vCPU can never wake.
-            Ok(VmExit::Hlt) => Some(StopReason::Halt),
-            Ok(VmExit::Shutdown) => {
-                log::warn!("vcpu {id}: triple fault: {}", describe_state(&vcpu));
-                Some(StopReason::TripleFault)
-            }
-            Ok(VmExit::Reset) => Some(StopReason::Reset),
-            Ok(VmExit::PowerOff) => Some(StopReason::PowerOff),
-            Ok(VmExit::Crash) => Some(StopReason::Error(format!(
-                "vcpu {id}: guest reported a crash"
-            ))),
-            Ok(VmExit::InternalError) => {
-                let ie = vcpu.internal_error();
-                let bytes = vcpu
-                    .instruction_bytes()
-                    .map(|b| hex(&b))
-                    .unwrap_or_else(|e| e.to_string());
-                let data: Vec<String> = ie.data.iter().map(|d| format!("{d:#x}")).collect();
-                Some(StopReason::Error(format!(
-                    "vcpu {id}: KVM internal error: {} (suberror {}, data [{}]); instruction bytes at RIP: [{bytes}]; {}",
-                    ie.kind(),
-                    ie.suberror,
-                    data.join(", "),
-                    describe_state(&vcpu)
-                )))
-            }
-            Ok(VmExit::FailEntry { reason, cpu }) => Some(StopReason::Error(format!(
-                "vcpu {id}: VM entry failed (hardware reason {reason:#x}, host cpu {cpu}); {}",
-                describe_state(&vcpu)
-            ))),
-            Ok(VmExit::Other(what)) => {
-                bump(&ctx.stats.other);
-                Some(StopReason::Error(format!(
-                    "vcpu {id}: unhandled exit {what}; {}",
-                    describe_state(&vcpu)
-                )))
-            }
-            Err(e) => Some(StopReason::Error(format!("vcpu {id}: {e}"))),
         };
-        if let Some(reason) = outcome {
-            ctx.control.request_stop(reason);
-            return;
-        }
+        let reason = match outcome {
+            Outcome::Continue => continue,
+            Outcome::Stop(StopReason::Error(msg)) => StopReason::Error(format!("vcpu {id}: {msg}")),
+            Outcome::Stop(reason) => reason,
+            Outcome::Fatal(fatal) => fatal_report(&mut vcpu, fatal),
+        };
+        ctx.control.request_stop(reason);
+        return;
     }
 }
 
-/// Accesses nothing claims: logged once per address; fatal with `-e` (bhyve's strictio).
-fn unclaimed(
-    ctx: &VcpuContext,
-    claimed: bool,
-    what: &str,
-    addr: u64,
-    seen: &mut HashSet<u64>,
-) -> Option<StopReason> {
-    if claimed {
-        return None;
+/// The stop a fatal exit means, with what the vCPU's state says about it.
+fn fatal_report(vcpu: &mut Vcpu, fatal: Fatal) -> StopReason {
+    let id = vcpu.id();
+    match fatal {
+        Fatal::TripleFault => {
+            log::warn!("vcpu {id}: triple fault: {}", describe_state(vcpu));
+            StopReason::TripleFault
+        }
+        Fatal::InternalError => {
+            let ie = vcpu.internal_error();
+            let bytes = vcpu
+                .instruction_bytes()
+                .map(|b| hex(&b))
+                .unwrap_or_else(|e| e.to_string());
+            let data: Vec<String> = ie.data.iter().map(|d| format!("{d:#x}")).collect();
+            StopReason::Error(format!(
+                "vcpu {id}: KVM internal error: {} (suberror {}, data [{}]); instruction bytes at RIP: [{bytes}]; {}",
+                ie.kind(),
+                ie.suberror,
+                data.join(", "),
+                describe_state(vcpu)
+            ))
+        }
+        Fatal::FailEntry { reason, cpu } => StopReason::Error(format!(
+            "vcpu {id}: VM entry failed (hardware reason {reason:#x}, host cpu {cpu}); {}",
+            describe_state(vcpu)
+        )),
+        Fatal::Unhandled(what) => StopReason::Error(format!(
+            "vcpu {id}: unhandled exit {what}; {}",
+            describe_state(vcpu)
+        )),
     }
-    if ctx.strict_io {
-        return Some(StopReason::Error(format!(
-            "unhandled {what} at {addr:#x} (-e makes this fatal)"
-        )));
-    }
-    if seen.len() < 1024 && seen.insert(addr) {
-        log::debug!("unhandled {what} at {addr:#x}");
-    }
-    None
 }
 
 #[cfg(test)]
@@ -361,24 +295,6 @@ mod tests {
         let b = coarse_ns();
         // At least one tick passed; never more than the sleep plus a generous margin.
         assert!(b > a && b - a < 5_000_000_000, "{a} {b}");
-    }
-
-    #[test]
-    fn device_counts_follow_the_bus_index() {
-        let s = VcpuStats::for_buses(3, 1);
-        assert!(count_device(&s.pio_devices, Some(2)));
-        assert!(count_device(&s.pio_devices, Some(2)));
-        assert!(!count_device(&s.pio_devices, None));
-        // An index past the counters (a bus that grew) is claimed but not counted.
-        assert!(count_device(&s.mmio_devices, Some(5)));
-        let n: Vec<u64> = s
-            .pio_devices
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(n, [0, 0, 2]);
-        bump(&s.pio);
-        assert_eq!(s.pio.load(Ordering::Relaxed), 1);
     }
 
     #[test]
