@@ -67,11 +67,15 @@ impl Netns {
 
     /// The same with several `-s` slots.
     fn rhyve_slots(&self, tag: &str, slots: &[&str], cmdline: &str) -> Command {
-        let dir = scratch_dir(tag);
+        self.rhyve_in(&scratch_dir(tag), tag, slots, cmdline)
+    }
+
+    /// The same with RHYVE_RUNDIR `dir`.
+    fn rhyve_in(&self, dir: &std::path::Path, tag: &str, slots: &[&str], cmdline: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", self.inner.name()])
             .arg(rhyve_bin())
-            .env("RHYVE_RUNDIR", &dir)
+            .env("RHYVE_RUNDIR", dir)
             .env("RHYVE_LOG", "info")
             .args(rhyve_tests::harness::PC_MACHINE)
             .args(["-m", "128M", "-l", "pc-testdev"])
@@ -390,6 +394,128 @@ fn frames_both_ways_ping_and_default_mac() {
         stderr.contains(&format!("mac {}", mac_text(&mac))),
         "{stderr}"
     );
+    g.finish();
+}
+
+/// rhyvectl against the VMs under `dir`; its stdout (it must succeed).
+fn rhyvectl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(rhyve_bin().with_file_name("rhyvectl"))
+        .env("RHYVE_RUNDIR", dir)
+        .args(args)
+        .output()
+        .expect("run rhyvectl (cargo build --release --workspace)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "rhyvectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn mount_tmpfs(dir: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated strings for the call; a tmpfs on the test's own scratch dir
+    // (detached when the test process exits).
+    let r = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"huge=advise".as_ptr().cast(),
+        )
+    };
+    assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+}
+
+/// The virtio-net function's entry in `rhyvectl --get-stats --json`.
+fn net_stats(dir: &std::path::Path, vm: &str) -> serde_json::Value {
+    let out = rhyvectl(dir, &[&format!("--vm={vm}"), "--get-stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON stats");
+    v["stats"]["pci"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["emulation"] == "virtio-net").cloned())
+        .unwrap_or_else(|| panic!("no virtio-net in {out}"))
+}
+
+#[test]
+fn a_paused_vm_takes_no_frames_into_guest_ram_until_resumed() {
+    let ns = Netns::new("netpause");
+    // No router solicitations or MLD reports from the host side: the counts stay exact.
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    let pk = Packet::open(&ns);
+    let dir = scratch_dir("netpause");
+    // The runtime base gets its huge-page tmpfs here, in the test's mount namespace, as an
+    // administrator would mount it: rhyve (inside `ip netns exec`, a mount namespace of its
+    // own) then has no reason to mount one that rhyvectl out here could not see.
+    mount_tmpfs(&dir);
+    let vm = "vm-netpause";
+    let mut g = Guest::start(ns.rhyve_in(
+        &dir,
+        "netpause",
+        &["2,virtio-net,tap0"],
+        "rhyve.test=virtio-net",
+    ));
+    g.wait_for("net echo ready", 60);
+    let mac = parse_mac(&g.value("net mac=", "mac"));
+    check_guest_frames(&pk, &g, mac, 1514);
+    let mut echoed = echo(&pk, mac, &[60], 0);
+    let before = net_stats(&dir, vm);
+    assert_eq!(before["id"], "virtio-net-0.2.0");
+    assert_eq!(before["state"], "active");
+    let rx = before["counters"]["rx_frames"].as_u64().unwrap();
+    assert!(rx >= 1, "{before}");
+
+    rhyvectl(&dir, &[&format!("--vm={vm}"), "--pause"]);
+    assert_eq!(net_stats(&dir, vm)["state"], "paused");
+    let memory = dir.join(vm).join("memory");
+    let ram = std::fs::read(&memory).unwrap();
+    let frames: Vec<Vec<u8>> = (0..4)
+        .map(|i| frame(mac, HOST_MAC, 1, 2000 + i, 100 + 50 * usize::from(i)))
+        .collect();
+    for f in &frames {
+        pk.send(f);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    // Nothing wrote guest RAM: not the vCPUs (parked), not virtio-net (parked with frames
+    // waiting on its tap).
+    assert!(
+        std::fs::read(&memory).unwrap() == ram,
+        "guest RAM changed while paused"
+    );
+    let paused = net_stats(&dir, vm);
+    assert_eq!(
+        paused["counters"]["rx_frames"].as_u64(),
+        Some(rx),
+        "{paused}"
+    );
+    assert!(
+        pk.recv(Duration::from_millis(100)).is_none(),
+        "an echo while paused"
+    );
+
+    rhyvectl(&dir, &[&format!("--vm={vm}"), "--resume"]);
+    for (i, f) in frames.iter().enumerate() {
+        let r = pk
+            .recv(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("echo {i} missing after resume"));
+        let mut want = f.clone();
+        want[..6].copy_from_slice(&HOST_MAC);
+        want[6..12].copy_from_slice(&mac);
+        assert!(r == want, "echo {i} after resume differs");
+    }
+    echoed += frames.len();
+    let after = net_stats(&dir, vm);
+    assert_eq!(after["state"], "active");
+    assert_eq!(
+        after["counters"]["rx_frames"].as_u64(),
+        Some(rx + frames.len() as u64)
+    );
+    stop(&pk, mac);
+    g.wait_for("net done", 30);
+    assert_eq!(g.value("net echo frames", "frames"), echoed.to_string());
     g.finish();
 }
 

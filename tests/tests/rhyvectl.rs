@@ -154,6 +154,85 @@ impl Vm {
     }
 }
 
+/// Whether a task of `pid` is a kernel worker living in the process (KVM's
+/// kvm-nx-lpage-recovery): PF_USER_WORKER (0x4000) or PF_KTHREAD in /proc's flags field.
+fn kernel_worker(pid: u32, tid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+    // After "(comm) ": state is field 3, flags field 9.
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let flags: u64 = rest
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0);
+    flags & (0x4000 | 0x20_0000) != 0
+}
+
+#[test]
+fn every_thread_is_listed_by_kind_and_devices_report_their_counters() {
+    let _one = one_at_a_time();
+    let base = scratch_dir("ctl-threads");
+    let mut vm = Vm::start_with(
+        &base,
+        "ctl-threads",
+        FOREVER,
+        &[
+            "-c",
+            "2",
+            "-s",
+            "0,hostbridge",
+            "-s",
+            "4,virtio-rnd",
+            "-s",
+            "31,lpc",
+        ],
+    );
+    let pid = vm.rhyve.child.0.id();
+    let out = ctl_ok(&base, &[&vm.vm_arg(), "--get-stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let threads = v["stats"]["threads"].as_array().unwrap();
+    let kind_of = |tid: u64| {
+        threads
+            .iter()
+            .find(|t| t["tid"].as_u64() == Some(tid))
+            .map(|t| t["kind"].as_str().unwrap().to_string())
+    };
+    // Every thread but the main one was started through the spawn helper, with its kind.
+    let mut kinds = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid: u64 = t.unwrap().file_name().to_str().unwrap().parse().unwrap();
+        if tid == u64::from(pid) || kernel_worker(pid, tid) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        let kind = kind_of(tid)
+            .unwrap_or_else(|| panic!("thread {tid} ({}) is not listed: {out}", comm.trim()));
+        kinds.push(kind);
+    }
+    for want in ["vcpu", "control", "signal"] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "no {want} thread: {kinds:?}"
+        );
+    }
+    assert_eq!(kinds.iter().filter(|k| *k == "vcpu").count(), 2);
+    // The PCI functions by id, with their state and counters (the rng is never started by
+    // this guest: inactive, nothing counted).
+    let pci = v["stats"]["pci"].as_array().unwrap();
+    let ids: Vec<&str> = pci.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["hostbridge-0.0.0", "virtio-rnd-0.4.0", "lpc-0.31.0"]);
+    let rng = &pci[1];
+    assert_eq!(rng["address"], "0:4:0");
+    assert_eq!(rng["state"], "inactive");
+    assert_eq!(rng["counters"]["requests"], 0);
+    assert_eq!(rng["counters"]["transport_guest_errors"], 0);
+    let text = vm.stats();
+    assert!(text.contains("PCI devices:"), "{text}");
+    assert!(text.contains("virtio-rnd-0.4.0"), "{text}");
+    ctl_ok(&base, &[&vm.vm_arg(), "--force-poweroff"]);
+    assert_eq!(vm.wait_exit().code(), Some(1));
+}
+
 #[test]
 fn list_stats_registers_pause_resume_and_nmi() {
     let _one = one_at_a_time();

@@ -361,6 +361,23 @@ fn show_stats(s: &Value, only: Option<u32>, out: &mut Out) {
             d["accesses"].as_u64().unwrap_or(0)
         ));
     }
+    let pci = s["pci"].as_array().unwrap_or(&empty);
+    if !pci.is_empty() {
+        out.line("PCI devices:");
+    }
+    for d in pci {
+        let counters: Vec<String> = d["counters"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+            .unwrap_or_default();
+        out.line(format!(
+            "  {:<22} {:<8} {:<12} {}",
+            d["id"].as_str().unwrap_or("?"),
+            d["address"].as_str().unwrap_or("?"),
+            d["state"].as_str().unwrap_or("?"),
+            counters.join(" ")
+        ));
+    }
     out.line(format!(
         "unhandled accesses: pio {}, mmio {}",
         s["unhandled"]["pio"].as_u64().unwrap_or(0),

@@ -282,6 +282,68 @@ pub struct VmConfig {
     pub debugcon: Option<PathBuf>,
 }
 
+fn path_json(p: &Option<PathBuf>) -> serde_json::Value {
+    p.as_ref()
+        .map_or(serde_json::Value::Null, |p| p.display().to_string().into())
+}
+
+impl VmConfig {
+    /// The resources as JSON: what `rhyvectl` shows and a snapshot records (the restore
+    /// names disks and taps again and is checked against it). Every device has its id.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let t = &self.topology;
+        let pci: Vec<_> = self
+            .pci
+            .iter()
+            .map(|p| {
+                json!({
+                    "id": p.id,
+                    "address": format!("{}:{}:{}", p.bus, p.slot, p.func),
+                    "emulation": p.emulation.name,
+                    "options": p.opts,
+                    "rom": path_json(&p.rom),
+                    "bootindex": p.bootindex,
+                })
+            })
+            .collect();
+        let com: Vec<_> = self
+            .com
+            .iter()
+            .map(|(i, b)| json!({ "id": format!("com{}", i + 1), "backend": b.to_string() }))
+            .collect();
+        let uuid: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        json!({
+            "name": self.name,
+            "cpus": { "count": self.cpus, "sockets": t.sockets, "cores": t.cores,
+                      "threads": t.threads },
+            "pins": self.pins,
+            "memory": { "size": self.memory, "wired": self.wired,
+                        "hugepages": format!("{:?}", self.huge_pages).to_lowercase() },
+            "boot": {
+                "kernel": path_json(&self.kernel),
+                "initrd": path_json(&self.initrd),
+                "cmdline": self.cmdline,
+                "bootrom": path_json(&self.bootrom),
+                "bootvars": path_json(&self.bootvars),
+            },
+            "pci": pci,
+            "com": com,
+            "fw_cfg": { "enabled": self.fw_cfg,
+                        "files": self.fw_cfg_files.iter().map(|(n, _)| n).collect::<Vec<_>>() },
+            "pc_testdev": self.pc_testdev,
+            "debugcon": path_json(&self.debugcon),
+            "uuid": uuid,
+            "acpi": self.acpi,
+            "mptable": self.mptable,
+            "rtc_localtime": self.rtc_localtime,
+            "strict_io": self.strict_io,
+            "destroy_on_poweroff": self.destroy_on_poweroff,
+            "power_grace_ms": self.power_grace.map(|d| d.as_millis() as u64),
+        })
+    }
+}
+
 /// Where a `-f` file's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FwCfgSource {
@@ -334,6 +396,9 @@ fn parse_uuid(v: &str) -> Result<[u8; 16], ConfigError> {
 /// One `-s` slot: its address, emulation and the device's own keys.
 #[derive(Debug, Clone)]
 pub struct PciSlot {
+    /// The device's id in the machine (the registry, stats, snapshots):
+    /// `EMULATION-B.S.F`, e.g. `virtio-blk-0.2.0`.
+    pub id: String,
     pub bus: u8,
     pub slot: u8,
     pub func: u8,
@@ -534,10 +599,12 @@ impl VmConfig {
                         ))
                     })?),
                 };
+                let (bus, slot, func) = (n(b)?, n(s)?, n(f)?);
                 pci.push(PciSlot {
-                    bus: n(b)?,
-                    slot: n(s)?,
-                    func: n(f)?,
+                    id: format!("{}-{bus}.{slot}.{func}", emu.name),
+                    bus,
+                    slot,
+                    func,
                     emulation: emu,
                     opts,
                     rom: t.get(&format!("{prefix}.rom")).map(PathBuf::from),
@@ -642,6 +709,31 @@ mod tests {
         assert!(t.validate().is_ok());
         t.set("pci.0.0.0.path", "x");
         assert!(t.validate().unwrap_err().to_string().contains("hostbridge"));
+    }
+
+    #[test]
+    fn resources_as_json_with_device_ids() {
+        let mut t = ConfigTree::default();
+        t.set("name", "vm0");
+        t.set("memory.size", "512M");
+        t.set("pci.0.0.0.device", "hostbridge");
+        t.set("pci.0.2.0.device", "virtio-blk");
+        t.set("pci.0.2.0.path", "/tmp/disk.img");
+        t.set("pci.0.2.0.ro", "true");
+        t.set("lpc.com1.path", "stdio");
+        let c = VmConfig::from_tree(&t).unwrap();
+        let j = c.to_json();
+        assert_eq!(j["name"], "vm0");
+        assert_eq!(j["memory"]["size"], 512u64 << 20);
+        assert_eq!(j["pci"][0]["id"], "hostbridge-0.0.0");
+        assert_eq!(j["pci"][1]["id"], "virtio-blk-0.2.0");
+        assert_eq!(j["pci"][1]["address"], "0:2:0");
+        assert_eq!(j["pci"][1]["options"]["path"], "/tmp/disk.img");
+        assert_eq!(j["com"][0]["id"], "com1");
+        assert_eq!(j["com"][0]["backend"], "stdio");
+        assert_eq!(j["boot"]["kernel"], serde_json::Value::Null);
+        // The same resources give the same JSON (what a restore compares).
+        assert_eq!(VmConfig::from_tree(&t).unwrap().to_json(), j);
     }
 
     #[test]

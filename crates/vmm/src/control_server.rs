@@ -18,10 +18,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use devices::{Bus, StopReason, VmControl};
+use devices::{Bus, StopReason};
 use kvm_bindings::{kvm_debugregs, kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 use serde_json::{json, Map, Value};
 
+use crate::runtime::{Action, ActionError, VmController};
 use crate::vcpu::VcpuStats;
 use crate::vcpu_ctl::VcpuCtl;
 
@@ -37,8 +38,6 @@ const MAX_CLIENTS: usize = 16;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a register read/write or NMI waits for the vCPU thread.
 const VCPU_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a pause waits for every vCPU to park.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The requests, for `hello`.
 const REQUESTS: &[&str] = &[
@@ -54,13 +53,13 @@ pub struct VmHandles {
     pub stats: Vec<Arc<VcpuStats>>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
-    pub control: Arc<VmControl>,
+    /// The VM's state and the actions on it (pause, resume, stops).
+    pub controller: Arc<VmController>,
 }
 
-/// The handles plus the VM-wide pause state (one pause/resume at a time).
+/// The handles plus the server's own state.
 struct Shared {
     vm: VmHandles,
-    paused: Mutex<bool>,
     clients: AtomicUsize,
     /// Every client connection (a clone of its socket) and thread, so that stopping the
     /// server can cut them off and wait for them: a client thread holds the VM's handles,
@@ -92,7 +91,6 @@ impl ControlServer {
         let closing = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             vm,
-            paused: Mutex::new(false),
             clients: AtomicUsize::new(0),
             connections: Mutex::new(Vec::new()),
         });
@@ -286,7 +284,7 @@ fn serve_client(stream: UnixStream, shared: &Shared) {
         let sent = write_response(&mut out, &response);
         if let After::Stop(reason) = after {
             log::info!("control socket: {reason:?} requested");
-            shared.vm.control.request_stop(reason);
+            shared.vm.controller.request_stop(reason);
         }
         if sent.is_err() {
             return;
@@ -361,13 +359,14 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
             let cpu = cpu_arg(&req, vm)?;
             set_regs(&req, cpu, shared)
         }
-        "pause" => {
-            pause(shared)?;
-            done(json!({ "state": "paused" }))
-        }
-        "resume" => {
-            resume(shared)?;
-            done(json!({ "state": "running" }))
+        "pause" | "resume" => {
+            let action = if name == "pause" {
+                Action::Pause
+            } else {
+                Action::Resume
+            };
+            let (state, _) = vm.controller.act(&action).map_err(|e| e.to_string())?;
+            done(json!({ "state": state.as_str() }))
         }
         "nmi" => {
             let cpu = cpu_arg(&req, vm)?;
@@ -378,17 +377,21 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
             done(json!({ "cpu": cpu }))
         }
         "reset" | "poweroff" => {
-            if vm.control.stopping() {
-                return Err("the VM is already stopping".into());
-            }
             let reason = if name == "reset" {
                 StopReason::Reset
             } else {
                 StopReason::PowerOff
             };
+            let (_, stop) =
+                vm.controller
+                    .act(&Action::Stop(reason.clone()))
+                    .map_err(|e| match e {
+                        ActionError::Stopping => "the VM is already stopping".to_string(),
+                        e => e.to_string(),
+                    })?;
             Ok((
                 obj(json!({ "exit_status": reason.exit_code() })),
-                After::Stop(reason),
+                After::Stop(stop.unwrap_or(reason)),
             ))
         }
         other => Err(format!(
@@ -419,13 +422,7 @@ fn cpu_arg(req: &Map<String, Value>, vm: &VmHandles) -> std::result::Result<usiz
 }
 
 fn state(shared: &Shared) -> &'static str {
-    if shared.vm.control.stopping() {
-        "stopping"
-    } else if *shared.paused.lock().unwrap_or_else(|p| p.into_inner()) {
-        "paused"
-    } else {
-        "running"
-    }
+    shared.vm.controller.state().as_str()
 }
 
 fn info(shared: &Shared) -> Value {
@@ -486,41 +483,25 @@ fn stats(vm: &VmHandles) -> Value {
                 .push(json!({ "bus": bus_name, "name": name, "base": base, "accesses": accesses }));
         }
     }
+    let pci: Vec<Value> = vm
+        .controller
+        .devices()
+        .reports()
+        .iter()
+        .map(|d| d.to_json())
+        .collect();
+    let threads: Vec<Value> = devices::threads::running()
+        .into_iter()
+        .map(|t| json!({ "tid": t.tid, "kind": t.kind.as_str(), "name": t.name }))
+        .collect();
     json!({
         "uptime_ms": vm.started.elapsed().as_millis() as u64,
         "vcpus": vcpus,
         "devices": devices,
+        "pci": pci,
+        "threads": threads,
         "unhandled": { "pio": vm.pio.unhandled(), "mmio": vm.mmio.unhandled() },
     })
-}
-
-fn pause(shared: &Shared) -> std::result::Result<(), String> {
-    let mut paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
-    if shared.vm.control.stopping() {
-        return Err("the VM is stopping".into());
-    }
-    if *paused {
-        return Ok(());
-    }
-    let vcpus = &shared.vm.vcpus;
-    vcpus.iter().for_each(|v| v.request_pause());
-    // One deadline for the whole VM, however many vCPUs.
-    let deadline = Instant::now() + PAUSE_TIMEOUT;
-    for v in vcpus {
-        if let Err(e) = v.wait_parked(deadline.saturating_duration_since(Instant::now())) {
-            vcpus.iter().for_each(|v| v.resume());
-            return Err(format!("cannot pause: {e}"));
-        }
-    }
-    *paused = true;
-    Ok(())
-}
-
-fn resume(shared: &Shared) -> std::result::Result<(), String> {
-    let mut paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
-    shared.vm.vcpus.iter().for_each(|v| v.resume());
-    *paused = false;
-    Ok(())
 }
 
 fn set_regs(req: &Map<String, Value>, cpu: usize, shared: &Shared) -> Reply {
@@ -547,42 +528,47 @@ fn set_regs(req: &Map<String, Value>, cpu: usize, shared: &Shared) -> Reply {
         &mut kvm_sregs::default(),
         &mut kvm_debugregs::default(),
     )?;
-    // Held across the write so a resume cannot slip in between the check and the write.
-    let paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
-    if !*paused {
-        return Err(
-            "the VM is running: registers can only be set while it is paused (rhyvectl --pause)"
-                .into(),
-        );
-    }
-    let result = shared.vm.vcpus[cpu]
-        .run_on(
-            move |v| -> std::result::Result<Value, String> {
-                let err = |e: vmmapi::Error| e.to_string();
-                let mut r = v.regs().map_err(err)?;
-                let mut s = v.sregs().map_err(err)?;
-                let mut d = v.debug_regs().map_err(err)?;
-                let (gp, sys, dbg) = apply_changes(&regs, &desc, &mut r, &mut s, &mut d)?;
-                if sys {
-                    v.set_sregs(&s).map_err(err)?;
-                }
-                if gp {
-                    v.set_regs(&r).map_err(err)?;
-                }
-                if dbg {
-                    v.set_debug_regs(&d).map_err(err)?;
-                }
-                let after = v.registers().map_err(err)?;
-                let d = v.debug_regs().map_err(err)?;
-                Ok(regs_json(&after.regs, &after.sregs, &d))
-            },
-            VCPU_TIMEOUT,
-        )
+    // Inside while_paused, so a resume cannot slip in between the check and the write.
+    let vcpu = &shared.vm.vcpus[cpu];
+    let result = shared
+        .vm
+        .controller
+        .while_paused(|| set_regs_on(vcpu, regs, desc))
         .map_err(|e| e.to_string())??;
-    drop(paused);
     let mut m = obj(result);
     m.insert("cpu".into(), json!(cpu));
     Ok((m, After::Nothing))
+}
+
+/// Applies the changes on the (paused) vCPU's thread; the registers after.
+fn set_regs_on(
+    vcpu: &VcpuCtl,
+    regs: Map<String, Value>,
+    desc: Map<String, Value>,
+) -> std::result::Result<Value, String> {
+    vcpu.run_on(
+        move |v| -> std::result::Result<Value, String> {
+            let err = |e: vmmapi::Error| e.to_string();
+            let mut r = v.regs().map_err(err)?;
+            let mut s = v.sregs().map_err(err)?;
+            let mut d = v.debug_regs().map_err(err)?;
+            let (gp, sys, dbg) = apply_changes(&regs, &desc, &mut r, &mut s, &mut d)?;
+            if sys {
+                v.set_sregs(&s).map_err(err)?;
+            }
+            if gp {
+                v.set_regs(&r).map_err(err)?;
+            }
+            if dbg {
+                v.set_debug_regs(&d).map_err(err)?;
+            }
+            let after = v.registers().map_err(err)?;
+            let d = v.debug_regs().map_err(err)?;
+            Ok(regs_json(&after.regs, &after.sregs, &d))
+        },
+        VCPU_TIMEOUT,
+    )
+    .map_err(|e| e.to_string())?
 }
 
 // ---- registers as JSON ----
@@ -844,18 +830,24 @@ mod tests {
     use super::*;
 
     fn shared(ncpus: u32) -> Shared {
+        let vcpus: Vec<_> = (0..ncpus).map(|i| Arc::new(VcpuCtl::new(i))).collect();
+        let controller = VmController::new(
+            vcpus.clone(),
+            Arc::default(),
+            Arc::new(devices::VmControl::new()),
+        );
+        controller.started();
         Shared {
             vm: VmHandles {
                 name: "t".into(),
                 memory: 64 << 20,
                 started: Instant::now(),
-                vcpus: (0..ncpus).map(|i| Arc::new(VcpuCtl::new(i))).collect(),
+                vcpus,
                 stats: (0..ncpus).map(|_| Arc::default()).collect(),
                 pio: Arc::new(Bus::new()),
                 mmio: Arc::new(Bus::new()),
-                control: Arc::new(VmControl::new()),
+                controller: Arc::new(controller),
             },
-            paused: Mutex::new(false),
             clients: AtomicUsize::new(0),
             connections: Mutex::new(Vec::new()),
         }

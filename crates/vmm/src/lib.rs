@@ -7,6 +7,8 @@
 //!   until a stop, as bhyve's exit status.
 //! - [`vcpu`], [`vcpu_ctl`], [`exit`]: one thread per vCPU, how others reach it, and the
 //!   pure handler of its exits.
+//! - [`registry`]: the machine's devices by id (pause, state, counters).
+//! - [`runtime`]: the VM's states and the actions on it (pause, resume, stop), in one place.
 //! - [`control_server`]: the VM's control socket (rhyvectl).
 //! - [`console`], [`terminal`], [`signals`]: the host side of the consoles and the signals.
 //! - [`adopt`], [`boot`], [`firmware`]: what runs first: rhyveload's load, a kernel, a ROM.
@@ -21,6 +23,8 @@ pub mod exit;
 pub mod firmware;
 pub mod machine;
 pub mod memsize;
+pub mod registry;
+pub mod runtime;
 pub mod signals;
 pub mod terminal;
 pub mod vcpu;

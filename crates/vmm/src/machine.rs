@@ -19,6 +19,8 @@ use crate::boot;
 use crate::config::{ConsoleBackend, VmConfig};
 use crate::emulations::PciContext;
 use crate::exit::ExitHandler;
+use crate::registry::{DeviceRegistry, RegisteredDevice};
+use crate::runtime::VmController;
 use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
 use crate::vcpu_ctl::VcpuCtl;
 use crate::{adopt, console, control_server, signals, terminal};
@@ -33,6 +35,8 @@ struct Buses {
     mmio: Bus,
     /// The PM1 event block, shared with the signal thread for the power button.
     pm1_evt: Arc<Mutex<acpi_pm::Pm1Event>>,
+    /// The PCI functions by id.
+    registry: DeviceRegistry,
 }
 
 /// What the ACPI tables describe for `cfg` (written to RAM, or handed to firmware).
@@ -60,6 +64,7 @@ fn build_buses(
 ) -> Result<Buses> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
+    let mut registry = DeviceRegistry::default();
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.register_irqfd(&kbd_irq, 1)?;
     pio.insert(
@@ -124,7 +129,7 @@ fn build_buses(
         pio.insert("reset", u64::from(acpi_pm::RESET_PORT), 1, reset)?;
     } else {
         // 0xCF9 sits inside configuration mechanism #1's ports: the PCI device forwards it.
-        attach_pci(vm, cfg, &mut pio, &mut mmio, reset)?;
+        attach_pci(vm, cfg, &mut pio, &mut mmio, reset, &mut registry)?;
     }
 
     if cfg.fw_cfg {
@@ -213,7 +218,12 @@ fn build_buses(
             shared(Scratch::new(IOMEM_LEN)),
         )?;
     }
-    Ok(Buses { pio, mmio, pm1_evt })
+    Ok(Buses {
+        pio,
+        mmio,
+        pm1_evt,
+        registry,
+    })
 }
 
 /// One MSI-X vector's fast path: an eventfd registered as an irqfd on the vector's own GSI,
@@ -358,6 +368,7 @@ fn attach_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
     reset: Arc<Mutex<dyn BusDevice>>,
+    registry: &mut DeviceRegistry,
 ) -> Result<()> {
     let mut root = PciRoot::new();
     let layout = pci_layout(cfg);
@@ -387,6 +398,14 @@ fn attach_pci(
             sink.gsi.store(gsi, Ordering::Relaxed);
         }
         let what = || format!("-s {b}:{d}:{f},{}", s.emulation.name);
+        registry
+            .add(RegisteredDevice {
+                id: s.id.clone(),
+                emulation: s.emulation.name,
+                address: (b, d, f),
+                dev: dev.clone(),
+            })
+            .map_err(|e| anyhow!("{}: {e}", what()))?;
         match &s.rom {
             Some(path) => {
                 let image = std::fs::read(path)
@@ -628,6 +647,11 @@ fn run_vcpus(
         .iter()
         .map(|v| Arc::new(VcpuCtl::new(v.id())))
         .collect();
+    let controller = Arc::new(VmController::new(
+        ctls.clone(),
+        Arc::new(buses.registry),
+        control.clone(),
+    ));
     let stats: Vec<Arc<VcpuStats>> = vcpus
         .iter()
         .map(|_| Arc::new(VcpuStats::for_buses(pio.len(), mmio.len())))
@@ -643,7 +667,7 @@ fn run_vcpus(
             stats: stats.clone(),
             pio: pio.clone(),
             mmio: mmio.clone(),
-            control: control.clone(),
+            controller: controller.clone(),
         },
     )?;
     crate::adopt::consume_boot_state(vm)?;
@@ -669,6 +693,7 @@ fn run_vcpus(
         })?;
         threads.push(handle);
     }
+    controller.started();
     log::debug!("boot: vCPUs started at {:.1} ms", ms_since(start));
     let reason = wait_for_stop(control, &threads, &probes);
     // Kick every vCPU out of KVM_RUN until its thread has seen the stop; a signal that lands
