@@ -16,6 +16,17 @@ use crate::{BusDevice, StopReason, VmControl};
 pub const I8042_BASE: u16 = platform::ports::I8042_BASE;
 pub const I8042_LEN: u64 = 5;
 
+/// The keyboard controller as the DSDT describes it (PNP0303: data 0x60, command 0x64).
+pub fn acpi_device() -> platform::acpi::AcpiDevice {
+    platform::acpi::AcpiDevice {
+        name: "KBD_",
+        hid: "PNP0303",
+        uid: None,
+        io: vec![(I8042_BASE, 1), (I8042_BASE + 4, 1)],
+        irq: Some(platform::irq::KBD_IRQ as u8),
+    }
+}
+
 /// Offset of the data port (0x60).
 const DATA: u64 = 0;
 /// Offset of the status (read) / command (write) port (0x64).

@@ -12,6 +12,17 @@ pub const RTC_LEN: u64 = 2;
 /// CMOS register holding the century, announced in the FADT.
 pub const CENTURY_REG: u8 = 0x32;
 
+/// The RTC as the DSDT describes it (PNP0B00).
+pub fn acpi_device() -> platform::acpi::AcpiDevice {
+    platform::acpi::AcpiDevice {
+        name: "RTC_",
+        hid: "PNP0B00",
+        uid: None,
+        io: vec![(RTC_PORT, RTC_LEN as u8)],
+        irq: Some(platform::irq::RTC_IRQ as u8),
+    }
+}
+
 const REG_SEC: usize = 0x00;
 const REG_MIN: usize = 0x02;
 const REG_HOUR: usize = 0x04;

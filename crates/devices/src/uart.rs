@@ -21,6 +21,19 @@ pub const COM_PORTS: [(&str, u16, u32); 4] = {
 /// The 8 registers of a 16550.
 pub const UART_REGS: u64 = 8;
 
+/// COM`index + 1` as the DSDT describes it: a PNP0501 at its port and IRQ.
+pub fn acpi_device(index: usize) -> Option<platform::acpi::AcpiDevice> {
+    const NAMES: [&str; 4] = ["COM1", "COM2", "COM3", "COM4"];
+    let (_, port, irq) = *COM_PORTS.get(index)?;
+    Some(platform::acpi::AcpiDevice {
+        name: NAMES[index],
+        hid: "PNP0501",
+        uid: Some(index as u8 + 1),
+        io: vec![(port, UART_REGS as u8)],
+        irq: Some(irq as u8),
+    })
+}
+
 /// Raises the UART's interrupt by signalling an eventfd registered as a KVM irqfd.
 pub struct IrqTrigger(pub EventFd);
 
@@ -81,6 +94,22 @@ impl BusDevice for Uart {
 pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn each_com_port_describes_its_own_port_and_irq() {
+        let com1 = acpi_device(0).unwrap();
+        assert_eq!(
+            (com1.name, com1.hid, com1.uid),
+            ("COM1", "PNP0501", Some(1))
+        );
+        assert_eq!((com1.io, com1.irq), (vec![(0x3f8, 8)], Some(4)));
+        let com4 = acpi_device(3).unwrap();
+        assert_eq!(
+            (com4.name, com4.io, com4.irq),
+            ("COM4", vec![(0x2e8, 8)], Some(3))
+        );
+        assert!(acpi_device(4).is_none());
+    }
 
     /// What the UART transmits, kept for the test to read (also used by `debugcon`'s).
     #[derive(Clone, Default)]

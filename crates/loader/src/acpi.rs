@@ -85,8 +85,9 @@ pub struct AcpiConfig {
     pub apic_ids: Vec<u32>,
     /// A PCI root (`-s` slots): `\_SB.PCI0` in the DSDT and an MCFG.
     pub pci: bool,
-    /// Configured COM1..COM4 (`-l comN,...`): a PNP0501 device each in the DSDT.
-    pub com: [bool; 4],
+    /// The devices the machine placed, as they describe themselves: one `\_SB` device each
+    /// in the DSDT (COM ports, RTC, keyboard controller).
+    pub devices: Vec<platform::acpi::AcpiDevice>,
     /// How the PCI root is laid out.
     pub pci_layout: PciLayout,
 }
@@ -227,19 +228,24 @@ fn pci_devices(layout: PciLayout) -> Vec<u8> {
     v
 }
 
-/// The COM ports' AML names.
-const COM_NAMES: [&str; 4] = ["COM1", "COM2", "COM3", "COM4"];
-
 /// `Device (NAME) { _HID EISAID(hid), [_UID uid,] _CRS (io ranges (base, len), irq) }`.
-fn isa_device(name: &str, hid: &str, uid: Option<u8>, io: &[(u16, u8)], irq: u8) -> Vec<u8> {
+fn isa_device(
+    name: &str,
+    hid: &str,
+    uid: Option<u8>,
+    io: &[(u16, u8)],
+    irq: Option<u8>,
+) -> Vec<u8> {
     let hid = aml::EISAName::new(hid);
     let ios: Vec<aml::IO> = io
         .iter()
         .map(|&(base, len)| aml::IO::new(base, base, 1, len))
         .collect();
-    let irq = IrqNoFlags(irq);
+    let irq = irq.map(IrqNoFlags);
     let mut res: Vec<&dyn Aml> = ios.iter().map(|i| i as &dyn Aml).collect();
-    res.push(&irq);
+    if let Some(irq) = &irq {
+        res.push(irq);
+    }
     let crs = aml::ResourceTemplate::new(res);
     let uid = uid.unwrap_or(0);
     let hid_name = aml::Name::new("_HID".into(), &hid);
@@ -251,42 +257,18 @@ fn isa_device(name: &str, hid: &str, uid: Option<u8>, io: &[(u16, u8)], irq: u8)
     ))
 }
 
-/// The DSDT: `\_S5_`; in `\_SB`, a 16550 (PNP0501) per configured COM port, the RTC
-/// (PNP0B00), the keyboard controller (PNP0303) and, with `pci`, the PCI root bridge.
+/// The DSDT: `\_S5_`; in `\_SB`, the machine's devices as they describe themselves (a
+/// 16550 (PNP0501) per COM port, the RTC (PNP0B00), the keyboard controller (PNP0303))
+/// and, with `pci`, the PCI root bridge.
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let (s5, zero) = (SLP_TYP_S5, 0u8);
     let s5_pkg = aml::Package::new(vec![&s5, &s5, &zero, &zero]);
     let s5_name = aml::Name::new("_S5_".into(), &s5_pkg);
 
     let mut devices = Vec::new();
-    use platform::{irq, ports};
-    for (i, name) in COM_NAMES.iter().enumerate() {
-        if cfg.com[i] {
-            devices.extend(isa_device(
-                name,
-                "PNP0501",
-                Some(i as u8 + 1),
-                &[(ports::COM_PORTS[i], 8)],
-                irq::COM_IRQS[i] as u8,
-            ));
-        }
+    for d in &cfg.devices {
+        devices.extend(isa_device(d.name, d.hid, d.uid, &d.io, d.irq));
     }
-    let rtc = [(ports::RTC_PORT, 2)];
-    devices.extend(isa_device(
-        "RTC_",
-        "PNP0B00",
-        None,
-        &rtc,
-        irq::RTC_IRQ as u8,
-    ));
-    let kbd = [(ports::I8042_BASE, 1), (ports::I8042_BASE + 4, 1)];
-    devices.extend(isa_device(
-        "KBD_",
-        "PNP0303",
-        None,
-        &kbd,
-        irq::KBD_IRQ as u8,
-    ));
     if cfg.pci {
         devices.extend(pci_devices(cfg.pci_layout));
     }
@@ -634,12 +616,43 @@ mod tests {
         t
     }
 
+    /// The PC's devices as the device models describe them (COM ports where `com` says).
+    fn pc(com: [bool; 4]) -> Vec<platform::acpi::AcpiDevice> {
+        use platform::acpi::AcpiDevice;
+        let names = ["COM1", "COM2", "COM3", "COM4"];
+        let mut v: Vec<AcpiDevice> = (0..4)
+            .filter(|&i| com[i])
+            .map(|i| AcpiDevice {
+                name: names[i],
+                hid: "PNP0501",
+                uid: Some(i as u8 + 1),
+                io: vec![(platform::ports::COM_PORTS[i], 8)],
+                irq: Some(platform::irq::COM_IRQS[i] as u8),
+            })
+            .collect();
+        v.push(AcpiDevice {
+            name: "RTC_",
+            hid: "PNP0B00",
+            uid: None,
+            io: vec![(0x70, 2)],
+            irq: Some(8),
+        });
+        v.push(AcpiDevice {
+            name: "KBD_",
+            hid: "PNP0303",
+            uid: None,
+            io: vec![(0x60, 1), (0x64, 1)],
+            irq: Some(1),
+        });
+        v
+    }
+
     fn check(nr_cpus: u32, pci: bool) {
         let mem = guest(64 << 20);
         let cfg = AcpiConfig {
             nr_cpus,
             pci,
-            com: [true; 4],
+            devices: pc([true; 4]),
             ..Default::default()
         };
         let rsdp = write_acpi_tables(&mem, &cfg).unwrap();
@@ -827,7 +840,7 @@ mod tests {
     #[test]
     fn dsdt_aml_bytes() {
         let d = dsdt(&AcpiConfig {
-            com: [true, false, false, false],
+            devices: pc([true, false, false, false]),
             ..Default::default()
         });
         let body = &d[SDT_HEADER_LEN..];
@@ -873,7 +886,10 @@ mod tests {
     #[test]
     fn dsdt_isa_devices() {
         let has = |d: &[u8], pat: &[u8]| d.windows(pat.len()).any(|w| w == pat);
-        let none = dsdt(&AcpiConfig::default());
+        let none = dsdt(&AcpiConfig {
+            devices: pc([false; 4]),
+            ..Default::default()
+        });
         for name in [b"COM1", b"COM2", b"COM3", b"COM4"] {
             assert!(!has(&none, name));
         }
@@ -894,7 +910,7 @@ mod tests {
         ));
 
         let all = dsdt(&AcpiConfig {
-            com: [true; 4],
+            devices: pc([true; 4]),
             ..Default::default()
         });
         // (name, IO base, IRQ mask, _UID)
@@ -921,7 +937,7 @@ mod tests {
             assert!(has(dev, &crs), "{name:?} _CRS");
         }
         let two = dsdt(&AcpiConfig {
-            com: [false, true, false, false],
+            devices: pc([false, true, false, false]),
             ..Default::default()
         });
         assert!(has(&two, b"COM2") && !has(&two, b"COM1"));
@@ -976,7 +992,7 @@ mod tests {
         let cfg = AcpiConfig {
             nr_cpus: 2,
             pci: true,
-            com: [true, false, false, false],
+            devices: pc([true, false, false, false]),
             pci_layout: PciLayout::Firmware {
                 mem32_base: 0x8000_0000,
                 mem64_base: 0x1_0000_0000,

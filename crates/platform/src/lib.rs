@@ -1,6 +1,7 @@
 //! The x86 PC that rhyve emulates, stated once: where RAM, the PCI windows, ECAM and the
 //! interrupt controllers sit ([`map`]), which interrupt line each device uses ([`irq`]),
-//! the legacy I/O ports ([`ports`]), and the allocator that hands out BAR space ([`alloc`]).
+//! the legacy I/O ports ([`ports`]), the allocator that hands out BAR space ([`alloc`]),
+//! and how a device describes itself to ACPI ([`acpi`]).
 //! The loader (e820, ACPI tables), the devices (decoding) and machine assembly (bus
 //! placement) all read it from here, so the tables a guest reads and the decoding it gets
 //! cannot drift apart.
@@ -15,6 +16,7 @@
 //! [512 GiB, 576 GiB)          64-bit PCI BARs (direct boot)
 //! ```
 
+pub mod acpi;
 pub mod alloc;
 pub mod irq;
 pub mod map;

@@ -91,7 +91,7 @@ impl PciLayout {
     /// The layout of a machine with `ram_bytes` of RAM, booting firmware or not. Behind a
     /// boot ROM the 32-bit window starts at 2 GiB (3 GiB when low RAM reaches past 2 GiB),
     /// where SeaBIOS's and OVMF's allocators put BARs; the 64-bit one on the first 1 GiB
-    /// boundary above RAM.
+    /// boundary above both RAM and 4 GiB.
     pub fn for_machine(ram_bytes: u64, firmware: bool) -> Self {
         if !firmware {
             return PciLayout::Direct;
@@ -103,7 +103,7 @@ impl PciLayout {
         };
         PciLayout::Firmware {
             mem32_base,
-            mem64_base: ram_top(ram_bytes).div_ceil(1 << 30) << 30,
+            mem64_base: ram_top(ram_bytes).max(MMIO_HOLE_END).div_ceil(1 << 30) << 30,
         }
     }
 
@@ -164,14 +164,31 @@ mod tests {
         assert!(ECAM_BASE + ECAM_SIZE <= u64::from(IOAPIC_ADDR));
         // The largest guest rhyve maps still ends below the 64-bit window.
         assert!(ram_top(MAX_RAM) <= PCI_MEM64_WINDOW.0);
-        for (ram, firmware) in [(256 << 20, true), (3 << 30, true), (8 << 30, true)] {
+        for (ram, firmware) in [
+            (64 << 20, true),
+            (256 << 20, true),
+            (3 << 30, true),
+            (8 << 30, true),
+        ] {
             let l = PciLayout::for_machine(ram, firmware);
             assert!(!l.has_ecam());
             let (base32, last32) = l.mem32_window();
             assert!(u64::from(base32) >= low_ram_end(ram) && last32 < IOAPIC_ADDR);
-            assert!(l.mem64_window().0 >= ram_top(ram));
+            let base64 = l.mem64_window().0;
+            assert!(
+                base64 >= ram_top(ram) && base64 >= MMIO_HOLE_END,
+                "{ram:#x}"
+            );
             assert_eq!(l.pm_base(), 0x600);
         }
         assert_eq!(PciLayout::for_machine(8 << 30, false), PciLayout::Direct);
+        // As the firmware layout always was: 64 MiB of RAM, windows at 2 GiB and 4 GiB.
+        assert_eq!(
+            PciLayout::for_machine(64 << 20, true),
+            PciLayout::Firmware {
+                mem32_base: 0x8000_0000,
+                mem64_base: 1 << 32
+            }
+        );
     }
 }

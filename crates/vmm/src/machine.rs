@@ -37,15 +37,18 @@ struct Buses {
     pm1_evt: Arc<Mutex<acpi_pm::Pm1Event>>,
     /// The PCI functions by id.
     registry: DeviceRegistry,
+    /// The placed devices' own ACPI descriptions, for the DSDT.
+    acpi: Vec<platform::acpi::AcpiDevice>,
 }
 
-/// What the ACPI tables describe for `cfg` (written to RAM, or handed to firmware).
-fn acpi_config(cfg: &VmConfig) -> loader::acpi::AcpiConfig {
+/// What the ACPI tables describe: the vCPUs, and the devices the machine has, as they
+/// describe themselves (built after them).
+fn acpi_config(cfg: &VmConfig, buses: &Buses) -> loader::acpi::AcpiConfig {
     loader::acpi::AcpiConfig {
         nr_cpus: cfg.cpus,
         apic_ids: cfg.topology.apic_ids(),
-        pci: !cfg.pci.is_empty(),
-        com: std::array::from_fn(|i| cfg.com.iter().any(|(c, _)| *c == i)),
+        pci: !buses.registry.is_empty(),
+        devices: buses.acpi.clone(),
         pci_layout: pci_layout(cfg),
     }
 }
@@ -65,6 +68,7 @@ fn build_buses(
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let mut registry = DeviceRegistry::default();
+    let mut acpi = vec![i8042::acpi_device(), rtc::acpi_device()];
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.register_irqfd(&kbd_irq, 1)?;
     pio.insert(
@@ -132,15 +136,6 @@ fn build_buses(
         attach_pci(vm, cfg, &mut pio, &mut mmio, reset, &mut registry)?;
     }
 
-    if cfg.fw_cfg {
-        let dev = crate::firmware::fw_cfg(vm, cfg, &acpi_config(cfg))?;
-        pio.insert(
-            "fw_cfg",
-            u64::from(devices::fw_cfg::FW_CFG_PORT),
-            devices::fw_cfg::FW_CFG_LEN,
-            shared(dev),
-        )?;
-    }
     if let Some(path) = &cfg.debugcon {
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -186,6 +181,7 @@ fn build_buses(
             Box::new(console::ConsoleOut::new(name, host.out, start)),
         )));
         pio.insert(name, u64::from(port), uart::UART_REGS, dev.clone())?;
+        acpi.extend(uart::acpi_device(*index));
         host.input.start(name, dev).context("console thread")?;
     }
 
@@ -218,12 +214,24 @@ fn build_buses(
             shared(Scratch::new(IOMEM_LEN)),
         )?;
     }
-    Ok(Buses {
+    let mut buses = Buses {
         pio,
         mmio,
         pm1_evt,
         registry,
-    })
+        acpi,
+    };
+    // Last: fw_cfg carries the ACPI tables, which describe the devices placed above.
+    if cfg.fw_cfg {
+        let dev = crate::firmware::fw_cfg(vm, cfg, &acpi_config(cfg, &buses))?;
+        buses.pio.insert(
+            "fw_cfg",
+            u64::from(devices::fw_cfg::FW_CFG_PORT),
+            devices::fw_cfg::FW_CFG_LEN,
+            shared(dev),
+        )?;
+    }
+    Ok(buses)
 }
 
 /// One MSI-X vector's fast path: an eventfd registered as an irqfd on the vector's own GSI,
@@ -524,33 +532,37 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
         None => None,
     };
     let vm = Arc::new(vm);
-    // With a boot ROM the firmware builds the tables (ACPI from fw_cfg) and the vCPU starts
-    // at the reset vector. Otherwise boot tables first: the loader hands the RSDP address to
-    // the kernel. ACPI tables are always generated, as bhyve does on amd64 (-A is accepted
-    // for compatibility).
-    let entry = if rom.is_some() {
-        None
-    } else {
-        if cfg.mptable {
-            let ids: Vec<u8> = cfg.topology.apic_ids().iter().map(|&id| id as u8).collect();
-            loader::mptable::write_mptable_with_ids(vm.ram().memory(), &ids)?;
-        }
-        let rsdp = loader::acpi::write_acpi_tables(vm.ram().memory(), &acpi_config(&cfg))?;
-        Some(boot.entry(&vm, &cfg, rsdp)?)
-    };
-    phase("boot tables written and kernel loaded");
-
     let control = Arc::new(VmControl::new());
     // Block termination signals before any thread exists, so only the signal thread sees them.
     signals::block_termination_signals()?;
     register_signal_handler(SIGRTMIN(), kick_handler)
         .map_err(|e| anyhow!("kick signal handler: {e}"))?;
-
-    let stdio_console = cfg.com.iter().any(|(_, b)| *b == ConsoleBackend::Stdio);
-    if stdio_console && terminal::stdin_is_tty() {
-        terminal::enter_raw().context("stdin terminal")?;
-    }
-    let result = run_vcpus(&vm, &cfg, entry.as_ref(), rom.as_ref(), &control, start);
+    let result = (|| {
+        // Devices first: the ACPI tables describe the devices that exist.
+        let buses = build_buses(&vm, &cfg, rom.as_ref(), &control, start)?;
+        phase("devices built");
+        // With a boot ROM the firmware builds the tables (ACPI from fw_cfg) and the vCPU
+        // starts at the reset vector. Otherwise boot tables first: the loader hands the RSDP
+        // address to the kernel. ACPI tables are always generated, as bhyve does on amd64
+        // (-A is accepted for compatibility).
+        let entry = if rom.is_some() {
+            None
+        } else {
+            if cfg.mptable {
+                let ids: Vec<u8> = cfg.topology.apic_ids().iter().map(|&id| id as u8).collect();
+                loader::mptable::write_mptable_with_ids(vm.ram().memory(), &ids)?;
+            }
+            let acpi = acpi_config(&cfg, &buses);
+            let rsdp = loader::acpi::write_acpi_tables(vm.ram().memory(), &acpi)?;
+            Some(boot.entry(&vm, &cfg, rsdp)?)
+        };
+        phase("boot tables written and kernel loaded");
+        let stdio_console = cfg.com.iter().any(|(_, b)| *b == ConsoleBackend::Stdio);
+        if stdio_console && terminal::stdin_is_tty() {
+            terminal::enter_raw().context("stdin terminal")?;
+        }
+        run_vcpus(&vm, &cfg, entry.as_ref(), buses, &control, start)
+    })();
     terminal::restore();
     console::cleanup();
     let reason = result?;
@@ -618,12 +630,10 @@ fn run_vcpus(
     vm: &Arc<Vm>,
     cfg: &VmConfig,
     entry: Option<&loader::EntryState>,
-    rom: Option<&crate::firmware::BootRom>,
+    buses: Buses,
     control: &Arc<VmControl>,
     start: Instant,
 ) -> Result<StopReason> {
-    let buses = build_buses(vm, cfg, rom, control, start)?;
-    log::debug!("boot: devices built at {:.1} ms", ms_since(start));
     let pio = Arc::new(buses.pio);
     let mmio = Arc::new(buses.mmio);
     let mut vcpus = Vec::new();
