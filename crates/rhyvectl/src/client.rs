@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-/// The protocol version rhyvectl speaks.
-pub const PROTOCOL_VERSION: u64 = 1;
-/// The socket's name inside the VM's directory.
-pub const SOCKET_NAME: &str = "control.sock";
+pub use vmmapi::control::{Request, PROTOCOL_VERSION, SOCKET_NAME};
 /// Longest wait for one response (a pause waits up to 2 s for the vCPUs on the server side).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,7 +34,7 @@ impl Client {
             writer,
             path,
         };
-        let hello = c.call("hello", Map::new())?;
+        let hello = c.call(Request::Hello, Map::new())?;
         match hello.get("version").and_then(Value::as_u64) {
             Some(PROTOCOL_VERSION) => Ok(c),
             v => Err(format!(
@@ -50,7 +47,12 @@ impl Client {
 
     /// Sends request `name` with `fields`; the response's fields on success, its error
     /// message otherwise.
-    pub fn call(&mut self, name: &str, mut fields: Map<String, Value>) -> Result<Value, String> {
+    pub fn call(
+        &mut self,
+        request: Request,
+        mut fields: Map<String, Value>,
+    ) -> Result<Value, String> {
+        let name = request.name();
         fields.insert("version".into(), json!(PROTOCOL_VERSION));
         fields.insert("request".into(), json!(name));
         let mut line = Value::Object(fields).to_string();
@@ -126,7 +128,7 @@ mod tests {
             ],
         );
         let mut c = Client::connect(&d).unwrap();
-        assert_eq!(c.call("info", Map::new()), Err("nope".to_string()));
+        assert_eq!(c.call(Request::Info, Map::new()), Err("nope".to_string()));
         let sent = t.join().unwrap();
         let first: Value = serde_json::from_str(&sent[0]).unwrap();
         assert_eq!(first["request"], json!("hello"));

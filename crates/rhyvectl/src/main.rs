@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use cli::{Args, Get, CONTROL, DEBUG, GPRS, SEGMENTS, TABLES};
-use client::Client;
+use client::{Client, Request};
 
 const USAGE: &str = "\
 usage: rhyvectl --list [--json]
@@ -153,7 +153,7 @@ fn fields(v: Value) -> Map<String, Value> {
 fn control(a: &Args, c: &mut Client, out: &mut Out) -> Result<(), String> {
     let cpu = a.cpu.unwrap_or(0);
     if a.pause {
-        c.call("pause", Map::new())?;
+        c.call(Request::Pause, Map::new())?;
         out.json.insert("paused".into(), json!(true));
         out.line("paused");
     }
@@ -179,7 +179,7 @@ fn control(a: &Args, c: &mut Client, out: &mut Out) -> Result<(), String> {
             desc.insert(seg.to_string(), Value::Object(d));
         }
         c.call(
-            "set-regs",
+            Request::SetRegs,
             fields(json!({ "cpu": cpu, "regs": regs, "desc": desc })),
         )?;
         let mut set: Map<String, Value> = regs;
@@ -192,12 +192,12 @@ fn control(a: &Args, c: &mut Client, out: &mut Out) -> Result<(), String> {
         out.json.insert("set".into(), Value::Object(set));
     }
     if a.inject_nmi {
-        c.call("nmi", fields(json!({ "cpu": cpu })))?;
+        c.call(Request::Nmi, fields(json!({ "cpu": cpu })))?;
         out.json.insert("nmi".into(), json!({ "cpu": cpu }));
         out.line(format!("nmi sent to vcpu {cpu}"));
     }
     if a.get_all || !a.gets.is_empty() {
-        let r = c.call("get-regs", fields(json!({ "cpu": cpu })))?;
+        let r = c.call(Request::GetRegs, fields(json!({ "cpu": cpu })))?;
         let gets: Vec<Get> = if a.get_all {
             all_gets()
         } else {
@@ -211,7 +211,7 @@ fn control(a: &Args, c: &mut Client, out: &mut Out) -> Result<(), String> {
         out.json.insert("registers".into(), Value::Object(regs));
     }
     if a.get_stats || a.get_all {
-        let s = c.call("stats", Map::new())?;
+        let s = c.call(Request::Stats, Map::new())?;
         show_stats(&s, a.cpu, out);
         let mut s = fields(s);
         s.remove("ok");
@@ -219,24 +219,26 @@ fn control(a: &Args, c: &mut Client, out: &mut Out) -> Result<(), String> {
         out.json.insert("stats".into(), Value::Object(s));
     }
     if a.resume {
-        c.call("resume", Map::new())?;
+        c.call(Request::Resume, Map::new())?;
         out.json.insert("resumed".into(), json!(true));
         out.line("resumed");
     }
     if a.force_reset || a.force_poweroff {
         let (req, what) = if a.force_reset {
-            ("reset", "reset")
+            (Request::Reset, "reset")
         } else {
-            ("poweroff", "powered off")
+            (Request::PowerOff, "powered off")
         };
         let pid = c
-            .call("info", Map::new())?
+            .call(Request::Info, Map::new())?
             .get("pid")
             .and_then(Value::as_u64);
         let r = c.call(req, Map::new())?;
         let status = r.get("exit_status").cloned().unwrap_or(Value::Null);
-        out.json
-            .insert(req.into(), json!({ "exit_status": status, "pid": pid }));
+        out.json.insert(
+            req.name().into(),
+            json!({ "exit_status": status, "pid": pid }),
+        );
         out.line(format!("{what}: rhyve exits with status {status}"));
     }
     Ok(())
@@ -402,7 +404,7 @@ fn list(out: &mut Out) -> Result<(), String> {
         };
         let (mut vcpus, mut memory) = (None, o.ram_bytes);
         if matches!(o.state, vmmapi::ObjectState::Running { .. }) {
-            match Client::connect(&o.path).and_then(|mut c| c.call("info", Map::new())) {
+            match Client::connect(&o.path).and_then(|mut c| c.call(Request::Info, Map::new())) {
                 Ok(i) => {
                     state = i["state"].as_str().unwrap_or("running").to_string();
                     vcpus = i["vcpus"].as_u64();
@@ -451,7 +453,7 @@ fn destroy(name: &str, dir: &Path) -> Result<(), String> {
             let mut c = Client::connect(dir).map_err(|e| {
                 format!("VM {name} is in use by pid {pid} and cannot be powered off: {e}")
             })?;
-            c.call("poweroff", Map::new())?;
+            c.call(Request::PowerOff, Map::new())?;
             wait_released(name, Duration::from_secs(15))?;
             match vmmapi::destroy(name) {
                 // An ephemeral object is removed by rhyve itself on exit.

@@ -26,10 +26,7 @@ use crate::runtime::{Action, ActionError, VmController};
 use crate::vcpu::VcpuStats;
 use crate::vcpu_ctl::VcpuCtl;
 
-/// The protocol version this server speaks (the `version` of every response).
-pub const PROTOCOL_VERSION: u64 = 1;
-/// The socket's file name inside the VM's runtime directory.
-pub const SOCKET_NAME: &str = "control.sock";
+pub use vmmapi::control::{Request, PROTOCOL_VERSION, SOCKET_NAME};
 /// Longest request line accepted; longer ones are refused and the connection closed.
 const MAX_LINE: usize = 64 * 1024;
 /// Clients served at once; more are told so and closed.
@@ -39,10 +36,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a register read/write or NMI waits for the vCPU thread.
 const VCPU_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The requests, for `hello`.
-const REQUESTS: &[&str] = &[
-    "hello", "info", "stats", "get-regs", "set-regs", "pause", "resume", "reset", "poweroff", "nmi",
-];
+/// Every request's wire name, for `hello` and errors.
+fn request_names() -> Vec<&'static str> {
+    Request::ALL.iter().map(|r| r.name()).collect()
+}
 
 /// What the server may look at and act on.
 pub struct VmHandles {
@@ -336,16 +333,22 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
         Some(_) => return Err("malformed request: \"request\" must be a string".into()),
         None => return Err("malformed request: no \"request\" field".into()),
     };
+    let Some(request) = Request::parse(name) else {
+        return Err(format!(
+            "unknown request {name:?} (known: {})",
+            request_names().join(", ")
+        ));
+    };
     let vm = &shared.vm;
     let done = |fields: Value| Ok((obj(fields), After::Nothing));
-    match name {
-        "hello" => done(json!({
+    match request {
+        Request::Hello => done(json!({
             "server": format!("rhyve {}", env!("CARGO_PKG_VERSION")),
-            "requests": REQUESTS,
+            "requests": request_names(),
         })),
-        "info" => done(info(shared)),
-        "stats" => done(stats(vm)),
-        "get-regs" => {
+        Request::Info => done(info(shared)),
+        Request::Stats => done(stats(vm)),
+        Request::GetRegs => {
             let cpu = cpu_arg(&req, vm)?;
             let (r, d) = vm.vcpus[cpu]
                 .run_on(|v| Ok((v.registers()?, v.debug_regs()?)), VCPU_TIMEOUT)
@@ -355,12 +358,12 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
             m.insert("cpu".into(), json!(cpu));
             Ok((m, After::Nothing))
         }
-        "set-regs" => {
+        Request::SetRegs => {
             let cpu = cpu_arg(&req, vm)?;
             set_regs(&req, cpu, shared)
         }
-        "pause" | "resume" => {
-            let action = if name == "pause" {
+        Request::Pause | Request::Resume => {
+            let action = if request == Request::Pause {
                 Action::Pause
             } else {
                 Action::Resume
@@ -368,7 +371,7 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
             let (state, _) = vm.controller.act(&action).map_err(|e| e.to_string())?;
             done(json!({ "state": state.as_str() }))
         }
-        "nmi" => {
+        Request::Nmi => {
             let cpu = cpu_arg(&req, vm)?;
             vm.vcpus[cpu]
                 .run_on(|v| v.nmi(), VCPU_TIMEOUT)
@@ -376,8 +379,8 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
                 .map_err(|e| e.to_string())?;
             done(json!({ "cpu": cpu }))
         }
-        "reset" | "poweroff" => {
-            let reason = if name == "reset" {
+        Request::Reset | Request::PowerOff => {
+            let reason = if request == Request::Reset {
                 StopReason::Reset
             } else {
                 StopReason::PowerOff
@@ -394,10 +397,6 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
                 After::Stop(stop.unwrap_or(reason)),
             ))
         }
-        other => Err(format!(
-            "unknown request {other:?} (known: {})",
-            REQUESTS.join(", ")
-        )),
     }
 }
 

@@ -19,6 +19,7 @@
 //! # Ok::<(), vmmapi::Error>(())
 //! ```
 
+pub mod control;
 mod cpuid;
 mod flash;
 pub mod hugepages;
