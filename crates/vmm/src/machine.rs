@@ -508,36 +508,52 @@ fn pin_current_thread(cpus: &[usize]) {
     }
 }
 
-/// Builds and runs the VM; returns bhyve's exit status.
-pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
-    if cfg.acpi {
-        log::debug!("-A: ACPI tables are always generated (accepted for compatibility)");
-    }
-    // Direct boot (--kernel) or what rhyveload loaded into the VM object: see adopt.rs.
-    let phase = |what: &str| log::debug!("boot: {what} at {:.1} ms", ms_since(start));
-    let mut boot = adopt::Boot::prepare(&cfg)?;
-    let hv = Hypervisor::open()?;
-    let mut vm = boot.create_vm(&hv, &cfg)?;
-    phase("VM and guest RAM created");
-    let rom = match &cfg.bootrom {
-        Some(path) => {
-            // Whatever rhyveload left in the object is not what runs now.
-            vm.object().clear_boot_state()?;
-            Some(crate::firmware::load_bootrom(
-                &mut vm,
-                path,
-                cfg.bootvars.as_deref(),
-            )?)
+/// A machine built from its resources and not yet running: guest RAM holding the kernel (or
+/// the boot ROM), the devices on their buses with the ACPI tables that describe them, and
+/// the boot vCPU's entry state. [`Machine::build`] is the fresh boot; a restore from a
+/// snapshot is the second way to build one. [`Machine::run`] starts it.
+pub struct Machine {
+    cfg: VmConfig,
+    vm: Arc<Vm>,
+    /// Kept for the machine's life: its flash mapping backs the `bootvars` device.
+    _rom: Option<crate::firmware::BootRom>,
+    buses: Buses,
+    entry: Option<loader::EntryState>,
+    control: Arc<VmControl>,
+    start: Instant,
+}
+
+impl Machine {
+    /// Builds the machine `cfg` describes (`start`: the process start, for boot timings).
+    pub fn build(cfg: VmConfig, start: Instant) -> Result<Machine> {
+        if cfg.acpi {
+            log::debug!("-A: ACPI tables are always generated (accepted for compatibility)");
         }
-        None => None,
-    };
-    let vm = Arc::new(vm);
-    let control = Arc::new(VmControl::new());
-    // Block termination signals before any thread exists, so only the signal thread sees them.
-    signals::block_termination_signals()?;
-    register_signal_handler(SIGRTMIN(), kick_handler)
-        .map_err(|e| anyhow!("kick signal handler: {e}"))?;
-    let result = (|| {
+        // Direct boot (--kernel) or what rhyveload loaded into the VM object: see adopt.rs.
+        let phase = |what: &str| log::debug!("boot: {what} at {:.1} ms", ms_since(start));
+        let mut boot = adopt::Boot::prepare(&cfg)?;
+        let hv = Hypervisor::open()?;
+        let mut vm = boot.create_vm(&hv, &cfg)?;
+        phase("VM and guest RAM created");
+        let rom = match &cfg.bootrom {
+            Some(path) => {
+                // Whatever rhyveload left in the object is not what runs now.
+                vm.object().clear_boot_state()?;
+                Some(crate::firmware::load_bootrom(
+                    &mut vm,
+                    path,
+                    cfg.bootvars.as_deref(),
+                )?)
+            }
+            None => None,
+        };
+        let vm = Arc::new(vm);
+        let control = Arc::new(VmControl::new());
+        // Block termination signals before any thread exists, so only the signal thread
+        // sees them.
+        signals::block_termination_signals()?;
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| anyhow!("kick signal handler: {e}"))?;
         // Devices first: the ACPI tables describe the devices that exist.
         let buses = build_buses(&vm, &cfg, rom.as_ref(), &control, start)?;
         phase("devices built");
@@ -557,22 +573,64 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
             Some(boot.entry(&vm, &cfg, rsdp)?)
         };
         phase("boot tables written and kernel loaded");
-        let stdio_console = cfg.com.iter().any(|(_, b)| *b == ConsoleBackend::Stdio);
+        Ok(Machine {
+            cfg,
+            vm,
+            _rom: rom,
+            buses,
+            entry,
+            control,
+            start,
+        })
+    }
+
+    /// The resources it was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// Runs the machine until it stops: vCPU threads, the control socket, halt detection.
+    pub fn run(self) -> Result<StopReason> {
+        let stdio_console = self
+            .cfg
+            .com
+            .iter()
+            .any(|(_, b)| *b == ConsoleBackend::Stdio);
         if stdio_console && terminal::stdin_is_tty() {
             terminal::enter_raw().context("stdin terminal")?;
         }
-        run_vcpus(&vm, &cfg, entry.as_ref(), buses, &control, start)
-    })();
+        let Machine {
+            cfg,
+            vm,
+            _rom,
+            buses,
+            entry,
+            control,
+            start,
+        } = self;
+        let result = run_vcpus(&vm, &cfg, entry.as_ref(), buses, &control, start);
+        // Before the VM object goes: the backends' files live in its directory.
+        terminal::restore();
+        console::cleanup();
+        let reason = result?;
+        adopt::on_stop(&vm, &cfg, &reason);
+        Ok(reason)
+    }
+}
+
+/// Builds and runs the VM `cfg` describes; returns bhyve's exit status.
+pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
+    let name = cfg.name.clone();
+    let result = Machine::build(cfg, start).and_then(Machine::run);
+    // (Again, for a machine that failed to build after opening its consoles.)
     terminal::restore();
     console::cleanup();
     let reason = result?;
-    adopt::on_stop(&vm, &cfg, &reason);
     if let StopReason::Error(msg) = &reason {
         return Err(anyhow!("{msg}"));
     }
     log::info!(
-        "VM {} stopped: {reason:?} after {:.3} s",
-        cfg.name,
+        "VM {name} stopped: {reason:?} after {:.3} s",
         start.elapsed().as_secs_f64()
     );
     Ok(reason.exit_code())
