@@ -43,7 +43,7 @@ pub use object::{
 };
 pub use rundir::{valid_name as valid_vm_name, RunDir, RUNDIR_ENV};
 pub use vcpu::{InternalError, MpState, Registers, Vcpu, VmExit};
-pub use vm::{Vm, IDENTITY_MAP_ADDRESS, KVM_PRIVATE_LEN};
+pub use vm::{HostMemory, MemorySlot, Vm, IDENTITY_MAP_ADDRESS, KVM_PRIVATE_LEN};
 
 /// Guest memory type used throughout rhyve (rust-vmm's vm-memory).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
@@ -35,6 +35,8 @@ pub struct Vm {
     roms: Vec<RomMapping>,
     /// Device-programmed, file-backed slots (firmware variable stores).
     flash: Vec<Arc<FlashMemory>>,
+    /// Memory slots by number: RAM's first, then ROMs, flash and device memory as they come.
+    slots: Mutex<Vec<Slot>>,
     supported_cpuid: CpuId,
     /// The GSI routing table: the PC's pins, then MSI routes (None: KVM cannot route).
     routing: Option<IrqRouting>,
@@ -124,12 +126,14 @@ impl Vm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let slots = Mutex::new(vec![Slot::Fixed; ram.regions().len()]);
         Ok(Self {
             name,
             fd,
             ram,
             roms: Vec::new(),
             flash: Vec::new(),
+            slots,
             supported_cpuid,
             routing,
             object,
@@ -210,8 +214,103 @@ impl Vm {
         Ok(())
     }
 
+    /// A free slot number, taken for `use_`.
     fn next_slot(&self) -> u32 {
-        (self.ram.regions().len() + self.roms.len() + self.flash.len()) as u32
+        self.take_slot(Slot::Fixed)
+    }
+
+    fn take_slot(&self, use_: Slot) -> u32 {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.iter().position(|s| matches!(s, Slot::Free)) {
+            Some(i) => {
+                slots[i] = use_;
+                i as u32
+            }
+            None => {
+                slots.push(use_);
+                (slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Maps `memory` at `gpa` after creation, without exits: guest accesses go straight to
+    /// it (a passed-through device's BAR, mapped at the address the guest programmed; when
+    /// the guest moves the BAR, unmap and map again). `readonly` makes guest writes exit as
+    /// MMIO writes instead. The slot keeps `memory` alive until it is unmapped.
+    pub fn map_device_memory(
+        &self,
+        gpa: u64,
+        memory: Arc<dyn HostMemory>,
+        readonly: bool,
+    ) -> Result<MemorySlot> {
+        let fail = |what: String| Error::Memory(format!("device memory at {gpa:#x}: {what}"));
+        let (addr, len) = (memory.host_addr(), memory.len());
+        let aligned = |v: u64| v.is_multiple_of(4096);
+        if len == 0 || !aligned(len) || !aligned(gpa) || !aligned(addr) {
+            return Err(fail(format!(
+                "{len} bytes at host {addr:#x}: sizes and addresses must be multiples of 4 KiB"
+            )));
+        }
+        if gpa.checked_add(len).is_none() {
+            return Err(fail(format!("{len} bytes run past the address space")));
+        }
+        if readonly {
+            self.require_readonly_mem().map_err(|e| fail(e.into()))?;
+        }
+        let slot = self.take_slot(Slot::Device {
+            _keep: memory.clone(),
+        });
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: addr,
+            flags: if readonly {
+                kvm_bindings::KVM_MEM_READONLY
+            } else {
+                0
+            },
+        };
+        // SAFETY: `memory` promises a mapping of `len` bytes at `addr` for as long as it
+        // lives; the slot table holds it until the slot is deleted (or the VM fd is gone).
+        if let Err(e) = unsafe { self.fd.set_user_memory_region(region) } {
+            self.free_slot(slot);
+            return Err(kvm_err("KVM_SET_USER_MEMORY_REGION (device memory)")(e));
+        }
+        Ok(MemorySlot { slot, gpa, len })
+    }
+
+    /// Removes a slot [`Vm::map_device_memory`] added; guest accesses there exit again.
+    pub fn unmap_device_memory(&self, mapped: MemorySlot) -> Result<()> {
+        let is_device = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            matches!(slots.get(mapped.slot as usize), Some(Slot::Device { .. }))
+        };
+        if !is_device {
+            return Err(Error::Memory(format!(
+                "slot {} is not device memory of VM {}",
+                mapped.slot, self.name
+            )));
+        }
+        let region = kvm_userspace_memory_region {
+            slot: mapped.slot,
+            guest_phys_addr: mapped.gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+            flags: 0,
+        };
+        // SAFETY: a zero size deletes the slot; nothing is mapped.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+        self.free_slot(mapped.slot);
+        Ok(())
+    }
+
+    fn free_slot(&self, slot: u32) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.get_mut(slot as usize) {
+            *s = Slot::Free;
+        }
     }
 
     /// The VM's name.
@@ -372,6 +471,54 @@ fn warn_if_ram_may_not_fit(dir: &std::path::Path, ram_bytes: u64) {
             free >> 20,
             ram_bytes >> 20
         );
+    }
+}
+
+/// What a memory slot number is used for.
+#[derive(Clone)]
+enum Slot {
+    Free,
+    /// RAM, a ROM or flash: mapped for the VM's life (or by its owner's own rules).
+    Fixed,
+    /// Device memory, kept alive while mapped.
+    Device {
+        _keep: Arc<dyn HostMemory>,
+    },
+}
+
+/// Host memory a device maps into the guest after creation (a VFIO region's mmap).
+///
+/// # Safety
+/// `host_addr()..host_addr() + len()` must stay a valid, mapped host range for as long as
+/// the value lives: KVM lets the guest access it directly.
+pub unsafe trait HostMemory: Send + Sync {
+    fn host_addr(&self) -> u64;
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A device-memory slot, from [`Vm::map_device_memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySlot {
+    slot: u32,
+    gpa: u64,
+    len: u64,
+}
+
+impl MemorySlot {
+    /// Where it is mapped in the guest.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
