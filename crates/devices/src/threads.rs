@@ -47,6 +47,16 @@ pub struct ThreadInfo {
 
 static RUNNING: Mutex<Vec<ThreadInfo>> = Mutex::new(Vec::new());
 
+std::thread_local! {
+    /// The kind of the current thread, if [`spawn`] started it.
+    static KIND: std::cell::Cell<Option<ThreadKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the current thread was started by [`spawn`] as `kind` (for a panic hook).
+pub fn current_is(kind: ThreadKind) -> bool {
+    KIND.with(|k| k.get() == Some(kind))
+}
+
 /// Threads started through [`spawn`] that have not ended.
 pub fn running() -> Vec<ThreadInfo> {
     RUNNING.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -79,6 +89,7 @@ where
         .name(name.clone())
         .spawn(move || {
             let tid = gettid();
+            KIND.with(|k| k.set(Some(kind)));
             RUNNING
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -97,6 +108,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let t = spawn(ThreadKind::DeviceWorker, "test worker", move || {
             let me = gettid();
+            assert!(current_is(ThreadKind::DeviceWorker));
             let _ = rx.recv();
             me
         })
@@ -112,6 +124,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let (kind, tid) = listed().expect("the thread is listed");
+        assert!(!current_is(ThreadKind::DeviceWorker));
         assert_eq!(kind, ThreadKind::DeviceWorker);
         assert!(std::path::Path::new(&format!("/proc/self/task/{tid}")).exists());
         tx.send(()).unwrap();

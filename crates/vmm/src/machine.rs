@@ -591,6 +591,9 @@ impl Machine {
 
     /// Runs the machine until it stops: vCPU threads, the control socket, halt detection.
     pub fn run(self) -> Result<StopReason> {
+        // Again (idempotent): the threads started here inherit the mask of this thread,
+        // which need not be the one that built the machine.
+        signals::block_termination_signals()?;
         let stdio_console = self
             .cfg
             .com

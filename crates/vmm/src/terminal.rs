@@ -38,7 +38,11 @@ pub fn enter_raw() -> std::io::Result<()> {
     RAW.store(true, Ordering::Relaxed);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        restore();
+        // A device worker's panic is caught and the VM runs on (the device needs a reset):
+        // the guest's console must stay raw, or a Ctrl-C meant for it would stop rhyve.
+        if !devices::threads::current_is(devices::threads::ThreadKind::DeviceWorker) {
+            restore();
+        }
         previous(info);
     }));
     Ok(())

@@ -499,8 +499,10 @@ pub unsafe trait HostMemory: Send + Sync {
     }
 }
 
-/// A device-memory slot, from [`Vm::map_device_memory`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A device-memory slot, from [`Vm::map_device_memory`]. Not `Copy`: the one handle is
+/// given back to unmap it, so a stale copy can never remove a later mapping that reused the
+/// slot number.
+#[derive(Debug, PartialEq, Eq)]
 pub struct MemorySlot {
     slot: u32,
     gpa: u64,

@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{self, Chain, ChainLimits, Segment};
+use super::chain::{self, Chain, ChainError, ChainLimits, Segment};
 use super::{
     activate_single_queue, drain_queue, guest_error, read_config_bytes, ActivateError,
     GuestMemoryMmap, VirtioDevice, VirtioInterrupt, Worker, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -411,11 +411,13 @@ impl Bounce {
     }
 }
 
-/// What this device accepts in one chain: SEG_MAX data segments plus header and status
-/// (the queue size at most) when the driver negotiated SEG_MAX, descriptors of SIZE_MAX bytes
-/// at most when it negotiated SIZE_MAX. A driver that did not accept a limit is not held to it.
-fn chain_limits(acked: u64, queue_size: u16) -> ChainLimits {
-    let mut limits = ChainLimits::queue(queue_size);
+/// What this device accepts in one chain: at most [`QUEUE_SIZE`] descriptors (the largest
+/// queue it offers: a driver that made its queue smaller may still send as many segments
+/// through an indirect table), SEG_MAX data segments plus header and status when the driver
+/// negotiated SEG_MAX, descriptors of SIZE_MAX bytes at most when it negotiated SIZE_MAX. A
+/// driver that did not accept a limit is not held to it.
+fn chain_limits(acked: u64) -> ChainLimits {
+    let mut limits = ChainLimits::queue(QUEUE_SIZE);
     if acked & (1 << F_SEG_MAX) != 0 {
         limits.max_descriptors = limits.max_descriptors.min(SEG_MAX as usize + 2);
     }
@@ -694,6 +696,12 @@ fn process_request(
 ) -> u32 {
     let st = &disk.stats;
     let bufs = chain::parse(chain, mem, limits);
+    if let Some(e @ ChainError::TooManyDescriptors(_)) = bufs.fault {
+        // The walk stopped early: the last writable byte seen is not the status byte, and a
+        // write there would land in a data buffer.
+        guest_error(&st.guest_errors, format_args!("virtio-blk: {e}"));
+        return 0;
+    }
     // The status byte is the last byte of the device-writable part.
     let Some(status_at) = bufs
         .writable
@@ -990,7 +998,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         let disk = self.disk.clone();
         let mut bounce = Bounce::default();
-        let limits = chain_limits(self.acked, queues.first().map_or(0, |q| q.size()));
+        let limits = chain_limits(self.acked);
         activate_single_queue(
             &mut self.worker,
             "virtio-blk",
@@ -1099,7 +1107,7 @@ mod tests {
     impl H {
         fn run(&mut self) {
             let (disk, mem, bounce) = (&self.disk, &self.drv.mem, &mut self.bounce);
-            let limits = chain_limits(self.acked, self.q.size());
+            let limits = chain_limits(self.acked);
             drain_queue(&mut self.q, mem, &disk.stats.guest_errors, |c| {
                 process_request(disk, mem, c, limits, bounce)
             });
@@ -1420,11 +1428,10 @@ mod tests {
 
     #[test]
     fn seg_max_and_size_max_hold_once_negotiated() {
-        assert_eq!(chain_limits(0, QUEUE_SIZE), ChainLimits::queue(QUEUE_SIZE));
-        let both = chain_limits(1 << F_SEG_MAX | 1 << F_SIZE_MAX, QUEUE_SIZE);
+        assert_eq!(chain_limits(0), ChainLimits::queue(QUEUE_SIZE));
+        let both = chain_limits(1 << F_SEG_MAX | 1 << F_SIZE_MAX);
         assert_eq!(both.max_descriptors, SEG_MAX as usize + 2);
         assert_eq!(both.max_segment, SIZE_MAX);
-        assert_eq!(chain_limits(1 << F_SEG_MAX, 64).max_descriptors, 64);
 
         let mut h = harness();
         let mut hdr = T_IN.to_le_bytes().to_vec();
@@ -1435,22 +1442,25 @@ mod tests {
         let big = h.drv.alloc(u64::from(SIZE_MAX) + 512);
         h.send(&[(hd, 16, false), (big, SIZE_MAX + 512, true), (st, 1, true)]);
         assert_eq!(h.drv.read(st, 1)[0], S_IOERR);
-        // An indirect table of 1000 descriptors: the walk stops at SEG_MAX + 2, no status.
+        // An indirect table of 1000 descriptors, each its own buffer: the walk stops at
+        // SEG_MAX + 2 and, not knowing where the status byte is, writes nothing.
         let errors = h.disk.stats.guest_errors.load(Ordering::Relaxed);
         let n = 1000u16;
         let table = h.drv.alloc(16 * u64::from(n));
+        let bufs = h.drv.alloc(u64::from(n));
         h.drv.write_desc(table, 0, hd, 16, F_NEXT, 1);
         for i in 1..n {
             let last = i + 1 == n;
             let flags = F_WRITE | if last { 0 } else { F_NEXT };
-            h.drv.write_desc(table, i, st, 1, flags, i + 1);
+            h.drv
+                .write_desc(table, i, bufs + u64::from(i), 1, flags, i + 1);
         }
         h.drv
             .write_desc(DESC, 210, table, 16 * u32::from(n), F_INDIRECT, 0);
         h.drv.publish(210);
         h.run();
-        assert_eq!(h.drv.used(h.drv.used_idx() - 1), (210, 1));
-        assert_eq!(h.drv.read(st, 1)[0], S_IOERR);
+        assert_eq!(h.drv.used(h.drv.used_idx() - 1), (210, 0));
+        assert_eq!(h.drv.read(bufs, usize::from(n)), vec![0; usize::from(n)]);
         assert_eq!(
             h.disk.stats.guest_errors.load(Ordering::Relaxed),
             errors + 1
