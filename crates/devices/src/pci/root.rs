@@ -608,17 +608,6 @@ mod tests {
     }
 
     #[test]
-    fn gsi_rule() {
-        assert_eq!(intx_gsi(0, 1), Some(16));
-        assert_eq!(intx_gsi(3, 1), Some(19));
-        assert_eq!(intx_gsi(7, 2), Some(16));
-        assert_eq!(intx_gsi(31, 4), Some(18));
-        assert_eq!(intx_gsi(3, 0), None);
-        assert_eq!(intx_gsi(3, 5), None);
-        assert_eq!(intx_gsi(32, 1), None);
-    }
-
-    #[test]
     fn mechanism_1() {
         let (root, probe) = machine();
         let mut io = root.config_io(None);
