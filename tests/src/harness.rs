@@ -383,6 +383,42 @@ pub fn require_kvm() {
     }
 }
 
+/// target/<profile>/rhyvectl, next to rhyve.
+pub fn rhyvectl_bin() -> std::path::PathBuf {
+    let bin = rhyve_bin().with_file_name("rhyvectl");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --release -p rhyvectl)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs rhyvectl with `args` against the VMs under `base`.
+pub fn rhyvectl(base: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(rhyvectl_bin())
+        .env("RHYVE_RUNDIR", base)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rhyvectl")
+}
+
+/// rhyvectl that must succeed; its stdout.
+pub fn rhyvectl_ok(base: &std::path::Path, args: &[&str]) -> String {
+    let o = rhyvectl(base, args);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(
+        o.status.success(),
+        "rhyvectl {args:?} failed ({}): {err}\n{out}",
+        o.status
+    );
+    out
+}
+
 /// The PC most tests boot: host bridge, LPC bridge, COM1 on stdio (the test guest's console).
 pub const PC_MACHINE: [&str; 6] = ["-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio"];
 

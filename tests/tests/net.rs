@@ -397,22 +397,6 @@ fn frames_both_ways_ping_and_default_mac() {
     g.finish();
 }
 
-/// rhyvectl against the VMs under `dir`; its stdout (it must succeed).
-fn rhyvectl(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(rhyve_bin().with_file_name("rhyvectl"))
-        .env("RHYVE_RUNDIR", dir)
-        .args(args)
-        .output()
-        .expect("run rhyvectl (cargo build --release --workspace)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "rhyvectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 fn mount_tmpfs(dir: &std::path::Path) {
     use std::os::unix::ffi::OsStrExt;
     let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
@@ -432,7 +416,7 @@ fn mount_tmpfs(dir: &std::path::Path) {
 
 /// The virtio-net function's entry in `rhyvectl --get-stats --json`.
 fn net_stats(dir: &std::path::Path, vm: &str) -> serde_json::Value {
-    let out = rhyvectl(dir, &[&format!("--vm={vm}"), "--get-stats", "--json"]);
+    let out = harness::rhyvectl_ok(dir, &[&format!("--vm={vm}"), "--get-stats", "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON stats");
     v["stats"]["pci"]
         .as_array()
@@ -468,7 +452,7 @@ fn a_paused_vm_takes_no_frames_into_guest_ram_until_resumed() {
     let rx = before["counters"]["rx_frames"].as_u64().unwrap();
     assert!(rx >= 1, "{before}");
 
-    rhyvectl(&dir, &[&format!("--vm={vm}"), "--pause"]);
+    harness::rhyvectl_ok(&dir, &[&format!("--vm={vm}"), "--pause"]);
     assert_eq!(net_stats(&dir, vm)["state"], "paused");
     let memory = dir.join(vm).join("memory");
     let ram = std::fs::read(&memory).unwrap();
@@ -496,7 +480,7 @@ fn a_paused_vm_takes_no_frames_into_guest_ram_until_resumed() {
         "an echo while paused"
     );
 
-    rhyvectl(&dir, &[&format!("--vm={vm}"), "--resume"]);
+    harness::rhyvectl_ok(&dir, &[&format!("--vm={vm}"), "--resume"]);
     for (i, f) in frames.iter().enumerate() {
         let r = pk
             .recv(Duration::from_secs(30))

@@ -6,11 +6,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use rhyve_tests::harness::{require_kvm, rhyve_bin, rhyve_cmd, scratch_dir, Spawned};
+use rhyve_tests::harness::{
+    require_kvm, rhyve_cmd, rhyvectl as ctl, rhyvectl_ok as ctl_ok, scratch_dir, Spawned,
+};
 use rhyve_tests::TESTGUEST_BZIMAGE;
 
 /// ~10^11 port writes: hours at this machine's exit rate.
@@ -22,42 +24,6 @@ const GUEST_BASE: u64 = 0x10_0000;
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// target/<profile>/rhyvectl, next to rhyve.
-fn rhyvectl_bin() -> PathBuf {
-    let bin = rhyve_bin().with_file_name("rhyvectl");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (cargo build --release -p rhyvectl)",
-        bin.display()
-    );
-    bin
-}
-
-/// Runs rhyvectl with `args` against `base`.
-fn ctl(base: &Path, args: &[&str]) -> Output {
-    Command::new(rhyvectl_bin())
-        .env("RHYVE_RUNDIR", base)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run rhyvectl")
-}
-
-/// rhyvectl that must succeed; its stdout.
-fn ctl_ok(base: &Path, args: &[&str]) -> String {
-    let o = ctl(base, args);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(
-        o.status.success(),
-        "rhyvectl {args:?} failed ({}): {err}\n{out}",
-        o.status
-    );
-    out
 }
 
 /// rhyvectl that must fail; its one-line stderr.

@@ -5,7 +5,6 @@
 //! every backend but stdio writes without blocking: bytes nobody can take right now (a full
 //! pty buffer, no client on a socket) are dropped and counted, reported at exit.
 
-use devices::threads::ThreadKind;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -17,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::threads::ThreadKind;
 use devices::uart::Uart;
 
 use crate::config::ConsoleBackend;

@@ -7,7 +7,6 @@
 //! a client that vanishes mid-request only loses its answer, and nothing a client does can
 //! stop the server or the VM except the documented `reset`/`poweroff` requests.
 
-use devices::threads::ThreadKind;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use devices::threads::ThreadKind;
 use devices::{Bus, StopReason};
 use kvm_bindings::{kvm_debugregs, kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 use serde_json::{json, Map, Value};

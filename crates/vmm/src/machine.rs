@@ -1,7 +1,6 @@
 //! Machine assembly: VM + RAM + irqchip, devices on the buses, the kernel, vCPU threads,
 //! then wait for a stop and turn it into bhyve's exit status.
 
-use devices::threads::ThreadKind;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -9,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use devices::pci::{root as pci_root, InterruptSink, PciRoot};
+use devices::threads::ThreadKind;
 use devices::{acpi_pm, i8042, pc_testdev, post, rtc, uart, Bus, BusDevice, StopReason, VmControl};
 use platform::map::PciLayout;
 use vmm_sys_util::eventfd::EventFd;
@@ -70,7 +70,7 @@ fn build_buses(
     let mut registry = DeviceRegistry::default();
     let mut acpi = vec![i8042::acpi_device(), rtc::acpi_device()];
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
-    vm.register_irqfd(&kbd_irq, 1)?;
+    vm.register_irqfd(&kbd_irq, platform::irq::KBD_IRQ)?;
     pio.insert(
         "i8042",
         u64::from(i8042::I8042_BASE),
@@ -79,7 +79,7 @@ fn build_buses(
             control.clone(),
             Box::new(move || {
                 if let Err(e) = kbd_irq.write(1) {
-                    log::warn!("i8042: irq 1: {e}");
+                    log::warn!("i8042: irq {}: {e}", platform::irq::KBD_IRQ);
                 }
             }),
         )),

@@ -7,11 +7,11 @@
 //! ACPI OS) is powered off at once. With a stdio console in raw mode ^C reaches the guest
 //! as a byte, so a SIGINT that arrives here was sent on purpose and is handled the same way.
 
-use devices::threads::ThreadKind;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use devices::acpi_pm::Pm1Event;
+use devices::threads::ThreadKind;
 use devices::{StopReason, VmControl};
 
 const TERMINATION: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];

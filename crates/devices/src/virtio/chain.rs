@@ -98,7 +98,8 @@ impl Chain {
         }
     }
 
-    fn fault(&mut self, e: ChainError) {
+    /// Records `e` unless an earlier fault was recorded.
+    fn note_fault(&mut self, e: ChainError) {
         self.fault.get_or_insert(e);
     }
 }
@@ -119,20 +120,20 @@ pub fn parse(
         }
         last_has_next = d.has_next();
         if d.len() > limits.max_segment {
-            c.fault(ChainError::SegmentTooLarge(limits.max_segment));
+            c.note_fault(ChainError::SegmentTooLarge(limits.max_segment));
         }
         let len = u64::from(d.len());
         if c.readable_len + c.writable_len + len > limits.max_total {
-            c.fault(ChainError::TooLarge(limits.max_total));
+            c.note_fault(ChainError::TooLarge(limits.max_total));
         }
         if !d.is_write_only() && !c.writable.is_empty() {
-            c.fault(ChainError::ReadableAfterWritable);
+            c.note_fault(ChainError::ReadableAfterWritable);
         }
         if len == 0 {
             continue;
         }
         if !mem.check_range(d.addr(), len as usize) {
-            c.fault(ChainError::OutsideMemory);
+            c.note_fault(ChainError::OutsideMemory);
         }
         let seg = Segment {
             addr: d.addr(),
@@ -149,7 +150,7 @@ pub fn parse(
     if count == 0 {
         c.fault = Some(ChainError::Empty);
     } else if last_has_next {
-        c.fault(ChainError::Broken);
+        c.note_fault(ChainError::Broken);
     }
     c
 }
