@@ -599,3 +599,46 @@ fn bad_command_lines_fail_with_one_line() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn clients_that_trickle_bytes_give_their_slots_back() {
+    let _one = one_at_a_time();
+    let mut vm = Vm::start("ctl-trickle", FOREVER);
+    let sock = vm.dir().join("control.sock");
+    // Every slot taken by a client that sends a byte every 200 ms and never a newline.
+    let mut tricklers: Vec<UnixStream> = (0..16)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut served = None;
+    while t0.elapsed() < Duration::from_secs(30) {
+        for t in &mut tricklers {
+            let _ = t.write_all(b" ");
+        }
+        let s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut c = BufReader::new(s);
+        // A refused client may find the socket closed before it writes.
+        let _ = c.get_mut().write_all(b"{\"request\":\"hello\"}\n");
+        let mut a = String::new();
+        let _ = c.read_line(&mut a);
+        if a.contains("\"ok\":true") {
+            served = Some(t0.elapsed());
+            break;
+        }
+        assert!(a.contains("too many clients"), "{a}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let served = served.expect("the trickling clients kept every slot for 30 s");
+    // The control server cut them off: their reads end.
+    let mut buf = [0u8; 64];
+    let mut t = tricklers.remove(0);
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = std::io::Read::read(&mut t, &mut buf).unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "a trickling client was not disconnected (after {served:?})"
+    );
+    ctl_ok(&vm.base.clone(), &[&vm.vm_arg(), "--force-poweroff"]);
+    assert_eq!(vm.wait_exit().code(), Some(1));
+}

@@ -1,7 +1,5 @@
 //! A minimal stderr logger; level from `RHYVE_LOG` (error, warn, info, debug, trace).
 
-use std::io::Write;
-
 struct Logger;
 
 impl log::Log for Logger {
@@ -17,11 +15,8 @@ impl log::Log for Logger {
                 "\n"
             };
             let level = r.level().to_string().to_lowercase();
-            let _ = write!(
-                std::io::stderr().lock(),
-                "rhyve: {level}: {}{eol}",
-                r.args()
-            );
+            // Queued (never blocking the thread that logs) once the VM runs.
+            vmm::host_output::stderr(format!("rhyve: {level}: {}{eol}", r.args()).as_bytes());
         }
     }
 

@@ -6,7 +6,7 @@ mod logger;
 use std::time::Instant;
 
 use cli::Command;
-use vmm::{config, emulations, machine, terminal};
+use vmm::{config, emulations, host_output, machine, terminal};
 
 const HELP: &str = "\
 NAME
@@ -96,6 +96,9 @@ EXAMPLE
            --kernel bzImage --initrd initrd.img --append console=ttyS0 vm0
 ";
 
+/// How long the exit waits for stdout and stderr to take what is queued.
+const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn main() {
     let start = Instant::now();
     logger::init();
@@ -121,7 +124,8 @@ fn main() {
             Ok(cfg) => match machine::run(cfg, start) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("rhyve: {e:#}");
+                    // Through the queue, after the log lines before it.
+                    host_output::stderr(format!("rhyve: {e:#}\n").as_bytes());
                     4
                 }
             },
@@ -136,5 +140,14 @@ fn main() {
         }
     };
     terminal::restore();
+    // Whatever is still queued for stdout and stderr, unless nobody reads them.
+    let dropped = host_output::flush(EXIT_FLUSH);
+    if dropped > 0 {
+        host_output::stderr(
+            format!("rhyve: {dropped} bytes of console output dropped: stdout was not read\n")
+                .as_bytes(),
+        );
+        host_output::flush(EXIT_FLUSH);
+    }
     std::process::exit(code);
 }

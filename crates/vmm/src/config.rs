@@ -56,6 +56,7 @@ const KNOWN_KEYS: &[&str] = &[
     // Any function: an expansion ROM image, and its place in fw_cfg's bootorder.
     "pci.*.*.*.rom",
     "pci.*.*.*.bootindex",
+    "sandbox.seccomp",
 ];
 
 fn matches(pattern: &str, key: &str) -> bool {
@@ -280,6 +281,8 @@ pub struct VmConfig {
     /// `-l debugcon,PATH`: QEMU's debug console at port 0x402 (firmware debug logs), appended
     /// to PATH.
     pub debugcon: Option<PathBuf>,
+    /// `sandbox.seccomp=on|log|off`: seccomp filters per thread kind (see sandbox.rs).
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 fn path_json(p: &Option<PathBuf>) -> serde_json::Value {
@@ -340,6 +343,7 @@ impl VmConfig {
             "strict_io": self.strict_io,
             "destroy_on_poweroff": self.destroy_on_poweroff,
             "power_grace_ms": self.power_grace.map(|d| d.as_millis() as u64),
+            "seccomp": self.seccomp.as_str(),
         })
     }
 }
@@ -641,6 +645,12 @@ impl VmConfig {
         if !fw_cfg_files.is_empty() && !fw_cfg {
             return err("-f: fw_cfg files need fw_cfg (-l bootrom,ROM or -o lpc.fwcfg=qemu)");
         }
+        let seccomp = match t.get("sandbox.seccomp") {
+            None => crate::sandbox::SeccompMode::default(),
+            Some(v) => crate::sandbox::SeccompMode::parse(v).ok_or_else(|| {
+                ConfigError(format!("sandbox.seccomp={v}: expected on, log or off"))
+            })?,
+        };
         let uuid = match t.get("uuid") {
             None => [0; 16],
             Some(v) => parse_uuid(v)?,
@@ -671,6 +681,7 @@ impl VmConfig {
             fw_cfg_files,
             uuid,
             debugcon: t.get("lpc.debugcon.path").map(PathBuf::from),
+            seccomp,
         })
     }
 }

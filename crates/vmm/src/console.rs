@@ -59,22 +59,6 @@ impl Write for ConsoleOut {
     }
 }
 
-/// Stdout, unbuffered so the guest's output appears as it is written.
-pub struct Stdout;
-
-impl Write for Stdout {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        let n = out.write(buf)?;
-        out.flush()?;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
-    }
-}
-
 /// Files to remove and drop counters to report when the VM stops.
 struct Registry {
     files: Vec<PathBuf>,
@@ -351,7 +335,7 @@ pub fn open(
 ) -> std::io::Result<HostEnd> {
     match backend {
         ConsoleBackend::Stdio => Ok(HostEnd {
-            out: Box::new(Stdout),
+            out: Box::new(crate::host_output::stdout()),
             input: HostInput(Input::Reader(Box::new(std::io::stdin()))),
         }),
         ConsoleBackend::Path(p) => {

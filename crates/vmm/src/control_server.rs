@@ -7,7 +7,7 @@
 //! a client that vanishes mid-request only loses its answer, and nothing a client does can
 //! stop the server or the VM except the documented `reset`/`poweroff` requests.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -31,8 +31,9 @@ pub use vmmapi::control::{Request, PROTOCOL_VERSION, SOCKET_NAME};
 const MAX_LINE: usize = 64 * 1024;
 /// Clients served at once; more are told so and closed.
 const MAX_CLIENTS: usize = 16;
-/// A client silent this long is disconnected.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Each request line must arrive whole within this long of the previous answer (or of the
+/// connection): a silent client, or one trickling a byte at a time, gives its slot back.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a register read/write or NMI waits for the vCPU thread.
 const VCPU_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -244,32 +245,67 @@ fn write_response(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     stream.flush()
 }
 
-/// Serves one client: a request per line until EOF, an error or the idle timeout.
-fn serve_client(stream: UnixStream, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
+/// What [`next_line`] read.
+enum Line {
+    /// A request (its newline included, if it had one).
+    Request(Vec<u8>),
+    /// Longer than [`MAX_LINE`].
+    TooLong,
+    /// End of file, an error or the request deadline.
+    End,
+}
+
+/// Reads the next request line within [`REQUEST_TIMEOUT`]; bytes after it stay in `pending`.
+fn next_line(stream: &mut UnixStream, pending: &mut Vec<u8>) -> Line {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            return if line.len() > MAX_LINE {
+                Line::TooLong
+            } else {
+                Line::Request(line)
+            };
+        }
+        if pending.len() > MAX_LINE {
+            return Line::TooLong;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Line::End;
+        }
+        match stream.read(&mut chunk) {
+            // A last request without its newline still counts.
+            Ok(0) if !pending.is_empty() => return Line::Request(std::mem::take(pending)),
+            Ok(0) => return Line::End,
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Line::End,
+        }
+    }
+}
+
+/// Serves one client: a request per line until EOF, an error or a request that does not
+/// arrive in time.
+fn serve_client(mut stream: UnixStream, shared: &Shared) {
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
-    let mut buf = Vec::new();
+    let mut pending = Vec::new();
     loop {
-        buf.clear();
-        // At most MAX_LINE + 1 bytes: a longer line is refused without reading it all.
-        match (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-        {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if buf.len() > MAX_LINE {
-            let _ = write_response(
-                &mut out,
-                &error(&format!("request longer than {MAX_LINE} bytes")),
-            );
-            return;
-        }
+        let buf = match next_line(&mut stream, &mut pending) {
+            Line::Request(buf) => buf,
+            Line::TooLong => {
+                let _ = write_response(
+                    &mut out,
+                    &error(&format!("request longer than {MAX_LINE} bytes")),
+                );
+                return;
+            }
+            Line::End => return,
+        };
         let text = String::from_utf8_lossy(&buf);
         let text = text.trim();
         if text.is_empty() {

@@ -19,6 +19,7 @@ use crate::boot;
 use crate::config::{ConsoleBackend, VmConfig};
 use crate::emulations::PciContext;
 use crate::exit::ExitHandler;
+use crate::irq_lines::{IrqLines, IrqSource};
 use crate::registry::{DeviceRegistry, RegisteredDevice};
 use crate::runtime::VmController;
 use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
@@ -68,6 +69,8 @@ fn build_buses(
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let mut registry = DeviceRegistry::default();
+    // Level-triggered lines, wire-ORed: the SCI, pc-testdev's lines and every INTx pin.
+    let lines = IrqLines::new(vm.clone());
     let mut acpi = vec![i8042::acpi_device(), rtc::acpi_device()];
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.register_irqfd(&kbd_irq, platform::irq::KBD_IRQ)?;
@@ -92,9 +95,9 @@ fn build_buses(
     )?;
     // The SCI: GSI 9, level-triggered (the MADT's interrupt source override).
     let pm1_evt = Arc::new(Mutex::new(acpi_pm::Pm1Event::new({
-        let vm = vm.clone();
+        let sci = lines.source();
         Box::new(move |level| {
-            if let Err(e) = vm.set_irq_line(acpi_pm::SCI_GSI, level) {
+            if let Err(e) = sci.set(acpi_pm::SCI_GSI, level) {
                 log::warn!("acpi: SCI (GSI {}): {e}", acpi_pm::SCI_GSI);
             }
         })
@@ -133,7 +136,7 @@ fn build_buses(
         pio.insert("reset", u64::from(acpi_pm::RESET_PORT), 1, reset)?;
     } else {
         // 0xCF9 sits inside configuration mechanism #1's ports: the PCI device forwards it.
-        attach_pci(vm, cfg, &mut pio, &mut mmio, reset, &mut registry)?;
+        attach_pci(vm, &lines, cfg, &mut pio, &mut mmio, reset, &mut registry)?;
     }
 
     if let Some(path) = &cfg.debugcon {
@@ -200,9 +203,9 @@ fn build_buses(
             shared(Scratch::new(IOPORT_LEN)),
         )?;
         pio.insert("pc-testdev irq", u64::from(IRQ_BASE), IRQ_LEN, {
-            let vm = vm.clone();
-            shared(IrqLines::new(Box::new(move |gsi, level| {
-                if let Err(e) = vm.set_irq_line(gsi, level) {
+            let source = lines.source();
+            shared(pc_testdev::IrqLines::new(Box::new(move |gsi, level| {
+                if let Err(e) = source.set(gsi, level) {
                     log::warn!("pc-testdev: irq {gsi}: {e}");
                 }
             })))
@@ -250,6 +253,8 @@ struct VmInterrupts {
     vm: Arc<Vm>,
     /// The slot's INTx GSI (u32::MAX: no pin).
     gsi: AtomicU32,
+    /// This function's hold on its INTx line (shared with other functions).
+    line: IrqSource,
     name: String,
     warned: AtomicBool,
     /// Per vector, created when the table first announces a message for it.
@@ -257,10 +262,11 @@ struct VmInterrupts {
 }
 
 impl VmInterrupts {
-    fn new(vm: &Arc<Vm>, name: String) -> Self {
+    fn new(vm: &Arc<Vm>, line: IrqSource, name: String) -> Self {
         Self {
             vm: vm.clone(),
             gsi: AtomicU32::new(u32::MAX),
+            line,
             name,
             warned: AtomicBool::new(false),
             vectors: Mutex::new(Vec::new()),
@@ -307,7 +313,7 @@ impl InterruptSink for VmInterrupts {
     fn intx(&self, level: bool) {
         let gsi = self.gsi.load(Ordering::Relaxed);
         if gsi != u32::MAX {
-            if let Err(e) = self.vm.set_irq_line(gsi, level) {
+            if let Err(e) = self.line.set(gsi, level) {
                 self.warn_once("INTx", e);
             }
         }
@@ -372,6 +378,7 @@ impl Drop for VmInterrupts {
 /// on the buses.
 fn attach_pci(
     vm: &Arc<Vm>,
+    lines: &Arc<IrqLines>,
     cfg: &VmConfig,
     pio: &mut Bus,
     mmio: &mut Bus,
@@ -384,6 +391,7 @@ fn attach_pci(
         let (b, d, f) = (s.bus, s.slot, s.func);
         let sink = Arc::new(VmInterrupts::new(
             vm,
+            lines.source(),
             format!("pci {b}:{d}:{f} {}", s.emulation.name),
         ));
         let ctx = PciContext {
@@ -549,9 +557,25 @@ impl Machine {
         };
         let vm = Arc::new(vm);
         let control = Arc::new(VmControl::new());
+        // A vCPU, console, control or signal thread that panics would leave a VM that
+        // never finishes: stop it with an error (exit 4). Device workers handle their own
+        // (the device needs a reset, the VM runs on).
+        let on_panic = Arc::downgrade(&control);
+        // (Set once per process: a second machine in the same process keeps the first's.)
+        let _ = devices::threads::set_panic_handler(Box::new(move |kind, name| {
+            if let Some(control) = on_panic.upgrade() {
+                control.request_stop(StopReason::Error(format!(
+                    "{} thread '{name}' panicked",
+                    kind.as_str()
+                )));
+            }
+        }));
         // Block termination signals before any thread exists, so only the signal thread
         // sees them.
         signals::block_termination_signals()?;
+        // Every thread from here on starts filtered (and with the signals blocked).
+        crate::sandbox::install(cfg.seccomp)?;
+        crate::host_output::start().context("stdout/stderr writers")?;
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| anyhow!("kick signal handler: {e}"))?;
         // Devices first: the ACPI tables describe the devices that exist.
@@ -766,6 +790,7 @@ fn run_vcpus(
     }
     controller.started();
     log::debug!("boot: vCPUs started at {:.1} ms", ms_since(start));
+    crate::sandbox::enter_main()?;
     let reason = wait_for_stop(control, &threads, &probes);
     // Kick every vCPU out of KVM_RUN until its thread has seen the stop; a signal that lands
     // just before the thread enters KVM_RUN is lost, hence the retries.
@@ -779,4 +804,32 @@ fn run_vcpus(
         let _ = t.join();
     }
     Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::irq_lines::test_vm::{ioapic_irr, vm};
+
+    #[test]
+    fn two_functions_on_one_intx_line_do_not_cancel_each_other() {
+        let vm = vm("intx-shared");
+        let lines = IrqLines::new(vm.clone());
+        let a = VmInterrupts::new(&vm, lines.source(), "a".into());
+        let b = VmInterrupts::new(&vm, lines.source(), "b".into());
+        let gsi = platform::irq::intx_gsi(2, 1).unwrap();
+        a.gsi.store(gsi, Ordering::Relaxed);
+        b.gsi.store(gsi, Ordering::Relaxed);
+        a.intx(true);
+        b.intx(true);
+        // The guest reads A's ISR (A deasserts): B still has an interrupt pending.
+        a.intx(false);
+        assert_ne!(
+            ioapic_irr(&vm) & (1 << gsi),
+            0,
+            "A's deassert cancelled B's interrupt"
+        );
+        b.intx(false);
+        assert_eq!(ioapic_irr(&vm) & (1 << gsi), 0);
+    }
 }

@@ -40,7 +40,7 @@ pub fn enter_raw() -> std::io::Result<()> {
     std::panic::set_hook(Box::new(move |info| {
         // A device worker's panic is caught and the VM runs on (the device needs a reset):
         // the guest's console must stay raw, or a Ctrl-C meant for it would stop rhyve.
-        if !devices::threads::current_is(devices::threads::ThreadKind::DeviceWorker) {
+        if !devices::threads::current_kind().is_some_and(|k| k.is_device_worker()) {
             restore();
         }
         previous(info);

@@ -28,6 +28,7 @@ use super::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
+use crate::threads::WorkerClass;
 
 const F_SIZE_MAX: u32 = 1;
 const F_SEG_MAX: u32 = 2;
@@ -1001,7 +1002,7 @@ impl VirtioDevice for Block {
         let limits = chain_limits(self.acked);
         activate_single_queue(
             &mut self.worker,
-            "virtio-blk",
+            WorkerClass::Block,
             mem,
             interrupt,
             queues,

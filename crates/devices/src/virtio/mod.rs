@@ -28,6 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::lifecycle::{LifecycleError, Stat};
+use crate::threads::WorkerClass;
 pub(crate) use worker::{Worker, CTL_TOKEN};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
@@ -141,7 +142,7 @@ pub(crate) fn check_queues(
 /// queue (returning whether chains were used) and then signals the queue once per batch.
 pub(crate) fn activate_single_queue<F>(
     worker: &mut Option<Worker>,
-    name: &str,
+    class: WorkerClass,
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     mut queues: Vec<Queue>,
@@ -159,7 +160,7 @@ where
         return Err(ActivateError::InvalidQueue(0));
     };
     let irq = interrupt.clone();
-    let started = spawn_queue_worker(name, interrupt, kicks, move |_| {
+    let started = spawn_queue_worker(class, interrupt, kicks, move |_| {
         if drain(&mut queue, &mem) {
             irq.queue_used(0);
         }
@@ -230,7 +231,7 @@ where
 /// `handler(i)` once per queue at start (buffers may have been made available before
 /// DRIVER_OK) and then on each kick of queue `i`.
 pub(crate) fn spawn_queue_worker<F>(
-    name: &str,
+    class: WorkerClass,
     interrupt: Arc<dyn VirtioInterrupt>,
     kicks: Vec<EventFd>,
     mut handler: F,
@@ -246,7 +247,7 @@ where
             EpollEvent::new(EventSet::IN, i as u64),
         )?;
     }
-    Worker::spawn(name, interrupt, move |ctl| {
+    Worker::spawn(class, interrupt, move |ctl| {
         if let Err(e) = epoll.ctl(
             ControlOperation::Add,
             ctl.fd(),

@@ -37,6 +37,7 @@ use super::{
     VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
+use crate::threads::WorkerClass;
 
 /// Device type of virtio-net.
 pub const TYPE_NET: u32 = 1;
@@ -1113,7 +1114,7 @@ impl VirtioDevice for Net {
                 .map_err(ActivateError::Worker)?;
         }
         worker.poll_tap(true);
-        let thread = DeviceThread::spawn("virtio-net", interrupt, move |ctl| {
+        let thread = DeviceThread::spawn(WorkerClass::Net, interrupt, move |ctl| {
             match worker.epoll.ctl(
                 ControlOperation::Add,
                 ctl.fd(),

@@ -1085,7 +1085,7 @@ mod tests {
         ) -> Result<(), crate::virtio::ActivateError> {
             crate::virtio::activate_single_queue(
                 &mut self.worker,
-                "panicky",
+                crate::threads::WorkerClass::Rng,
                 mem,
                 interrupt,
                 queues,

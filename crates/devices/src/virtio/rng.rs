@@ -15,6 +15,7 @@ use super::{
     VirtioInterrupt, Worker, TYPE_RNG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
+use crate::threads::WorkerClass;
 
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 256;
@@ -173,7 +174,7 @@ impl VirtioDevice for Rng {
         let mut scratch = Vec::new();
         activate_single_queue(
             &mut self.worker,
-            "virtio-rnd",
+            WorkerClass::Rng,
             mem,
             interrupt,
             queues,

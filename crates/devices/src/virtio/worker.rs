@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::VirtioInterrupt;
 use crate::lifecycle::LifecycleError;
-use crate::threads::{self, ThreadKind};
+use crate::threads::{self, ThreadKind, WorkerClass};
 
 /// The epoll token of the control eventfd.
 pub(crate) const CTL_TOKEN: u64 = u64::MAX;
@@ -98,11 +98,11 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Starts `body` on a device-worker thread called `name`. `body` must register
+    /// Starts `body` on a device-worker thread of `class`. `body` must register
     /// [`WorkerCtl::fd`] in its epoll and call [`WorkerCtl::on_event`] when it fires. If the
     /// body panics, `interrupt` is told the device failed.
     pub(crate) fn spawn<F>(
-        name: &str,
+        class: WorkerClass,
         interrupt: Arc<dyn VirtioInterrupt>,
         body: F,
     ) -> io::Result<Worker>
@@ -119,15 +119,15 @@ impl Worker {
             failed: AtomicBool::new(false),
         });
         let thread_ctl = ctl.clone();
-        let thread_name = name.to_string();
-        let handle = threads::spawn(ThreadKind::DeviceWorker, name, move || {
+        let name = class.thread_name();
+        let handle = threads::spawn(ThreadKind::DeviceWorker(class), name, move || {
             // The body owns only its device's queues and backend: after a panic they are
             // dropped and nothing else is left half-updated, so unwinding past them is sound.
             if catch_unwind(AssertUnwindSafe(|| body(&thread_ctl))).is_err() {
                 thread_ctl.failed.store(true, Ordering::Release);
                 // Wake a pause waiting for a park that will never come.
                 thread_ctl.changed.notify_all();
-                log::error!("{thread_name}: worker panicked; the device needs a reset");
+                log::error!("{name}: worker panicked; the device needs a reset");
                 interrupt.device_failed();
             }
         })?;
@@ -212,7 +212,7 @@ mod tests {
         let count = Arc::new(AtomicU64::new(0));
         let kick = kick.try_clone().unwrap();
         let c = count.clone();
-        let w = Worker::spawn("test worker", irq, move |ctl| {
+        let w = Worker::spawn(WorkerClass::Rng, irq, move |ctl| {
             let epoll = Epoll::new().unwrap();
             epoll
                 .ctl(

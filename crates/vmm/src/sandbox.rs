@@ -1,0 +1,561 @@
+//! seccomp-BPF filters, one per thread kind (Firecracker's model): a thread gets the system
+//! calls its kind needs and nothing else, so a guest that takes over a device worker cannot
+//! open files, create sockets or start processes.
+//!
+//! - Each thread [`devices::threads::spawn`] starts applies its kind's filter to itself
+//!   before its body runs; the main thread applies its own once the machine runs
+//!   ([`enter_main`]). Threads are created by the spawner thread, whose filter is the union of
+//!   the others (a thread inherits its creator's filters and they only narrow).
+//! - `-o sandbox.seccomp=on` (default): a forbidden call raises SIGSYS; the handler names the
+//!   thread and the call on stderr and ends rhyve with exit status 4 (bhyve's "error").
+//! - `log`: forbidden calls are allowed and logged by the kernel (audit, `dmesg`), to find
+//!   what a new code path needs. `off`: no filters.
+//!
+//! The lists are what the code paths need on x86_64 Linux with glibc; the whole test suite
+//! runs with them on.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Result};
+use devices::threads::{ThreadKind, WorkerClass};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// `sandbox.seccomp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SeccompMode {
+    /// Filters on, a forbidden call ends rhyve (exit 4).
+    #[default]
+    On,
+    /// Filters on, forbidden calls are allowed and logged by the kernel.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl SeccompMode {
+    pub fn parse(v: &str) -> Option<SeccompMode> {
+        match v {
+            "on" | "true" | "yes" | "1" => Some(SeccompMode::On),
+            "log" => Some(SeccompMode::Log),
+            "off" | "false" | "no" | "0" => Some(SeccompMode::Off),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeccompMode::On => "on",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        }
+    }
+}
+
+/// The filters a process uses, compiled once.
+struct Programs {
+    by_kind: BTreeMap<Profile, BpfProgram>,
+}
+
+/// What a filter is for: the thread kinds, plus the main thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Profile {
+    Main,
+    Thread(ThreadKind),
+}
+
+const PROFILES: &[Profile] = &[
+    Profile::Main,
+    Profile::Thread(ThreadKind::Vcpu),
+    Profile::Thread(ThreadKind::DeviceWorker(WorkerClass::Block)),
+    Profile::Thread(ThreadKind::DeviceWorker(WorkerClass::Net)),
+    Profile::Thread(ThreadKind::DeviceWorker(WorkerClass::Rng)),
+    Profile::Thread(ThreadKind::Console),
+    Profile::Thread(ThreadKind::Control),
+    Profile::Thread(ThreadKind::Signal),
+    Profile::Thread(ThreadKind::Spawner),
+];
+
+static PROGRAMS: OnceLock<Programs> = OnceLock::new();
+
+/// A rule set: syscall → conditions (an empty list allows every call of it).
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+fn allow(rules: &mut Rules, calls: &[libc::c_long]) {
+    for &nr in calls {
+        // An unconditional entry wins over any conditional one.
+        rules.insert(nr, Vec::new());
+    }
+}
+
+/// Allows `nr` when argument `arg` (32 bits) masked with `mask` equals `value`, unless it
+/// is already allowed unconditionally.
+fn allow_masked(rules: &mut Rules, nr: libc::c_long, arg: u8, mask: u64, value: u64) -> Result<()> {
+    if rules.get(&nr).is_some_and(|r| r.is_empty()) {
+        return Ok(());
+    }
+    let cond = SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
+    )
+    .map_err(|e| anyhow!("seccomp condition: {e}"))?;
+    let rule = SeccompRule::new(vec![cond]).map_err(|e| anyhow!("seccomp rule: {e}"))?;
+    rules.entry(nr).or_default().push(rule);
+    Ok(())
+}
+
+/// ioctl request types (the `_IOC_TYPE` byte).
+const IOCTL_KVM: u64 = 0xAE;
+/// TUN/TAP (TUNSETOFFLOAD) and the terminal (TCGETS, TCSETS): both are type 'T'.
+const IOCTL_TTY_TUN: u64 = b'T' as u64;
+
+fn allow_ioctl_type(rules: &mut Rules, ty: u64) -> Result<()> {
+    allow_masked(rules, libc::SYS_ioctl, 1, 0xFF00, ty << 8)
+}
+
+/// `_IOW(ty, nr, size)`.
+const fn iow(ty: u64, nr: u64, size: u64) -> u64 {
+    (1 << 30) | (size << 16) | (ty << 8) | nr
+}
+/// KVM_IRQ_LINE (struct kvm_irq_level, 8 bytes): an INTx pin or the SCI.
+const KVM_IRQ_LINE: u64 = iow(IOCTL_KVM, 0x61, 8);
+/// KVM_SIGNAL_MSI (struct kvm_msi, 32 bytes): an MSI without an irqfd.
+const KVM_SIGNAL_MSI: u64 = iow(IOCTL_KVM, 0xa5, 32);
+
+fn allow_exact(rules: &mut Rules, nr: libc::c_long, arg: u8, value: u64) -> Result<()> {
+    allow_masked(rules, nr, arg, 0xFFFF_FFFF, value)
+}
+
+/// What raising an interrupt may take: KVM_IRQ_LINE for INTx and the SCI, KVM_SIGNAL_MSI
+/// for a message without an irqfd (an irqfd is a write).
+fn interrupts(rules: &mut Rules) -> Result<()> {
+    allow_exact(rules, libc::SYS_ioctl, 1, KVM_IRQ_LINE)?;
+    allow_exact(rules, libc::SYS_ioctl, 1, KVM_SIGNAL_MSI)
+}
+
+/// What every thread needs: memory, locks, time, signals, logging to stderr, its own exit,
+/// and the calls of this module's SIGSYS handler.
+fn base(rules: &mut Rules) -> Result<()> {
+    use libc::*;
+    allow(
+        rules,
+        &[
+            SYS_futex,
+            SYS_restart_syscall,
+            SYS_rt_sigreturn,
+            SYS_rt_sigprocmask,
+            SYS_sigaltstack,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_mprotect,
+            SYS_madvise,
+            SYS_mremap,
+            SYS_brk,
+            SYS_exit,
+            SYS_exit_group,
+            SYS_sched_yield,
+            SYS_gettid,
+            SYS_getpid,
+            SYS_clock_gettime,
+            SYS_clock_nanosleep,
+            SYS_nanosleep,
+            SYS_write,
+            SYS_writev,
+            SYS_close,
+            SYS_getrandom,
+        ],
+    );
+    // abort(3) after a failed assertion in the runtime raises SIGABRT at itself.
+    allow_masked(rules, SYS_tgkill, 2, 0xFFFF_FFFF, SIGABRT as u64)
+}
+
+fn event_loop(rules: &mut Rules) {
+    use libc::*;
+    allow(
+        rules,
+        &[
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
+            SYS_epoll_ctl,
+            SYS_read,
+            SYS_poll,
+            SYS_ppoll,
+        ],
+    );
+}
+
+fn rules_for(profile: Profile) -> Result<Rules> {
+    use libc::*;
+    let mut r = Rules::new();
+    base(&mut r)?;
+    match profile {
+        Profile::Thread(ThreadKind::Vcpu) => {
+            event_loop(&mut r);
+            allow_ioctl_type(&mut r, IOCTL_KVM)?;
+            // Activating virtio-net sets the tap's offloads (TUNSETOFFLOAD).
+            allow_ioctl_type(&mut r, IOCTL_TTY_TUN)?;
+            // Activating a device hands its worker copies of the queues' kick eventfds.
+            allow_exact(&mut r, SYS_fcntl, 1, F_DUPFD_CLOEXEC as u64)?;
+            allow(
+                &mut r,
+                &[
+                    // Activating a device builds its worker's eventfds and epoll.
+                    SYS_eventfd2,
+                    SYS_epoll_create1,
+                    // The UEFI variable store (-l bootrom,ROM,VARSFILE) is written back.
+                    SYS_pwrite64,
+                    SYS_pread64,
+                    SYS_msync,
+                    SYS_fdatasync,
+                    SYS_fsync,
+                    // Console output to a socket client.
+                    SYS_sendto,
+                    SYS_sendmsg,
+                    // -p vcpu:hostcpu.
+                    SYS_sched_setaffinity,
+                    SYS_sched_getaffinity,
+                ],
+            );
+        }
+        Profile::Thread(ThreadKind::DeviceWorker(class)) => {
+            event_loop(&mut r);
+            interrupts(&mut r)?;
+            match class {
+                WorkerClass::Block => allow(
+                    &mut r,
+                    &[
+                        SYS_preadv,
+                        SYS_pwritev,
+                        SYS_pread64,
+                        SYS_pwrite64,
+                        SYS_fdatasync,
+                        SYS_fsync,
+                        SYS_fallocate,
+                    ],
+                ),
+                WorkerClass::Net => {
+                    allow(&mut r, &[SYS_readv]);
+                    // The guest's offloads, from the control queue.
+                    allow_exact(&mut r, SYS_ioctl, 1, TUNSETOFFLOAD)?;
+                }
+                WorkerClass::Rng => {}
+            }
+        }
+        Profile::Thread(ThreadKind::Console) => {
+            event_loop(&mut r);
+            allow(
+                &mut r,
+                &[
+                    SYS_accept4,
+                    SYS_accept,
+                    SYS_recvfrom,
+                    SYS_recvmsg,
+                    SYS_sendto,
+                    SYS_sendmsg,
+                    SYS_shutdown,
+                    SYS_setsockopt,
+                    SYS_fcntl,
+                ],
+            );
+        }
+        Profile::Thread(ThreadKind::Control) => {
+            event_loop(&mut r);
+            allow(
+                &mut r,
+                &[
+                    SYS_accept4,
+                    SYS_accept,
+                    SYS_recvfrom,
+                    SYS_recvmsg,
+                    SYS_sendto,
+                    SYS_sendmsg,
+                    SYS_shutdown,
+                    SYS_setsockopt,
+                    SYS_fcntl,
+                    // Kicks a vCPU out of KVM_RUN (pause, registers).
+                    SYS_tgkill,
+                    // The stats read the process's own /proc entries.
+                    SYS_openat,
+                    SYS_fstat,
+                    SYS_statx,
+                    SYS_newfstatat,
+                    SYS_lseek,
+                    SYS_getdents64,
+                ],
+            );
+            allow_ioctl_type(&mut r, IOCTL_KVM)?;
+        }
+        Profile::Thread(ThreadKind::Signal) => {
+            allow(&mut r, &[SYS_rt_sigtimedwait, SYS_read]);
+            // The power button raises the SCI.
+            interrupts(&mut r)?;
+        }
+        Profile::Main => {
+            event_loop(&mut r);
+            allow_ioctl_type(&mut r, IOCTL_KVM)?;
+            // Restoring the terminal.
+            allow_ioctl_type(&mut r, IOCTL_TTY_TUN)?;
+            allow(
+                &mut r,
+                &[
+                    // Kicks vCPUs (halt probes, the stop).
+                    SYS_tgkill,
+                    // Teardown: the runtime directory and its files, locks, write-back.
+                    SYS_unlink,
+                    SYS_unlinkat,
+                    SYS_rename,
+                    SYS_renameat,
+                    SYS_renameat2,
+                    SYS_ftruncate,
+                    SYS_rmdir,
+                    SYS_umount2,
+                    SYS_openat,
+                    SYS_fstat,
+                    SYS_statx,
+                    SYS_newfstatat,
+                    SYS_getdents64,
+                    SYS_lseek,
+                    SYS_flock,
+                    SYS_fcntl,
+                    SYS_fsync,
+                    SYS_fdatasync,
+                    SYS_msync,
+                    SYS_shutdown,
+                    SYS_munlock,
+                    SYS_munlockall,
+                ],
+            );
+        }
+        Profile::Thread(ThreadKind::Spawner) => {
+            for &p in PROFILES {
+                if p != Profile::Thread(ThreadKind::Spawner) {
+                    merge(&mut r, rules_for(p)?);
+                }
+            }
+            // Creating a thread, and what the new thread does before its own filter.
+            allow(
+                &mut r,
+                &[
+                    SYS_clone,
+                    SYS_clone3,
+                    SYS_set_robust_list,
+                    SYS_rseq,
+                    SYS_prctl,
+                    SYS_seccomp,
+                    SYS_sched_getaffinity,
+                ],
+            );
+        }
+    }
+    Ok(r)
+}
+
+/// Adds `more` to `into` (the union of two filters).
+fn merge(into: &mut Rules, more: Rules) {
+    for (nr, rules) in more {
+        match into.get_mut(&nr) {
+            Some(existing) if existing.is_empty() => {}
+            Some(existing) if rules.is_empty() => existing.clear(),
+            Some(existing) => existing.extend(rules),
+            None => {
+                into.insert(nr, rules);
+            }
+        }
+    }
+}
+
+fn compile(profile: Profile, mode: SeccompMode) -> Result<BpfProgram> {
+    let mismatch = match mode {
+        SeccompMode::Log => SeccompAction::Log,
+        _ => SeccompAction::Trap,
+    };
+    let filter = SeccompFilter::new(
+        rules_for(profile)?,
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| anyhow!("seccomp filter for {profile:?}: {e}"))?;
+    filter
+        .try_into()
+        .map_err(|e| anyhow!("seccomp filter for {profile:?}: {e}"))
+}
+
+/// Whether this kernel can filter system calls (seccomp with filters and `action`).
+fn kernel_supports(action: u32) -> bool {
+    // SAFETY: PR_GET_SECCOMP takes no pointer; it fails with EINVAL without CONFIG_SECCOMP.
+    if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } < 0 {
+        return false;
+    }
+    // SAFETY: SECCOMP_GET_ACTION_AVAIL reads one u32 from the pointer, valid for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_GET_ACTION_AVAIL,
+            0,
+            &action as *const u32,
+        )
+    };
+    r == 0
+}
+
+/// Prepares the filters for `mode` and has every thread started from now on apply its own.
+/// Call before any thread exists; [`enter_main`] later filters the calling thread.
+pub fn install(mode: SeccompMode) -> Result<()> {
+    if mode == SeccompMode::Off {
+        return Ok(());
+    }
+    let action = match mode {
+        SeccompMode::Log => libc::SECCOMP_RET_LOG,
+        _ => libc::SECCOMP_RET_TRAP,
+    };
+    if !kernel_supports(action) {
+        bail!(
+            "sandbox.seccomp={}: this kernel has no seccomp filters (or not this action); \
+             run with -o sandbox.seccomp=off",
+            mode.as_str()
+        );
+    }
+    let mut by_kind = BTreeMap::new();
+    for &p in PROFILES {
+        by_kind.insert(p, compile(p, mode)?);
+    }
+    if PROGRAMS.set(Programs { by_kind }).is_err() {
+        bail!("the sandbox is already installed");
+    }
+    if mode == SeccompMode::On {
+        install_sigsys_handler()?;
+    }
+    // The default hook's backtrace reads /proc/self/exe and the working directory, which no
+    // filter allows: the message alone (`-o sandbox.seccomp=off` for a backtrace).
+    std::panic::set_hook(Box::new(|info| {
+        let name = std::thread::current().name().unwrap_or("main").to_string();
+        let eol = if crate::terminal::is_raw() {
+            "\r\n"
+        } else {
+            "\n"
+        };
+        crate::host_output::stderr(format!("rhyve: thread '{name}' {info}{eol}").as_bytes());
+    }));
+    devices::threads::set_policy(Box::new(|kind| apply(Profile::Thread(kind))))
+        .map_err(|e| anyhow!("sandbox: {e}"))
+}
+
+/// Filters the calling (main) thread, once the machine is set up.
+pub fn enter_main() -> Result<()> {
+    if PROGRAMS.get().is_none() {
+        return Ok(());
+    }
+    apply(Profile::Main).map_err(|e| anyhow!("sandbox: main thread: {e}"))
+}
+
+fn apply(profile: Profile) -> std::io::Result<()> {
+    let Some(programs) = PROGRAMS.get() else {
+        return Ok(());
+    };
+    let Some(program) = programs.by_kind.get(&profile) else {
+        return Err(std::io::Error::other(format!(
+            "no seccomp filter for {profile:?}"
+        )));
+    };
+    seccompiler::apply_filter(program)
+        .map_err(|e| std::io::Error::other(format!("seccomp: {e}")))?;
+    Ok(())
+}
+
+fn install_sigsys_handler() -> Result<()> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+        .map_err(|e| anyhow!("SIGSYS handler: {e}"))
+}
+
+/// Formats `n` in decimal into `buf`, returning the digits (no allocation: signal context).
+fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// A forbidden system call: name it and end the process (exit 4). Only async-signal-safe
+/// calls (write, _exit), both allowed in every filter.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: for SIGSYS from seccomp the kernel fills siginfo's _sigsys member: the call
+    // address (8 bytes) at offset 16, then the system call number (int) at offset 24.
+    let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    let kind = devices::threads::current_kind().map_or("main", |k| k.as_str());
+    let mut digits = [0u8; 10];
+    let nr = decimal(nr as u32, &mut digits);
+    let eol: &[u8] = if crate::terminal::is_raw() {
+        b"\r\n"
+    } else {
+        b"\n"
+    };
+    let parts: [&[u8]; 6] = [
+        b"rhyve: seccomp: a ",
+        kind.as_bytes(),
+        b" thread made a forbidden system call (",
+        nr,
+        b"); stopping",
+        eol,
+    ];
+    for p in parts {
+        // SAFETY: writing a valid buffer to stderr.
+        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+    }
+    // SAFETY: _exit is async-signal-safe; exit status 4 is bhyve's "error".
+    unsafe { libc::_exit(4) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles_and_the_spawner_allows_what_the_others_do() {
+        let spawner = rules_for(Profile::Thread(ThreadKind::Spawner)).unwrap();
+        for &p in PROFILES {
+            compile(p, SeccompMode::On).unwrap();
+            for (nr, rules) in rules_for(p).unwrap() {
+                let s = spawner.get(&nr).unwrap_or_else(|| panic!("{p:?}: {nr}"));
+                assert!(s.is_empty() || !rules.is_empty(), "{p:?}: {nr} conditional");
+            }
+        }
+    }
+
+    #[test]
+    fn workers_cannot_open_files_or_make_sockets() {
+        for class in [WorkerClass::Block, WorkerClass::Net, WorkerClass::Rng] {
+            let r = rules_for(Profile::Thread(ThreadKind::DeviceWorker(class))).unwrap();
+            for nr in [
+                libc::SYS_openat,
+                libc::SYS_socket,
+                libc::SYS_execve,
+                libc::SYS_clone,
+            ] {
+                assert!(!r.contains_key(&nr), "{class:?} allows {nr}");
+            }
+        }
+        let vcpu = rules_for(Profile::Thread(ThreadKind::Vcpu)).unwrap();
+        assert!(!vcpu.contains_key(&libc::SYS_openat));
+        assert!(!vcpu.contains_key(&libc::SYS_clone));
+    }
+
+    #[test]
+    fn decimal_digits() {
+        let mut b = [0u8; 10];
+        assert_eq!(decimal(0, &mut b), b"0");
+        assert_eq!(decimal(435, &mut b), b"435");
+        assert_eq!(decimal(u32::MAX, &mut b), b"4294967295");
+    }
+}
