@@ -60,6 +60,12 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const SIZE_MAX: u32 = 1 << 20;
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 const MAX_DISCARD_SEG: u32 = 16;
+/// WRITE_ZEROES limits where the image's file system cannot zero a range in place (no
+/// FALLOC_FL_ZERO_RANGE, e.g. tmpfs): zeroes are then written, and with the limits above one
+/// 64-byte request would be 16 GiB of host writes. 1 MiB in one segment, as a WRITE of the
+/// same size would be.
+const FALLBACK_ZEROES_SECTORS: u32 = 2048;
+const FALLBACK_ZEROES_BYTES: u64 = FALLBACK_ZEROES_SECTORS as u64 * SECTOR_SIZE;
 const ID_BYTES: usize = 20;
 const BOUNCE_SIZE: usize = 1 << 20;
 const DIRECT_ALIGN: usize = 4096;
@@ -286,6 +292,8 @@ struct Disk {
     logical: u32,
     readonly: bool,
     discard: bool,
+    /// fallocate(FALLOC_FL_ZERO_RANGE) works here (probed at open): WRITE_ZEROES is cheap.
+    zeroes_in_place: bool,
     id: [u8; ID_BYTES],
     stats: Arc<BlockStats>,
 }
@@ -308,7 +316,42 @@ fn default_id(path: &Path) -> String {
     )
 }
 
+/// Whether the image's file system zeroes ranges in place: a block device does (the kernel
+/// issues the device's own zeroing), a regular file if an unnamed scratch file next to it
+/// (O_TMPFILE, gone when closed) takes FALLOC_FL_ZERO_RANGE. Unknown counts as no.
+fn zero_range_works(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    match file.metadata() {
+        Ok(m) if m.file_type().is_block_device() => return true,
+        Ok(m) if m.is_file() => {}
+        _ => return false,
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(probe) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    else {
+        return false;
+    };
+    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    probe.set_len(4096).is_ok() && fallocate(&probe, mode, 0, 4096).is_ok()
+}
+
 impl Disk {
+    /// WRITE_ZEROES limits: sectors per segment, segments per request.
+    fn write_zeroes_limits(&self) -> (u32, u32) {
+        if self.zeroes_in_place {
+            (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG)
+        } else {
+            (FALLBACK_ZEROES_SECTORS, 1)
+        }
+    }
+
     fn open(cfg: &BlockConfig) -> Result<Disk, BlockError> {
         let path = &cfg.path;
         let open_err = |source| BlockError::Open {
@@ -376,6 +419,7 @@ impl Disk {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let zeroes_in_place = zero_range_works(&file, path);
         Ok(Disk {
             file,
             buffered,
@@ -384,6 +428,7 @@ impl Disk {
             logical: cfg.logical_sector_size,
             readonly: cfg.readonly,
             discard: !cfg.nodelete && !cfg.readonly,
+            zeroes_in_place,
             id,
             stats: Arc::new(BlockStats::default()),
         })
@@ -669,6 +714,9 @@ fn write_zeroes(
     if fallocate(&disk.file, libc::FALLOC_FL_ZERO_RANGE | keep, off, len).is_ok() {
         return Ok(());
     }
+    if len > FALLBACK_ZEROES_BYTES {
+        return Err(io::ErrorKind::Unsupported.into());
+    }
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(BOUNCE_SIZE as u64) as usize;
@@ -820,7 +868,12 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Chain, bounce: &mut Bounce) -
                 return gerr("DISCARD/WRITE_ZEROES without whole 16-byte segments");
             }
             let nseg = data_out / 16;
-            if nseg > u64::from(MAX_DISCARD_SEG) {
+            let (max_sectors, max_segs) = if typ == T_DISCARD {
+                (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG)
+            } else {
+                disk.write_zeroes_limits()
+            };
+            if nseg > u64::from(max_segs) {
                 return gerr("DISCARD/WRITE_ZEROES with too many segments");
             }
             let mut ranges = Vec::with_capacity(nseg as usize);
@@ -843,7 +896,7 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Chain, bounce: &mut Bounce) -
                     bump(&st.unsupported, 1);
                     return (S_UNSUPP, 0);
                 }
-                if num > MAX_DISCARD_SECTORS {
+                if num > max_sectors {
                     return gerr("DISCARD/WRITE_ZEROES segment above the advertised maximum");
                 }
                 let len = u64::from(num) * SECTOR_SIZE;
@@ -859,8 +912,17 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Chain, bounce: &mut Bounce) -
                     if let Err(e) = fallocate(&disk.file, mode, off, len) {
                         log::debug!("virtio-blk: discard not done: {e}");
                     }
-                } else if let Err(e) = write_zeroes(disk, off, len, unmap, bounce) {
-                    return ioerr(e);
+                } else {
+                    match write_zeroes(disk, off, len, unmap, bounce) {
+                        Ok(()) => {}
+                        // Too much to write out: the guest zeroes it itself (Linux falls
+                        // back to plain writes on UNSUPP).
+                        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                            bump(&st.unsupported, 1);
+                            return (S_UNSUPP, 0);
+                        }
+                        Err(e) => return ioerr(e),
+                    }
                 }
             }
             bump(
@@ -928,8 +990,9 @@ impl Block {
             put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
             put(&mut c, 40, &MAX_DISCARD_SEG.to_le_bytes());
             put(&mut c, 44, &align.to_le_bytes());
-            put(&mut c, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
-            put(&mut c, 52, &MAX_DISCARD_SEG.to_le_bytes());
+            let (zero_sectors, zero_segs) = disk.write_zeroes_limits();
+            put(&mut c, 48, &zero_sectors.to_le_bytes());
+            put(&mut c, 52, &zero_segs.to_le_bytes());
             c[56] = 1; // write_zeroes_may_unmap
         }
         Ok(Block {
@@ -1360,6 +1423,53 @@ mod tests {
         let mut h = harness_with(|c| c.nodelete = true);
         assert_eq!(h.req(T_DISCARD, 0, &seg(0, 1, 0), 0).0, S_UNSUPP);
         assert_eq!(h.req(T_WRITE_ZEROES, 0, &seg(0, 1, 0), 0).0, S_UNSUPP);
+    }
+
+    #[test]
+    fn write_zeroes_where_zeroing_is_not_in_place_stays_bounded() {
+        use std::os::unix::fs::MetadataExt;
+        // tmpfs punches holes but has no FALLOC_FL_ZERO_RANGE: zeroes would be written out,
+        // into host memory.
+        let shm = Path::new("/dev/shm");
+        assert!(shm.is_dir(), "this test needs the tmpfs at /dev/shm");
+        let path = shm.join(format!("rhyve-blk-zeroes-{}.img", std::process::id()));
+        struct Remove(PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _remove = Remove(path.clone());
+        File::create(&path).unwrap().set_len(2 << 30).unwrap();
+        let disk = Disk::open(&BlockConfig::new(&path)).unwrap();
+        assert!(!disk.zeroes_in_place);
+        assert_eq!(disk.write_zeroes_limits(), (FALLBACK_ZEROES_SECTORS, 1));
+        let drv = Driver::new(QUEUE_SIZE);
+        let mut h = H {
+            q: drv.queue(),
+            drv,
+            disk,
+            bounce: Bounce::default(),
+            acked: 1 << F_SEG_MAX | 1 << F_SIZE_MAX,
+            _dir: TempDir::new("blk-shm"),
+            path: path.clone(),
+        };
+        // A 32-byte request for 2 GiB of zeroes (two 1 GiB segments, the in-place limits).
+        let mut big = seg(0, MAX_DISCARD_SECTORS, 0);
+        big.extend(seg(u64::from(MAX_DISCARD_SECTORS), MAX_DISCARD_SECTORS, 0));
+        assert_eq!(h.req(T_WRITE_ZEROES, 0, &big, 0).0, S_IOERR);
+        assert_eq!(h.req(T_WRITE_ZEROES, 0, &big[..16], 0).0, S_IOERR);
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            allocated < 16 << 20,
+            "{allocated} bytes of host memory written"
+        );
+        // Within the advertised limit the zeroes are written.
+        let n = FALLBACK_ZEROES_SECTORS;
+        assert_eq!(h.req(T_WRITE_ZEROES, 0, &seg(8, n, 0), 0).0, S_OK);
+        let (st, _, data) = h.req(T_IN, 8, &[], 4096);
+        assert_eq!(st, S_OK);
+        assert!(data.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub(crate) fn activate_single_queue<F>(
     mut drain: F,
 ) -> Result<(), ActivateError>
 where
-    F: FnMut(&mut Queue, &GuestMemoryMmap) -> bool + Send + 'static,
+    F: FnMut(&mut Queue, &GuestMemoryMmap) -> Drained + Send + 'static,
 {
     if worker.is_some() {
         return Err(ActivateError::AlreadyActive);
@@ -161,9 +161,11 @@ where
     };
     let irq = interrupt.clone();
     let started = spawn_queue_worker(class, interrupt, kicks, move |_| {
-        if drain(&mut queue, &mem) {
+        let done = drain(&mut queue, &mem);
+        if done.notify {
             irq.queue_used(0);
         }
+        done.more
     })
     .map_err(ActivateError::Worker)?;
     *worker = Some(started);
@@ -179,31 +181,47 @@ pub(crate) fn guest_error(counter: &AtomicU64, args: fmt::Arguments) {
     }
 }
 
-/// Pops every available chain of `queue` (re-checking after re-enabling notifications, so no
-/// kick is lost), hands each to `handle`, which returns the used length, and puts it in the used
-/// ring. Returns whether the driver should be interrupted (at least one chain completed).
-/// A corrupt avail ring (index too far ahead) or a head outside the queue is counted in
-/// `errors` and skipped; nothing here panics on guest data.
+/// Chains one [`drain_queue`] call handles at most: a driver that keeps the ring full (another
+/// vCPU adding as fast as the worker takes) must not keep the worker from its control events
+/// (pause, stop, reset) for ever.
+pub(crate) const DRAIN_BUDGET: usize = 256;
+
+/// What a [`drain_queue`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// Chains were used and the driver wants an interrupt.
+    pub notify: bool,
+    /// The budget ran out with chains still available: call again (after control events).
+    pub more: bool,
+}
+
+/// Pops the available chains of `queue` (re-checking after re-enabling notifications, so no
+/// kick is lost), at most [`DRAIN_BUDGET`], hands each to `handle`, which returns the used
+/// length, and puts it in the used ring. A corrupt avail ring (index too far ahead) or a head
+/// outside the queue is counted in `errors` and skipped; nothing here panics on guest data.
 pub(crate) fn drain_queue<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     errors: &AtomicU64,
     mut handle: F,
-) -> bool
+) -> Drained
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
     let mut used = false;
+    let mut budget = DRAIN_BUDGET;
+    let mut more = false;
     loop {
         // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY: no kicks while we are busy.
         let _ = queue.disable_notification(mem);
         let chains: Vec<_> = match queue.iter(mem) {
-            Ok(iter) => iter.collect(),
+            Ok(iter) => iter.take(budget).collect(),
             Err(e) => {
                 guest_error(errors, format_args!("virtio: unusable avail ring: {e}"));
                 break;
             }
         };
+        budget -= chains.len();
         for chain in chains {
             let head = chain.head_index();
             let len = handle(chain);
@@ -215,6 +233,11 @@ where
                 ),
             }
         }
+        if budget == 0 {
+            // Notifications stay off: the caller comes back without a kick.
+            more = true;
+            break;
+        }
         match queue.enable_notification(mem) {
             Ok(true) => continue, // more arrived while notifications were off
             Ok(false) => break,
@@ -224,12 +247,16 @@ where
             }
         }
     }
-    used && queue.needs_notification(mem).unwrap_or(true)
+    Drained {
+        notify: used && queue.needs_notification(mem).unwrap_or(true),
+        more,
+    }
 }
 
-/// Starts `name`'s worker for a device whose work is all in its queues: it runs
-/// `handler(i)` once per queue at start (buffers may have been made available before
-/// DRIVER_OK) and then on each kick of queue `i`.
+/// Starts the worker for a device whose work is all in its queues: it runs `handler(i)` once
+/// per queue at start (buffers may have been made available before DRIVER_OK) and then on
+/// each kick of queue `i`. A handler that returns true (budget spent, work left) kicks its
+/// queue itself, so the next round looks at control events first.
 pub(crate) fn spawn_queue_worker<F>(
     class: WorkerClass,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -237,7 +264,7 @@ pub(crate) fn spawn_queue_worker<F>(
     mut handler: F,
 ) -> io::Result<Worker>
 where
-    F: FnMut(usize) + Send + 'static,
+    F: FnMut(usize) -> bool + Send + 'static,
 {
     let epoll = Epoll::new()?;
     for (i, k) in kicks.iter().enumerate() {
@@ -256,8 +283,15 @@ where
             log::error!("virtio worker: epoll: {e}");
             return;
         }
+        let run = |i: usize, handler: &mut F| {
+            if handler(i) {
+                if let Some(k) = kicks.get(i) {
+                    let _ = k.write(1);
+                }
+            }
+        };
         for i in 0..kicks.len() {
-            handler(i);
+            run(i, &mut handler);
         }
         let mut events = vec![EpollEvent::default(); kicks.len() + 1];
         loop {
@@ -278,7 +312,7 @@ where
                 } else if let Some(kick) = kicks.get(token as usize) {
                     // Non-blocking or not, epoll said it is readable: this clears it.
                     let _ = kick.read();
-                    handler(token as usize);
+                    run(token as usize, &mut handler);
                 }
             }
         }
@@ -530,8 +564,8 @@ mod tests {
         let mut q = drv.queue();
         drv.set_avail_idx(1000); // more than the queue size ahead
         let errors = AtomicU64::new(0);
-        let notify = drain_queue(&mut q, &drv.mem, &errors, |_| 0);
-        assert!(!notify);
+        let done = drain_queue(&mut q, &drv.mem, &errors, |_| 0);
+        assert_eq!(done, Drained::default());
         assert_eq!(errors.load(Ordering::Relaxed), 1);
     }
 

@@ -385,7 +385,8 @@ fn guest_iovecs(mem: &GuestMemoryMmap, segs: &[Seg], mut skip: usize) -> Option<
         }
         skip = 0;
     }
-    (iov.len() <= 1024).then_some(iov)
+    // IOV_MAX is 1024, one of which the checked header may take.
+    (iov.len() < 1024).then_some(iov)
 }
 
 /// Sends one transmit chain to the tap; malformed chains and refused frames are counted.
@@ -422,8 +423,9 @@ fn transmit(
         );
         return;
     }
-    // flags and gso_type, wherever the descriptors split the header.
-    let mut hdr = [0u8; 2];
+    // The header is read once, checked, and the checked copy is what the tap gets: the
+    // guest (another vCPU) may rewrite its buffer between the check and the kernel's read.
+    let mut hdr = [0u8; VNET_HDR_LEN];
     let checked = gather_prefix(mem, &segs, &mut hdr)
         .ok_or("transmit header unreadable")
         .and_then(|()| tx_hdr_check(hdr[0], hdr[1], features));
@@ -431,16 +433,28 @@ fn transmit(
         guest_error(&st.guest_errors, format_args!("virtio-net: {why}"));
         return;
     }
-    let skip = if shared.tap.vnet_hdr() {
-        0
-    } else {
-        VNET_HDR_LEN
-    };
-    // Straight from guest memory; through the copy buffer only for very long chains.
-    let sent = match guest_iovecs(mem, &segs, skip) {
-        Some(iov) => shared.tap.writev(&iov),
+    let with_hdr = shared.tap.vnet_hdr();
+    // Straight from guest memory after the header; through the copy buffer only for very
+    // long chains.
+    let sent = match guest_iovecs(mem, &segs, VNET_HDR_LEN) {
+        Some(mut iov) => {
+            if with_hdr {
+                iov.insert(
+                    0,
+                    libc::iovec {
+                        iov_base: hdr.as_mut_ptr().cast(),
+                        iov_len: hdr.len(),
+                    },
+                );
+            }
+            shared.tap.writev(&iov)
+        }
         None => match gather(mem, &segs, buf) {
-            Some(n) => shared.tap.write(&buf[skip..n]),
+            Some(n) => {
+                buf[..VNET_HDR_LEN].copy_from_slice(&hdr);
+                let from = if with_hdr { 0 } else { VNET_HDR_LEN };
+                shared.tap.write(&buf[from..n])
+            }
             None => Err(io::Error::other("guest buffer unreadable")),
         },
     };
@@ -818,9 +832,10 @@ impl Worker {
 
     /// Answers control commands (5.1.6.5): RX mode and MAC table are accepted (the tap
     /// delivers everything; the guest filters), OFFLOADS_SET goes to the tap.
-    fn process_ctrl(&mut self) {
+    /// Handles control commands; true when the budget ran out with commands left.
+    fn process_ctrl(&mut self) -> bool {
         let Some(ctrl) = self.ctrl.as_mut() else {
-            return;
+            return false;
         };
         let shared = &self.shared;
         let st = &shared.stats;
@@ -828,7 +843,7 @@ impl Worker {
         let features = &mut self.features;
         let rx_offloads = &mut self.rx_offloads;
         let ctrl_size = usize::from(ctrl.size());
-        let notify = drain_queue(ctrl, mem, &st.guest_errors, |chain| {
+        let done = drain_queue(ctrl, mem, &st.guest_errors, |chain| {
             let (r, w) = match walk(chain, mem, 1 << 16, ctrl_size) {
                 Ok(rw) => rw,
                 Err(why) => {
@@ -894,19 +909,20 @@ impl Worker {
                 _ => 0,
             }
         });
-        if notify {
+        if done.notify {
             self.irq.queue_used(CTRLQ as u16);
         }
+        done.more
     }
 
     fn run(mut self, kicks: Vec<EventFd>, ctl: &WorkerCtl) {
-        self.process_ctrl();
         // Work left after a batch: done after the next (non-blocking) look at the events.
+        let mut ctrl_due = self.process_ctrl();
         let mut tx_due = self.process_tx();
         let mut rx_due = self.process_rx();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let timeout = if tx_due || rx_due { 0 } else { -1 };
+            let timeout = if tx_due || rx_due || ctrl_due { 0 } else { -1 };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -933,10 +949,13 @@ impl Worker {
                                 rx_due = true;
                             }
                             TXQ => tx_due = true,
-                            _ => self.process_ctrl(),
+                            _ => ctrl_due = true,
                         }
                     }
                 }
+            }
+            if ctrl_due {
+                ctrl_due = self.process_ctrl();
             }
             if tx_due {
                 tx_due = self.process_tx();
@@ -1435,6 +1454,49 @@ mod tests {
         let (tap, _peer) = Tap::socket_pair(false);
         let f = Net::with_tap(tap, [2, 0, 0, 0, 0, 1], 1500).features();
         assert_eq!(f & (1 << F_CSUM | 1 << F_GUEST_CSUM | 1 << F_HOST_TSO4), 0);
+    }
+
+    #[test]
+    fn the_header_the_tap_gets_is_the_one_that_was_checked() {
+        use std::sync::atomic::AtomicBool;
+        // Without VIRTIO_NET_F_CSUM a header asking for a checksum is refused. Another vCPU
+        // flips that flag on and off while the frames go out: a frame may be refused or
+        // sent, but what reaches the tap must never carry the flag.
+        let mut h = harness(bits(&[]), true);
+        let f = frame(60, 9);
+        let a = h.drv.buf(&with_hdr(&f));
+        let mem = h.drv.mem.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut flag = 0u8;
+                while !stop.load(Ordering::Relaxed) {
+                    flag ^= HDR_F_NEEDS_CSUM;
+                    mem.write_obj(flag, GuestAddress(a)).unwrap();
+                }
+            })
+        };
+        let (mut sent, mut bad) = (0, 0);
+        for _ in 0..40 {
+            for _ in 0..100 {
+                h.tx.push(&h.drv, &[(a, (VNET_HDR_LEN + f.len()) as u32, false)]);
+            }
+            h.w.process_tx();
+            while let Some(d) = host_recv(&mut h) {
+                sent += 1;
+                if d[0] & HDR_F_NEEDS_CSUM != 0 {
+                    bad += 1;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert!(sent > 0, "no frame went out");
+        assert_eq!(
+            bad, 0,
+            "{bad} of {sent} frames reached the tap with an unchecked header"
+        );
     }
 
     #[test]

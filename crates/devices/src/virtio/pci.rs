@@ -853,7 +853,11 @@ mod tests {
     }
 
     fn rig_with(dev: Box<dyn VirtioDevice>) -> Rig {
-        let drv = Driver::new(16);
+        rig_sized(dev, 16)
+    }
+
+    fn rig_sized(dev: Box<dyn VirtioDevice>, queue_size: u16) -> Rig {
+        let drv = Driver::new(queue_size);
         let sink = Arc::new(Recorder::default());
         let io = FakeIoEvents::default();
         let pci = VirtioPci::new(dev, drv.mem.clone(), sink.clone(), Box::new(io.clone())).unwrap();
@@ -890,7 +894,7 @@ mod tests {
             }
             self.w(0x16, 2, 0);
             assert_eq!(self.r(0x18, 2), 256);
-            self.w(0x18, 2, 16);
+            self.w(0x18, 2, u64::from(self.drv.size));
             for (off, a) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
                 self.w(off, 4, a & 0xffff_ffff);
                 self.w(off + 4, 4, a >> 32);
@@ -1053,6 +1057,64 @@ mod tests {
         assert_eq!(stats["requests"], 1);
         assert_eq!(stats["bytes"], 64);
         assert_eq!(stats["transport_guest_errors"], 0);
+    }
+
+    #[test]
+    fn a_driver_that_keeps_the_ring_full_cannot_hold_off_a_pause() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use vm_memory::{Bytes, GuestAddress};
+        // A full-size ring: each pass over it lasts long enough for the driver to refill.
+        let mut t = rig_sized(Box::new(Rng::new()), 256);
+        t.start(VIRTIO_F_VERSION_1);
+        let size = t.drv.size;
+        // Large requests: each pass over the ring takes the worker a while.
+        let len = crate::virtio::rng::MAX_PER_REQUEST as u32;
+        let buf = t.drv.alloc(u64::from(len));
+        for i in 0..size {
+            t.drv.write_desc(DESC, i, buf, len, F_WRITE, 0);
+        }
+        // Another vCPU: makes each descriptor available again as soon as it is used, and
+        // kicks (a write to the queue's ioeventfd).
+        let kick = t.pci.kicks[0].as_raw_fd();
+        let mem = t.drv.mem.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooder = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // Avail slot k always names descriptor k, so keeping the ring full is
+                // only moving avail.idx to a whole ring ahead of used.idx.
+                for k in 0..size {
+                    let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(k));
+                    mem.write_obj(k, slot).unwrap();
+                }
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+                    let avail = used.wrapping_add(size);
+                    mem.write_obj(avail, GuestAddress(AVAIL + 2)).unwrap();
+                    n = n.wrapping_add(1);
+                    if n.is_multiple_of(1024) {
+                        let one = 1u64;
+                        // SAFETY: an 8-byte write to the device's kick eventfd, open while
+                        // the device lives (this thread ends first).
+                        unsafe { libc::write(kick, (&one as *const u64).cast(), 8) };
+                    }
+                }
+            })
+        };
+        t.w(NOTIFY_CFG, 2, 0);
+        let seen = t.drv.used_idx();
+        assert!(wait_for(|| t.drv.used_idx().wrapping_sub(seen) > 300));
+        let paused = t.pci.pause();
+        let (a, b) = (t.drv.used_idx(), {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            t.drv.used_idx()
+        });
+        stop.store(true, Ordering::Relaxed);
+        flooder.join().unwrap();
+        paused.expect("the worker never looked at its control events");
+        assert_eq!(a, b, "used ring moved while paused");
+        t.pci.resume();
     }
 
     /// A device whose worker panics on its first look at the queue.
