@@ -12,6 +12,7 @@ pub mod debugcon;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod lifecycle;
+pub mod limited_log;
 pub mod pc_testdev;
 pub mod pci;
 pub mod post;

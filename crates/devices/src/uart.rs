@@ -5,6 +5,7 @@ use std::io::Write;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::limited_log::LimitedWarning;
 use crate::BusDevice;
 
 /// COM1..COM4: (name, port, irq), as the platform places them.
@@ -47,6 +48,7 @@ impl Trigger for IrqTrigger {
 /// A 16550 UART whose transmitter writes to `W`.
 pub struct Uart {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    output_failed: LimitedWarning,
 }
 
 impl Uart {
@@ -54,6 +56,7 @@ impl Uart {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             serial: Serial::new(IrqTrigger(irq), out),
+            output_failed: LimitedWarning::new(),
         }
     }
 
@@ -84,7 +87,8 @@ impl BusDevice for Uart {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
             if let Err(e) = self.serial.write(off, value) {
-                log::warn!("uart: host-side output failed: {e}");
+                self.output_failed
+                    .warn(format_args!("uart: host-side output failed: {e}"));
             }
         }
     }
@@ -94,6 +98,31 @@ impl BusDevice for Uart {
 pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    /// Output that the host never takes.
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("broken console sink"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_guest_writing_to_a_broken_console_logs_one_warning() {
+        crate::limited_log::capture::install();
+        let mut u = Uart::new(EventFd::new(0).unwrap(), Box::new(Broken));
+        for _ in 0..1000 {
+            u.write(0, b"x");
+        }
+        assert_eq!(
+            crate::limited_log::capture::warnings_with("broken console sink"),
+            1
+        );
+        assert_eq!(u.output_failed.count(), 1000);
+    }
 
     #[test]
     fn each_com_port_describes_its_own_port_and_irq() {

@@ -37,6 +37,7 @@ use super::{
     VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
+use crate::limited_log::LimitedWarning;
 use crate::threads::WorkerClass;
 
 /// Device type of virtio-net.
@@ -477,6 +478,8 @@ fn transmit(
 struct Shared {
     tap: Tap,
     stats: NetStats,
+    /// The tap refused the offloads the guest asked for (every activation or command).
+    offload_failed: LimitedWarning,
 }
 
 /// What happened to the frame waiting in the receive buffer.
@@ -890,7 +893,9 @@ impl Worker {
                                     CTRL_OK
                                 }
                                 Err(e) => {
-                                    log::warn!("virtio-net: TUNSETOFFLOAD: {e}");
+                                    shared
+                                        .offload_failed
+                                        .warn(format_args!("virtio-net: TUNSETOFFLOAD: {e}"));
                                     CTRL_ERR
                                 }
                             }
@@ -1018,6 +1023,7 @@ impl Net {
             shared: Arc::new(Shared {
                 tap,
                 stats: NetStats::default(),
+                offload_failed: LimitedWarning::new(),
             }),
             config: c,
             features,
@@ -1108,10 +1114,10 @@ impl VirtioDevice for Net {
             return Err(ActivateError::InvalidQueue(0));
         };
         if let Err(e) = self.shared.tap.set_offload(tun_offloads(self.acked)) {
-            log::warn!(
+            self.shared.offload_failed.warn(format_args!(
                 "virtio-net: tap {}: TUNSETOFFLOAD: {e}",
                 self.shared.tap.name()
-            );
+            ));
         }
         let mut worker = Worker::new(
             self.shared.clone(),
@@ -1153,7 +1159,9 @@ impl VirtioDevice for Net {
             t.stop();
         }
         if let Err(e) = self.shared.tap.set_offload(0) {
-            log::warn!("virtio-net: TUNSETOFFLOAD 0 on reset: {e}");
+            self.shared
+                .offload_failed
+                .warn(format_args!("virtio-net: TUNSETOFFLOAD 0 on reset: {e}"));
         }
         self.acked = 0;
     }
@@ -1298,6 +1306,7 @@ mod tests {
         let shared = Arc::new(Shared {
             tap,
             stats: NetStats::default(),
+            offload_failed: LimitedWarning::new(),
         });
         let irq = Arc::new(CountingInterrupt::default());
         let w = Worker::new(

@@ -45,6 +45,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{guest_error, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, TYPE_BLOCK};
 use crate::lifecycle::{DeviceState, Lifecycle, LifecycleError, Stat};
+use crate::limited_log::LimitedWarning;
 use crate::pci::config::{CAP_ID_VENDOR, CMD_INTX_DISABLE};
 use crate::pci::{BarKind, BarSpec, InterruptSink, Msi, MsixTable, PciConfig, PciDevice};
 
@@ -207,6 +208,8 @@ pub struct VirtioPci {
     kicks: Vec<EventFd>,
     /// Where each kick is registered as an ioeventfd.
     registered: Vec<Option<u64>>,
+    /// KVM refused an ioeventfd where the guest put the BAR (it can move it at will).
+    ioevent_failed: LimitedWarning,
     max_sizes: Vec<u16>,
     queues: Vec<QueueRegs>,
     device_feature_select: u32,
@@ -348,6 +351,7 @@ impl VirtioPci {
             ioevents,
             kicks,
             registered: vec![None; n],
+            ioevent_failed: LimitedWarning::new(),
             max_sizes,
             queues,
             device_feature_select: 0,
@@ -674,7 +678,9 @@ impl VirtioPci {
         for (k, r) in self.kicks.iter().zip(self.registered.iter_mut()) {
             if let Some(a) = r.take() {
                 if let Err(e) = self.ioevents.unregister(k, a) {
-                    log::warn!("virtio-pci: cannot unregister the ioeventfd at {a:#x}: {e}");
+                    self.ioevent_failed.warn(format_args!(
+                        "virtio-pci: cannot unregister the ioeventfd at {a:#x}: {e}"
+                    ));
                 }
             }
         }
@@ -765,7 +771,9 @@ impl PciDevice for VirtioPci {
                     *r = Some(a);
                 }
                 // Kicks still work, through the exit path and bar_write.
-                Err(e) => log::warn!("virtio-pci: cannot register an ioeventfd at {a:#x}: {e}"),
+                Err(e) => self.ioevent_failed.warn(format_args!(
+                    "virtio-pci: cannot register an ioeventfd at {a:#x}: {e}"
+                )),
             }
         }
     }
@@ -1057,6 +1065,40 @@ mod tests {
         assert_eq!(stats["requests"], 1);
         assert_eq!(stats["bytes"], 64);
         assert_eq!(stats["transport_guest_errors"], 0);
+    }
+
+    /// KVM refuses every ioeventfd (as for an address it already has one at).
+    struct RefusingIoEvents;
+
+    impl IoEventRegistrar for RefusingIoEvents {
+        fn register(&self, _: &EventFd, _: u64) -> io::Result<()> {
+            Err(io::Error::other("ioeventfd refused for this test"))
+        }
+        fn unregister(&self, _: &EventFd, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_guest_moving_its_bar_again_and_again_logs_one_warning() {
+        crate::limited_log::capture::install();
+        let drv = Driver::new(16);
+        let sink = Arc::new(Recorder::default());
+        let mut pci = VirtioPci::new(
+            Box::new(Rng::new()),
+            drv.mem.clone(),
+            sink,
+            Box::new(RefusingIoEvents),
+        )
+        .unwrap();
+        for i in 0..1000u64 {
+            pci.bar_moved(VIRTIO_BAR, Some(0xd000_0000 + (i << 16)));
+        }
+        assert_eq!(
+            crate::limited_log::capture::warnings_with("ioeventfd refused for this test"),
+            1
+        );
+        assert_eq!(pci.ioevent_failed.count(), 1000);
     }
 
     #[test]
