@@ -5,7 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const TARGETS: &[&str] = &["virtio_chain", "pci_config", "kernel_image", "boot_disk"];
+const TARGETS: &[&str] = &[
+    "virtio_chain",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_pci",
+    "pci_config",
+    "legacy_ports",
+    "kernel_image",
+    "boot_disk",
+];
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")

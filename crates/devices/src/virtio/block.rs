@@ -1114,6 +1114,37 @@ impl VirtioDevice for Block {
     }
 }
 
+/// Synchronous request processing for fuzz/: the worker's code on one queue, no thread.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::*;
+
+    /// One disk image and the worker's scratch buffer.
+    pub struct Harness {
+        disk: Disk,
+        bounce: Bounce,
+    }
+
+    impl Harness {
+        pub fn new(cfg: &BlockConfig) -> Result<Harness, BlockError> {
+            Ok(Harness {
+                disk: Disk::open(cfg)?,
+                bounce: Bounce::default(),
+            })
+        }
+
+        /// Processes what `queue` has available, as the worker would after a kick, with the
+        /// driver's `acked` features.
+        pub fn drain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, acked: u64) {
+            let limits = chain_limits(acked);
+            let (disk, bounce) = (&self.disk, &mut self.bounce);
+            drain_queue(queue, mem, &disk.stats.guest_errors, |chain| {
+                process_request(disk, mem, chain, limits, bounce)
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;

@@ -52,7 +52,7 @@ pub struct Tap {
     vnet_hdr: bool,
     /// Unit tests run the device on a SOCK_SEQPACKET pair (one read, one frame, as a tap);
     /// TUNSETOFFLOAD is recorded here instead.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     test_offload: Option<std::sync::atomic::AtomicU32>,
 }
 
@@ -129,7 +129,7 @@ impl Tap {
             file,
             name: name_of(&ifr),
             vnet_hdr: true,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fuzzing"))]
             test_offload: None,
         };
         tap.setup()?;
@@ -170,7 +170,7 @@ impl Tap {
             file,
             name: name_of(&ifr),
             vnet_hdr: flags & libc::IFF_VNET_HDR != 0,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fuzzing"))]
             test_offload: None,
         };
         // SAFETY: F_GETFL/F_SETFL on our own descriptor.
@@ -220,7 +220,7 @@ impl Tap {
         if !self.vnet_hdr {
             return Ok(());
         }
-        #[cfg(test)]
+        #[cfg(any(test, feature = "fuzzing"))]
         if let Some(o) = &self.test_offload {
             o.store(flags, std::sync::atomic::Ordering::SeqCst);
             return Ok(());
@@ -276,7 +276,7 @@ impl Tap {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Tap {
     /// A stand-in tap for unit tests: one end of a non-blocking SOCK_SEQPACKET pair; the
     /// other end (returned) plays the host network.
@@ -303,6 +303,7 @@ impl Tap {
         (tap, b)
     }
 
+    #[cfg(test)]
     pub(crate) fn test_offload(&self) -> u32 {
         self.test_offload
             .as_ref()
