@@ -294,6 +294,26 @@ impl Spawned {
         }
     }
 
+    /// As [`Spawned::spawn`], with stdin a pipe the caller writes (the guest's COM1 input
+    /// with `-l com1,stdio`).
+    pub fn spawn_with_stdin(cmd: &mut Command) -> (Spawned, std::process::ChildStdin) {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rhyve");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = collect(child.stdout.take().expect("piped stdout"));
+        let stderr = collect(child.stderr.take().expect("piped stderr"));
+        let spawned = Spawned {
+            child: KillOnDrop(child),
+            stdout,
+            stderr,
+        };
+        (spawned, stdin)
+    }
+
     pub fn stdout(&self) -> String {
         self.stdout.lock().unwrap().clone()
     }

@@ -9,6 +9,7 @@ mod asm;
 mod bench;
 mod blk;
 mod boot;
+mod hostile;
 mod io;
 mod irq;
 mod net;
@@ -555,7 +556,7 @@ extern "C" fn rhyve_main() -> ! {
             exit(args.exit)
         }
         b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" | b"irq" | b"virtio-net"
-        | b"net-bench" => {
+        | b"net-bench" | b"hostile" => {
             let mut window = args.mmio;
             match args.test {
                 b"pci" => pci::test(args.ecam),
@@ -566,6 +567,7 @@ extern "C" fn rhyve_main() -> ! {
                 b"irq" => irq::test(&mut window),
                 b"virtio-net" => net::test(&mut window, bi.cmdline),
                 b"net-bench" => net::bench(&mut window, bi.cmdline),
+                b"hostile" => hostile::test(&mut window),
                 _ => virtio::rng_test(&mut window, args.reassign),
             }
             line(&[P::S("checks fail="), P::D(fails())]);

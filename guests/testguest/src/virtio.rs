@@ -14,11 +14,11 @@ use core::sync::atomic::{compiler_fence, Ordering};
 pub const VENDOR: u16 = 0x1af4;
 
 /// Device status bits (§2.1).
-const ACKNOWLEDGE: u8 = 1;
-const DRIVER: u8 = 2;
-const DRIVER_OK: u8 = 4;
-const FEATURES_OK: u8 = 8;
-const NEEDS_RESET: u8 = 64;
+pub const ACKNOWLEDGE: u8 = 1;
+pub const DRIVER: u8 = 2;
+pub const DRIVER_OK: u8 = 4;
+pub const FEATURES_OK: u8 = 8;
+pub const NEEDS_RESET: u8 = 64;
 const FAILED: u8 = 128;
 
 /// VIRTIO_F_VERSION_1 (§6): a modern device must offer it and we must accept it.
@@ -29,20 +29,20 @@ const C_DFSELECT: u64 = 0x00;
 const C_DF: u64 = 0x04;
 const C_GFSELECT: u64 = 0x08;
 const C_GF: u64 = 0x0c;
-const C_NUM_QUEUES: u64 = 0x12;
-const C_STATUS: u64 = 0x14;
+pub const C_NUM_QUEUES: u64 = 0x12;
+pub const C_STATUS: u64 = 0x14;
 const C_CFGGEN: u64 = 0x15;
-const C_Q_SELECT: u64 = 0x16;
-const C_Q_SIZE: u64 = 0x18;
-const C_Q_ENABLE: u64 = 0x1c;
-const C_Q_NOFF: u64 = 0x1e;
-const C_Q_DESC: u64 = 0x20;
-const C_Q_DRIVER: u64 = 0x28;
-const C_Q_DEVICE: u64 = 0x30;
+pub const C_Q_SELECT: u64 = 0x16;
+pub const C_Q_SIZE: u64 = 0x18;
+pub const C_Q_ENABLE: u64 = 0x1c;
+pub const C_Q_NOFF: u64 = 0x1e;
+pub const C_Q_DESC: u64 = 0x20;
+pub const C_Q_DRIVER: u64 = 0x28;
+pub const C_Q_DEVICE: u64 = 0x30;
 
 /// Split-ring descriptor flags (§2.7.5).
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 
 /// Our queues have at most this many entries.
 const QMAX: u16 = 16;
@@ -390,7 +390,7 @@ impl Dev {
 }
 
 /// Polling gives up after this many TSC ticks (a few seconds at any plausible TSC rate).
-const TIMEOUT_TSC: u64 = 10_000_000_000;
+pub const TIMEOUT_TSC: u64 = 10_000_000_000;
 
 /// One 4 KiB page for the split ring (§2.7): descriptor table (16 bytes x 16, align 16),
 /// available ring (align 2), used ring (align 4).

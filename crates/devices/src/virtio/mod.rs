@@ -72,6 +72,9 @@ pub enum ActivateError {
     /// queue {0} is not ready or its rings lie outside guest memory
     #[error("queue {0} is not ready or its rings lie outside guest memory")]
     InvalidQueue(usize),
+    /// queue {0}'s rings overlap each other or another queue's
+    #[error("queue {0}'s rings overlap each other or another queue's")]
+    OverlappingRings(usize),
     /// the device is already active (reset it first)
     #[error("the device is already active (reset it first)")]
     AlreadyActive,
@@ -131,10 +134,31 @@ pub(crate) fn check_queues(
             kicks: kicks.len(),
         });
     }
-    match queues.iter().position(|q| !q.is_valid(mem)) {
-        Some(i) => Err(ActivateError::InvalidQueue(i)),
-        None => Ok(()),
+    if let Some(i) = queues.iter().position(|q| !q.is_valid(mem)) {
+        return Err(ActivateError::InvalidQueue(i));
     }
+    // A used ring over a descriptor table (or another queue's ring) would have the device
+    // rewrite what it is about to read: refused, the device then needs a reset.
+    let areas: Vec<(usize, u64, u64)> = queues
+        .iter()
+        .enumerate()
+        .flat_map(|(i, q)| {
+            let n = u64::from(q.size());
+            [
+                (i, q.desc_table(), 16 * n),
+                (i, q.avail_ring(), 6 + 2 * n),
+                (i, q.used_ring(), 6 + 8 * n),
+            ]
+        })
+        .collect();
+    for (k, &(i, a, alen)) in areas.iter().enumerate() {
+        for &(_, b, blen) in &areas[k + 1..] {
+            if a < b.saturating_add(blen) && b < a.saturating_add(alen) {
+                return Err(ActivateError::OverlappingRings(i));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Activation shared by the one-queue devices: refuses a second activation, checks the
@@ -556,6 +580,26 @@ mod tests {
         assert_eq!(d, [3, 4, 0, 0]);
         read_config_bytes(&cfg, u64::MAX, &mut d);
         assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn rings_that_overlap_are_refused() {
+        let drv = Driver::new(16);
+        let kick = || EventFd::new(0).unwrap();
+        assert!(check_queues(&drv.mem, &[drv.queue()], &[kick()], 1).is_ok());
+        // The used ring over the descriptor table.
+        let mut q = drv.queue();
+        q.try_set_used_ring_address(vm_memory::GuestAddress(DESC + 0x40))
+            .unwrap();
+        assert!(matches!(
+            check_queues(&drv.mem, &[q], &[kick()], 1),
+            Err(ActivateError::OverlappingRings(0))
+        ));
+        // Two queues on the same rings.
+        assert!(matches!(
+            check_queues(&drv.mem, &[drv.queue(), drv.queue()], &[kick(), kick()], 2),
+            Err(ActivateError::OverlappingRings(0))
+        ));
     }
 
     #[test]
