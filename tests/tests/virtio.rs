@@ -338,3 +338,64 @@ fn two_vms_cannot_open_one_image_read_write() {
     assert_eq!(out.code(), Some(4), "{}", out.stderr);
     assert!(out.stderr.contains("in use"), "{}", out.stderr);
 }
+
+/// `bench RUN ... bytes=N ops=N ticks=N` from the guest's blk-bench: (bytes/s, ops/s), by the
+/// ACPI PM timer (3.579545 MHz).
+fn bench_rates(out: &Output, run: &str) -> (f64, f64) {
+    let prefix = format!("rhyve-guest: bench {run} ");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {run} in\n{}\n{}", out.stdout, out.stderr));
+    let field = |k: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    let secs = field("ticks=") / 3_579_545.0;
+    (field("bytes=") / secs, field("ops=") / secs)
+}
+
+#[test]
+fn virtio_blk_keeps_to_its_rate_limits() {
+    let dir = scratch_dir("v-blk-rate");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    // Bandwidth: 48 MiB each way in 1 MiB requests at 16 MiB/s, about 3 s per run. (A run
+    // of N requests spans N - 1 intervals of the limit plus the bucket's burst: many
+    // requests keep that under a few per cent.)
+    let out = boot(
+        &[format!("3,virtio-blk,{},bw=16M", img.display())],
+        "rhyve.test=blk-bench rhyve.bench.mib=48 rhyve.bench.ops=32",
+        "v-blk-bw",
+    );
+    assert_clean(&out);
+    let limit = f64::from(16u32 << 20);
+    for run in ["seq-write", "seq-read"] {
+        let (bw, _) = bench_rates(&out, run);
+        assert!(
+            (bw - limit).abs() <= limit * 0.1,
+            "{run}: {:.2} MiB/s against a 16 MiB/s limit",
+            bw / f64::from(1u32 << 20)
+        );
+    }
+    // Operations: 200 random 4 KiB requests each way at 100 per second.
+    let out = boot(
+        &[format!("3,virtio-blk,{},ops=100", img.display())],
+        "rhyve.test=blk-bench rhyve.bench.mib=1 rhyve.bench.ops=200",
+        "v-blk-ops",
+    );
+    assert_clean(&out);
+    for run in ["rand-write", "rand-read"] {
+        let (_, iops) = bench_rates(&out, run);
+        assert!(
+            (iops - 100.0).abs() <= 10.0,
+            "{run}: {iops:.1} requests/s against a limit of 100"
+        );
+    }
+}

@@ -16,6 +16,7 @@ pub mod limited_log;
 pub mod pc_testdev;
 pub mod pci;
 pub mod post;
+pub mod rate_limiter;
 pub mod rtc;
 pub mod threads;
 pub mod uart;

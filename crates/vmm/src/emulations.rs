@@ -157,7 +157,7 @@ fn virtio_pci(ctx: &PciContext, dev: Box<dyn VirtioDevice>) -> anyhow::Result<Sh
 static VIRTIO_BLK: Emulation = Emulation {
     name: "virtio-blk",
     description:
-        "virtio block device: PATH[,ro][,nocache][,direct][,sectorsize=L[/P]][,nodelete][,ser=ID]",
+        "virtio block device: PATH[,ro][,nocache][,direct][,sectorsize=L[/P]][,nodelete][,ser=ID][,bw=BYTES/s][,ops=N/s]",
     keys: block::KEYS,
     build: |ctx| {
         let cfg = BlockConfig::from_keys(ctx.opts.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
@@ -176,7 +176,7 @@ static VIRTIO_RND: Emulation = Emulation {
 
 static VIRTIO_NET: Emulation = Emulation {
     name: "virtio-net",
-    description: "virtio network device on a tap: TAP[,mac=xx:xx:xx:xx:xx:xx][,mtu=N] or fd=N",
+    description: "virtio network device on a tap: TAP[,mac=xx:xx:xx:xx:xx:xx][,mtu=N][,tx_bw=BYTES/s][,tx_ops=N/s][,rx_bw=BYTES/s][,rx_ops=N/s] or fd=N",
     keys: net::KEYS,
     build: |ctx| {
         let cfg = NetConfig::from_keys(ctx.opts.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;

@@ -204,9 +204,11 @@ fn rules_for(profile: Profile) -> Result<Rules> {
             allow(
                 &mut r,
                 &[
-                    // Activating a device builds its worker's eventfds and epoll.
+                    // Activating a device builds its worker's eventfds, epoll and
+                    // rate-limit timer.
                     SYS_eventfd2,
                     SYS_epoll_create1,
+                    SYS_timerfd_create,
                     // The UEFI variable store (-l bootrom,ROM,VARSFILE) is written back.
                     SYS_pwrite64,
                     SYS_pread64,
@@ -225,6 +227,8 @@ fn rules_for(profile: Profile) -> Result<Rules> {
         Profile::Thread(ThreadKind::DeviceWorker(class)) => {
             event_loop(&mut r);
             interrupts(&mut r)?;
+            // The rate-limit timer.
+            allow(&mut r, &[SYS_timerfd_settime, SYS_timerfd_gettime]);
             match class {
                 WorkerClass::Block => allow(
                     &mut r,

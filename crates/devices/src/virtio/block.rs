@@ -22,12 +22,15 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{self, Chain, ChainError, ChainLimits, Segment};
+#[cfg(any(test, feature = "fuzzing"))]
+use super::drain_queue;
 use super::{
-    activate_single_queue, drain_queue, guest_error, read_config_bytes, ActivateError,
+    activate_single_queue, drain_queue_limited, guest_error, read_config_bytes, ActivateError,
     GuestMemoryMmap, VirtioDevice, VirtioInterrupt, Worker, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
+use crate::rate_limiter::{parse_rate, RateLimiter, RateLimits};
 use crate::threads::WorkerClass;
 
 const F_SIZE_MAX: u32 = 1;
@@ -81,6 +84,8 @@ pub const KEYS: &[&str] = &[
     "sectorsize",
     "nodelete",
     "ser",
+    "bw",
+    "ops",
 ];
 
 /// A virtio-blk backend as configured.
@@ -102,6 +107,8 @@ pub struct BlockConfig {
     pub nodelete: bool,
     /// `ser=ID`: the GET_ID string (at most 20 bytes); default derived from the path.
     pub serial: Option<String>,
+    /// `bw=BYTES` (per second, K/M/G suffixes) and `ops=N` (requests per second).
+    pub rate: RateLimits,
 }
 
 /// A bad virtio-blk option; the message names it.
@@ -112,7 +119,7 @@ pub enum BlockConfigError {
     MissingPath,
     /// virtio-blk: unknown option
     #[error(
-        "virtio-blk: unknown option '{0}' (known: path ro nocache direct sectorsize nodelete ser)"
+        "virtio-blk: unknown option '{0}' (known: path ro nocache direct sectorsize nodelete ser bw ops)"
     )]
     UnknownOption(String),
     /// virtio-blk: bad value of an option
@@ -166,11 +173,13 @@ impl BlockConfig {
             physical_sector_size: 512,
             nodelete: false,
             serial: None,
+            rate: RateLimits::default(),
         }
     }
 
     /// Parses bhyve's option string `PATH[,ro][,nocache][,direct][,sectorsize=L[/P]]
-    /// [,nodelete][,ser=ID]` (the part after `virtio-blk,`; `path=PATH` works too).
+    /// [,nodelete][,ser=ID]` plus rhyve's rate limits `[,bw=BYTES][,ops=N]` (the part after
+    /// `virtio-blk,`; `path=PATH` works too).
     pub fn parse(opts: &str) -> Result<Self, BlockConfigError> {
         let mut keys = Vec::new();
         for (n, opt) in opts.split(',').enumerate() {
@@ -214,6 +223,18 @@ impl BlockConfig {
                         return Err(bad(k, v, "a serial number is at most 20 bytes"));
                     }
                     c.serial = Some(v.to_string());
+                }
+                "bw" => {
+                    c.rate.bytes_per_sec = Some(
+                        parse_rate(v)
+                            .ok_or_else(|| bad(k, v, "expected bytes per second, e.g. 50M"))?,
+                    );
+                }
+                "ops" => {
+                    c.rate.ops_per_sec = Some(
+                        parse_rate(v)
+                            .ok_or_else(|| bad(k, v, "expected requests per second, e.g. 1000"))?,
+                    );
                 }
                 "device" => {}
                 _ => return Err(BlockConfigError::UnknownOption(k.to_string())),
@@ -946,6 +967,7 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Chain, bounce: &mut Bounce) -
 /// The virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
+    rate: RateLimits,
     config: [u8; CONFIG_LEN],
     features: u64,
     acked: u64,
@@ -997,6 +1019,7 @@ impl Block {
         }
         Ok(Block {
             disk: Arc::new(disk),
+            rate: cfg.rate,
             config: c,
             features,
             acked: 0,
@@ -1063,6 +1086,7 @@ impl VirtioDevice for Block {
         let disk = self.disk.clone();
         let mut bounce = Bounce::default();
         let limits = chain_limits(self.acked);
+        let mut limiter = RateLimiter::new(self.rate);
         activate_single_queue(
             &mut self.worker,
             WorkerClass::Block,
@@ -1071,8 +1095,16 @@ impl VirtioDevice for Block {
             queues,
             kicks,
             move |queue, mem| {
-                drain_queue(queue, mem, &disk.stats.guest_errors, |chain| {
-                    process_request(&disk, mem, chain, limits, &mut bounce)
+                let errors = &disk.stats.guest_errors;
+                drain_queue_limited(queue, mem, errors, &mut limiter, |chain| {
+                    let moved = || {
+                        let st = &disk.stats;
+                        st.bytes_read.load(Ordering::Relaxed)
+                            + st.bytes_written.load(Ordering::Relaxed)
+                    };
+                    let before = moved();
+                    let used = process_request(&disk, mem, chain, limits, &mut bounce);
+                    (used, moved() - before)
                 })
             },
         )

@@ -26,10 +26,12 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::lifecycle::{LifecycleError, Stat};
+use crate::rate_limiter::RateLimiter;
 use crate::threads::WorkerClass;
-pub(crate) use worker::{Worker, CTL_TOKEN};
+pub(crate) use worker::{Worker, CTL_TOKEN, TIMER_TOKEN};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
 pub use net::{Net, NetConfig, NetConfigError, NetStats, TYPE_NET};
@@ -189,7 +191,7 @@ where
         if done.notify {
             irq.queue_used(0);
         }
-        done.more
+        done
     })
     .map_err(ActivateError::Worker)?;
     *worker = Some(started);
@@ -217,6 +219,8 @@ pub(crate) struct Drained {
     pub notify: bool,
     /// The budget ran out with chains still available: call again (after control events).
     pub more: bool,
+    /// The rate limit stopped the drain: call again after this long (no kick will come).
+    pub wait: Option<std::time::Duration>,
 }
 
 /// Pops the available chains of `queue` (re-checking after re-enabling notifications, so no
@@ -232,12 +236,32 @@ pub(crate) fn drain_queue<F>(
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
+    drain_queue_limited(queue, mem, errors, &mut RateLimiter::unlimited(), |c| {
+        (handle(c), 0)
+    })
+}
+
+/// [`drain_queue`] under `limiter`: `handle` returns the used length and the bytes the
+/// request moved (what the limiter is charged). A chain the limiter does not admit yet stays
+/// available (the ring's position goes back to it) and [`Drained::wait`] says when to retry.
+pub(crate) fn drain_queue_limited<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    errors: &AtomicU64,
+    limiter: &mut RateLimiter,
+    mut handle: F,
+) -> Drained
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> (u32, u64),
+{
     let mut used = false;
     let mut budget = DRAIN_BUDGET;
     let mut more = false;
-    loop {
+    let mut wait = None;
+    'drain: loop {
         // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY: no kicks while we are busy.
         let _ = queue.disable_notification(mem);
+        let start = queue.next_avail();
         let chains: Vec<_> = match queue.iter(mem) {
             Ok(iter) => iter.take(budget).collect(),
             Err(e) => {
@@ -246,9 +270,16 @@ where
             }
         };
         budget -= chains.len();
-        for chain in chains {
+        for (k, chain) in chains.into_iter().enumerate() {
+            if let Some(w) = limiter.check() {
+                // Not yet: this chain and the ones after it stay in the ring.
+                queue.set_next_avail(start.wrapping_add(k as u16));
+                wait = Some(w);
+                break 'drain;
+            }
             let head = chain.head_index();
-            let len = handle(chain);
+            let (len, moved) = handle(chain);
+            limiter.charge(moved);
             match queue.add_used(mem, head, len) {
                 Ok(()) => used = true,
                 Err(e) => guest_error(
@@ -274,13 +305,15 @@ where
     Drained {
         notify: used && queue.needs_notification(mem).unwrap_or(true),
         more,
+        wait,
     }
 }
 
 /// Starts the worker for a device whose work is all in its queues: it runs `handler(i)` once
 /// per queue at start (buffers may have been made available before DRIVER_OK) and then on
-/// each kick of queue `i`. A handler that returns true (budget spent, work left) kicks its
-/// queue itself, so the next round looks at control events first.
+/// each kick of queue `i`. A handler whose budget ran out ([`Drained::more`]) kicks its queue
+/// itself, so the next round looks at control events first; one the rate limit stopped
+/// ([`Drained::wait`]) is run again when the worker's timer fires.
 pub(crate) fn spawn_queue_worker<F>(
     class: WorkerClass,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -288,9 +321,15 @@ pub(crate) fn spawn_queue_worker<F>(
     mut handler: F,
 ) -> io::Result<Worker>
 where
-    F: FnMut(usize) -> bool + Send + 'static,
+    F: FnMut(usize) -> Drained + Send + 'static,
 {
     let epoll = Epoll::new()?;
+    let timer = TimerFd::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        timer.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+    )?;
     for (i, k) in kicks.iter().enumerate() {
         epoll.ctl(
             ControlOperation::Add,
@@ -307,17 +346,24 @@ where
             log::error!("virtio worker: epoll: {e}");
             return;
         }
-        let run = |i: usize, handler: &mut F| {
-            if handler(i) {
+        let mut timer = timer;
+        let run = |i: usize, handler: &mut F, timer: &mut TimerFd| {
+            let done = handler(i);
+            if done.more {
                 if let Some(k) = kicks.get(i) {
                     let _ = k.write(1);
                 }
             }
+            if let Some(w) = done.wait {
+                if let Err(e) = timer.reset(w, None) {
+                    log::error!("virtio worker: timerfd: {e}");
+                }
+            }
         };
         for i in 0..kicks.len() {
-            run(i, &mut handler);
+            run(i, &mut handler, &mut timer);
         }
-        let mut events = vec![EpollEvent::default(); kicks.len() + 1];
+        let mut events = vec![EpollEvent::default(); kicks.len() + 2];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -333,10 +379,16 @@ where
                     if !ctl.on_event() {
                         return;
                     }
+                } else if token == TIMER_TOKEN {
+                    // Expired (epoll says so): this read clears it.
+                    let _ = timer.wait();
+                    for i in 0..kicks.len() {
+                        run(i, &mut handler, &mut timer);
+                    }
                 } else if let Some(kick) = kicks.get(token as usize) {
                     // Non-blocking or not, epoll said it is readable: this clears it.
                     let _ = kick.read();
-                    run(token as usize, &mut handler);
+                    run(token as usize, &mut handler, &mut timer);
                 }
             }
         }

@@ -28,16 +28,18 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::{self, ChainError, ChainLimits, Segment as Seg};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
-use super::worker::{Worker as DeviceThread, WorkerCtl, CTL_TOKEN};
+use super::worker::{Worker as DeviceThread, WorkerCtl, CTL_TOKEN, TIMER_TOKEN};
 use super::{
     check_queues, drain_queue, guest_error, read_config_bytes, ActivateError, GuestMemoryMmap,
     VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
 use crate::limited_log::LimitedWarning;
+use crate::rate_limiter::{parse_rate, RateLimiter, RateLimits};
 use crate::threads::WorkerClass;
 
 /// Device type of virtio-net.
@@ -97,7 +99,9 @@ pub const MTU_MIN: u16 = 68;
 pub const MTU_MAX: u16 = 65535 - 14;
 
 /// Configuration keys virtio-net reads (below `pci.B.S.F.`).
-pub const KEYS: &[&str] = &["path", "fd", "mac", "mtu"];
+pub const KEYS: &[&str] = &[
+    "path", "fd", "mac", "mtu", "tx_bw", "tx_ops", "rx_bw", "rx_ops",
+];
 
 /// Where frames go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +120,10 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// `mtu=`: the MTU announced to the guest (VIRTIO_NET_F_MTU), 1500 by default.
     pub mtu: u16,
+    /// `tx_bw=`/`tx_ops=`: what the guest may send (bytes, frames per second).
+    pub tx_rate: RateLimits,
+    /// `rx_bw=`/`rx_ops=`: what the guest may receive.
+    pub rx_rate: RateLimits,
 }
 
 /// A bad virtio-net option; the message names it.
@@ -128,7 +136,9 @@ pub enum NetConfigError {
     #[error("virtio-net: give either a tap name or fd=N, not both")]
     TwoBackends,
     /// unknown option
-    #[error("virtio-net: unknown option '{0}' (known: a tap name, fd, mac, mtu)")]
+    #[error(
+        "virtio-net: unknown option '{0}' (known: a tap name, fd, mac, mtu, tx_bw, tx_ops, rx_bw, rx_ops)"
+    )]
     UnknownOption(String),
     /// bad value
     #[error("virtio-net: option '{option}={value}': {reason}")]
@@ -191,8 +201,16 @@ impl NetConfig {
         keys: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, NetConfigError> {
         let (mut tap, mut fd, mut mac, mut mtu) = (None, None, None, 1500u16);
+        let (mut tx_rate, mut rx_rate) = (RateLimits::default(), RateLimits::default());
+        let rate = |k: &str, v: &str| {
+            parse_rate(v).ok_or_else(|| bad(k, v, "expected a rate per second, e.g. 10M or 1000"))
+        };
         for (k, v) in keys {
             match k {
+                "tx_bw" => tx_rate.bytes_per_sec = Some(rate(k, v)?),
+                "tx_ops" => tx_rate.ops_per_sec = Some(rate(k, v)?),
+                "rx_bw" => rx_rate.bytes_per_sec = Some(rate(k, v)?),
+                "rx_ops" => rx_rate.ops_per_sec = Some(rate(k, v)?),
                 "path" => tap = Some(v.trim_start_matches("/dev/").to_string()),
                 "fd" => {
                     let n: RawFd = v
@@ -221,7 +239,13 @@ impl NetConfig {
             (Some(_), Some(_)) => return Err(NetConfigError::TwoBackends),
             _ => return Err(NetConfigError::MissingBackend),
         };
-        Ok(NetConfig { backend, mac, mtu })
+        Ok(NetConfig {
+            backend,
+            mac,
+            mtu,
+            tx_rate,
+            rx_rate,
+        })
     }
 }
 
@@ -397,7 +421,7 @@ fn transmit(
     buf: &mut [u8],
     (tx_size, features): (usize, u64),
     chain: DescriptorChain<&GuestMemoryMmap>,
-) {
+) -> u64 {
     let st = &shared.stats;
     let segs = match walk(chain, mem, VNET_HDR_LEN + MAX_FRAME, tx_size) {
         Ok((r, w)) if w.is_empty() => r,
@@ -406,14 +430,14 @@ fn transmit(
                 &st.guest_errors,
                 format_args!("virtio-net: transmit chain with device-writable buffers"),
             );
-            return;
+            return 0;
         }
         Err(why) => {
             guest_error(
                 &st.guest_errors,
                 format_args!("virtio-net: transmit: {why}"),
             );
-            return;
+            return 0;
         }
     };
     let n = seg_len(&segs);
@@ -422,7 +446,7 @@ fn transmit(
             &st.guest_errors,
             format_args!("virtio-net: transmit chain too short for header and frame"),
         );
-        return;
+        return 0;
     }
     // The header is read once, checked, and the checked copy is what the tap gets: the
     // guest (another vCPU) may rewrite its buffer between the check and the kernel's read.
@@ -432,7 +456,7 @@ fn transmit(
         .and_then(|()| tx_hdr_check(hdr[0], hdr[1], features));
     if let Err(why) = checked {
         guest_error(&st.guest_errors, format_args!("virtio-net: {why}"));
-        return;
+        return 0;
     }
     let with_hdr = shared.tap.vnet_hdr();
     // Straight from guest memory after the header; through the copy buffer only for very
@@ -463,6 +487,7 @@ fn transmit(
         Ok(_) => {
             bump(&st.tx_frames, 1);
             bump(&st.tx_bytes, (n - VNET_HDR_LEN) as u64);
+            (n - VNET_HDR_LEN) as u64
         }
         Err(e) => {
             // Link down (EIO), full queue, or a GSO header the kernel refused.
@@ -470,7 +495,15 @@ fn transmit(
                 &st.tx_dropped,
                 format_args!("virtio-net: tap {} refused a frame: {e}", shared.tap.name()),
             );
+            0
         }
+    }
+}
+
+/// Starts `timer` for `after` (a worker waiting for its rate limit).
+fn arm(timer: &mut TimerFd, after: std::time::Duration) {
+    if let Err(e) = timer.reset(after, None) {
+        log::error!("virtio-net: timerfd: {e}");
     }
 }
 
@@ -480,6 +513,9 @@ struct Shared {
     stats: NetStats,
     /// The tap refused the offloads the guest asked for (every activation or command).
     offload_failed: LimitedWarning,
+    /// Limits on what the guest sends and receives.
+    tx_rate: RateLimits,
+    rx_rate: RateLimits,
 }
 
 /// What happened to the frame waiting in the receive buffer.
@@ -515,6 +551,12 @@ struct Worker {
     rx_offloads: u32,
     /// Transmit chains per call of `process_tx` ([`TX_BATCH`]; smaller in tests).
     tx_batch: usize,
+    tx_limit: RateLimiter,
+    rx_limit: RateLimiter,
+    /// Fires when a rate limit lets traffic go again.
+    timer: TimerFd,
+    /// Receiving waits for `rx_limit` (the tap is out of the epoll set meanwhile).
+    rx_limited: bool,
 }
 
 const TOKEN_TAP: u64 = 3;
@@ -528,7 +570,18 @@ impl Worker {
         [rx, tx]: [Queue; 2],
         ctrl: Option<Queue>,
     ) -> io::Result<Worker> {
+        let epoll = Epoll::new()?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+        )?;
         Ok(Worker {
+            tx_limit: RateLimiter::new(shared.tx_rate),
+            rx_limit: RateLimiter::new(shared.rx_rate),
+            timer,
+            rx_limited: false,
             shared,
             mem,
             irq,
@@ -536,7 +589,7 @@ impl Worker {
             rx,
             tx,
             ctrl,
-            epoll: Epoll::new()?,
+            epoll,
             tap_polled: false,
             rx_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             pending: None,
@@ -583,6 +636,14 @@ impl Worker {
         let _ = self.rx.disable_notification(&self.mem);
         let mut more = true;
         for _ in 0..RX_BATCH {
+            if let Some(w) = self.rx_limit.check() {
+                // The tap stays unread (out of the epoll set) until the timer.
+                arm(&mut self.timer, w);
+                self.rx_limited = true;
+                self.poll_tap(false);
+                more = false;
+                break;
+            }
             let len = match self.pending {
                 Some(l) => l,
                 None => {
@@ -627,6 +688,7 @@ impl Worker {
                     used = true;
                     bump(&st.rx_frames, 1);
                     bump(&st.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                    self.rx_limit.charge((len - VNET_HDR_LEN) as u64);
                 }
                 Rx::Dropped => {
                     self.pending = None;
@@ -790,6 +852,7 @@ impl Worker {
         let more = loop {
             // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY: no kicks while we are busy.
             let _ = self.tx.disable_notification(mem);
+            let start = self.tx.next_avail();
             let chains: Vec<_> = match self.tx.iter(mem) {
                 Ok(iter) => iter.take(budget).collect(),
                 Err(e) => {
@@ -801,9 +864,17 @@ impl Worker {
                 }
             };
             budget -= chains.len();
-            for chain in chains {
+            let mut limited = None;
+            for (k, chain) in chains.into_iter().enumerate() {
+                if let Some(w) = self.tx_limit.check() {
+                    // This frame and the ones after it wait in the ring for the timer.
+                    self.tx.set_next_avail(start.wrapping_add(k as u16));
+                    limited = Some(w);
+                    break;
+                }
                 let head = chain.head_index();
-                transmit(shared, mem, &mut self.tx_buf, (tx_size, features), chain);
+                let sent = transmit(shared, mem, &mut self.tx_buf, (tx_size, features), chain);
+                self.tx_limit.charge(sent);
                 match self.tx.add_used(mem, head, 0) {
                     Ok(()) => used = true,
                     Err(e) => guest_error(
@@ -811,6 +882,10 @@ impl Worker {
                         format_args!("virtio-net: cannot return transmit chain {head}: {e}"),
                     ),
                 }
+            }
+            if let Some(w) = limited {
+                arm(&mut self.timer, w);
+                break false;
             }
             if budget == 0 {
                 break true;
@@ -944,6 +1019,16 @@ impl Worker {
                         }
                     }
                     TOKEN_TAP => rx_due = true,
+                    TIMER_TOKEN => {
+                        // Expired (epoll says so): this read clears it.
+                        let _ = self.timer.wait();
+                        if self.rx_limited {
+                            self.rx_limited = false;
+                            self.poll_tap(true);
+                            rx_due = true;
+                        }
+                        tx_due = true;
+                    }
                     q => {
                         if let Some(k) = kicks.get(q as usize) {
                             let _ = k.read();
@@ -988,7 +1073,12 @@ impl Net {
             Backend::Tap(name) => Tap::open(name)?,
             Backend::Fd(fd) => Tap::from_fd(*fd)?,
         };
-        Ok(Self::with_tap(tap, cfg.mac.unwrap_or(default_mac), cfg.mtu))
+        let mut net = Self::with_tap(tap, cfg.mac.unwrap_or(default_mac), cfg.mtu);
+        if let Some(shared) = Arc::get_mut(&mut net.shared) {
+            shared.tx_rate = cfg.tx_rate;
+            shared.rx_rate = cfg.rx_rate;
+        }
+        Ok(net)
     }
 
     /// A device on an open tap.
@@ -1024,6 +1114,8 @@ impl Net {
                 tap,
                 stats: NetStats::default(),
                 offload_failed: LimitedWarning::new(),
+                tx_rate: RateLimits::default(),
+                rx_rate: RateLimits::default(),
             }),
             config: c,
             features,
@@ -1214,6 +1306,8 @@ pub mod fuzzing {
             tap,
             stats: NetStats::default(),
             offload_failed: LimitedWarning::new(),
+            tx_rate: RateLimits::default(),
+            rx_rate: RateLimits::default(),
         });
         let irq: Arc<dyn VirtioInterrupt> = Arc::new(NoInterrupt);
         let Ok(mut w) = Worker::new(shared, mem.clone(), irq, features, queues, ctrl) else {
@@ -1342,6 +1436,15 @@ mod tests {
     }
 
     fn harness(features: u64, vnet_hdr: bool) -> H {
+        harness_rated(
+            features,
+            vnet_hdr,
+            RateLimits::default(),
+            RateLimits::default(),
+        )
+    }
+
+    fn harness_rated(features: u64, vnet_hdr: bool, tx_rate: RateLimits, rx_rate: RateLimits) -> H {
         let drv = Driver::new(256);
         let (rx, tx, ctrl) = (Ring::new(0, 256), Ring::new(1, 256), Ring::new(2, 64));
         let (tap, peer) = Tap::socket_pair(vnet_hdr);
@@ -1349,6 +1452,8 @@ mod tests {
             tap,
             stats: NetStats::default(),
             offload_failed: LimitedWarning::new(),
+            tx_rate,
+            rx_rate,
         });
         let irq = Arc::new(CountingInterrupt::default());
         let w = Worker::new(
@@ -1751,6 +1856,75 @@ mod tests {
                 a
             })
             .collect()
+    }
+
+    /// Runs the worker's side for `secs`: `step` as its loop would, sleeping on its timer
+    /// while a rate limit holds it back; returns what `count` saw.
+    fn run_limited(h: &mut H, secs: f64, mut step: impl FnMut(&mut H) -> usize) -> usize {
+        let t0 = std::time::Instant::now();
+        let mut seen = 0;
+        while t0.elapsed().as_secs_f64() < secs {
+            seen += step(h);
+            if h.w.timer.is_armed().unwrap() {
+                let _ = h.w.timer.wait();
+                if h.w.rx_limited {
+                    h.w.rx_limited = false;
+                    h.w.poll_tap(true);
+                }
+            }
+        }
+        seen
+    }
+
+    const PER_SEC: u64 = 200;
+
+    fn ops(n: u64) -> RateLimits {
+        RateLimits {
+            bytes_per_sec: None,
+            ops_per_sec: Some(n),
+        }
+    }
+
+    #[test]
+    fn transmit_keeps_to_its_rate_limit() {
+        let mut h = harness_rated(bits(&[]), true, ops(PER_SEC), RateLimits::default());
+        let f = with_hdr(&frame(60, 3));
+        for _ in 0..256 {
+            let a = h.drv.buf(&f);
+            h.tx.push(&h.drv, &[(a, f.len() as u32, false)]);
+        }
+        let sent = run_limited(&mut h, 1.0, |h| {
+            h.w.process_tx();
+            std::iter::from_fn(|| host_recv(h)).count()
+        });
+        // One second at 200 frames/s, plus at most the 50 ms bucket and one frame.
+        let want = PER_SEC as usize;
+        assert!(
+            sent >= want * 9 / 10 && sent <= want * 11 / 10 + 11,
+            "{sent} frames in 1 s"
+        );
+        // What was held back is still in the ring, not lost.
+        assert_eq!(h.tx.used_idx(&h.drv) as usize, sent);
+    }
+
+    #[test]
+    fn receive_keeps_to_its_rate_limit() {
+        let mut h = harness_rated(bits(&[]), true, RateLimits::default(), ops(PER_SEC));
+        post_rx(&mut h, 256, 1526);
+        for i in 0..256 {
+            host_send(&mut h, &with_hdr(&frame(60, i as u8)));
+        }
+        let got = run_limited(&mut h, 1.0, |h| {
+            let before = h.rx.used_idx(&h.drv);
+            h.w.process_rx();
+            h.rx.used_idx(&h.drv).wrapping_sub(before) as usize
+        });
+        let want = PER_SEC as usize;
+        assert!(
+            got >= want * 9 / 10 && got <= want * 11 / 10 + 11,
+            "{got} frames in 1 s"
+        );
+        assert_eq!(n(&stats(&h).rx_dropped), 0);
     }
 
     #[test]

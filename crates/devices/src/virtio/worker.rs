@@ -23,6 +23,8 @@ use crate::threads::{self, ThreadKind, WorkerClass};
 
 /// The epoll token of the control eventfd.
 pub(crate) const CTL_TOKEN: u64 = u64::MAX;
+/// The epoll token of a worker's rate-limit timer.
+pub(crate) const TIMER_TOKEN: u64 = u64::MAX - 1;
 /// How long a pause waits for the worker to park (it finishes the batch in hand first).
 pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
