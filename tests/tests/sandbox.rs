@@ -258,3 +258,82 @@ fn a_stdout_and_stderr_nobody_reads_block_neither_the_guest_nor_a_forced_power_o
         .expect("a forced power-off did not finish with stdout and stderr stuck");
     assert_eq!(status.code(), Some(1));
 }
+
+/// `Uid:`/`Gid:` (real, effective, saved, fs) and `CapEff:` of a task.
+fn identity_of(pid: u32, tid: &str) -> (String, String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    (field("Uid:"), field("Gid:"), field("CapEff:"))
+}
+
+#[test]
+fn a_vm_runs_chrooted_as_another_user_once_everything_is_open() {
+    let jail = scratch_dir("sb-jail-root");
+    std::fs::create_dir_all(&jail).unwrap();
+    let chroot = format!("sandbox.chroot={}", jail.display());
+    let sandbox = ["-o", "sandbox.user=65534:65534", "-o", chroot.as_str()];
+    // A device that starts after the drop (the guest's virtio-rnd test) works.
+    let out = rng_guest("sb-user", &sandbox, None);
+    out.clean_report();
+    assert_eq!(out.code(), Some(testdev_status(0)), "{}", out.stderr);
+
+    // Every thread has the new identity and no capabilities, and the root is the jail.
+    let base = scratch_dir("sb-jailed");
+    let mut rhyve = Spawned::spawn(
+        rhyve_cmd(&base)
+            .args(PC_MACHINE)
+            .args(["-c", "2", "-m", "64M", "-l", "pc-testdev"])
+            .args(sandbox)
+            .args([
+                "--kernel",
+                TESTGUEST_BZIMAGE,
+                "--append",
+                "rhyve.test=pio rhyve.count=100000000000",
+                "sb-jailed",
+            ]),
+    );
+    rhyve.wait_for("rhyve-guest: report done");
+    let pid = rhyve.child.0.id();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = t.unwrap().file_name().into_string().unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        if comm.starts_with("kvm-") {
+            continue;
+        }
+        let (uid, gid, caps) = identity_of(pid, &tid);
+        assert_eq!(uid, "65534 65534 65534 65534", "{}", comm.trim());
+        assert_eq!(gid, "65534 65534 65534 65534", "{}", comm.trim());
+        assert_eq!(caps, "0000000000000000", "{}", comm.trim());
+    }
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+    assert_eq!(root, jail);
+    // The control socket was bound before: it still answers, and can stop the VM.
+    let stats = rhyvectl_ok(&base, &["--vm=sb-jailed", "--get-stats"]);
+    assert!(stats.contains("exits"), "{stats}");
+    rhyvectl_ok(&base, &["--vm=sb-jailed", "--force-poweroff"]);
+    let status = wait_exit(&mut rhyve.child.0, Duration::from_secs(30)).expect("rhyve exits");
+    assert_eq!(status.code(), Some(1), "{}", rhyve.stderr());
+    // Its runtime directory is out of its reach now: left for the next rhyve of the name.
+    let again = harness::run(
+        rhyve_cmd(&base).args(PC_MACHINE).args([
+            "-m",
+            "64M",
+            "-l",
+            "pc-testdev",
+            "--kernel",
+            TESTGUEST_BZIMAGE,
+            "--append",
+            "rhyve.test=report",
+            "sb-jailed",
+        ]),
+        Run::default(),
+    )
+    .unwrap();
+    assert_eq!(again.code(), Some(testdev_status(0)), "{}", again.stderr);
+}

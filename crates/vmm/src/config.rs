@@ -57,6 +57,8 @@ const KNOWN_KEYS: &[&str] = &[
     "pci.*.*.*.rom",
     "pci.*.*.*.bootindex",
     "sandbox.seccomp",
+    "sandbox.user",
+    "sandbox.chroot",
 ];
 
 fn matches(pattern: &str, key: &str) -> bool {
@@ -283,6 +285,10 @@ pub struct VmConfig {
     pub debugcon: Option<PathBuf>,
     /// `sandbox.seccomp=on|log|off`: seccomp filters per thread kind (see sandbox.rs).
     pub seccomp: crate::sandbox::SeccompMode,
+    /// `sandbox.user=UID:GID`: the identity rhyve runs as once everything is open.
+    pub user: Option<(u32, u32)>,
+    /// `sandbox.chroot=DIR`: the root rhyve runs in once everything is open.
+    pub chroot: Option<PathBuf>,
 }
 
 fn path_json(p: &Option<PathBuf>) -> serde_json::Value {
@@ -344,6 +350,8 @@ impl VmConfig {
             "destroy_on_poweroff": self.destroy_on_poweroff,
             "power_grace_ms": self.power_grace.map(|d| d.as_millis() as u64),
             "seccomp": self.seccomp.as_str(),
+            "user": self.user.map(|(u, g)| format!("{u}:{g}")),
+            "chroot": path_json(&self.chroot),
         })
     }
 }
@@ -651,6 +659,22 @@ impl VmConfig {
                 ConfigError(format!("sandbox.seccomp={v}: expected on, log or off"))
             })?,
         };
+        let user = match t.get("sandbox.user") {
+            None => None,
+            Some(v) => Some(parse_user(v)?),
+        };
+        let chroot = match t.get("sandbox.chroot") {
+            None => None,
+            Some(v) => {
+                let dir = PathBuf::from(v);
+                if !dir.is_absolute() || !dir.is_dir() {
+                    return err(format!(
+                        "sandbox.chroot={v}: expected an absolute path to a directory"
+                    ));
+                }
+                Some(dir)
+            }
+        };
         let uuid = match t.get("uuid") {
             None => [0; 16],
             Some(v) => parse_uuid(v)?,
@@ -682,8 +706,17 @@ impl VmConfig {
             uuid,
             debugcon: t.get("lpc.debugcon.path").map(PathBuf::from),
             seccomp,
+            user,
+            chroot,
         })
     }
+}
+
+/// `UID:GID`, numeric (as Firecracker's jailer takes them).
+fn parse_user(v: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || ConfigError(format!("sandbox.user={v}: expected UID:GID (numbers)"));
+    let (u, g) = v.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
 #[cfg(test)]

@@ -574,7 +574,7 @@ impl Machine {
         // sees them.
         signals::block_termination_signals()?;
         // Every thread from here on starts filtered (and with the signals blocked).
-        crate::sandbox::install(cfg.seccomp)?;
+        crate::sandbox::install(cfg.seccomp, cfg.user)?;
         crate::host_output::start().context("stdout/stderr writers")?;
         register_signal_handler(SIGRTMIN(), kick_handler)
             .map_err(|e| anyhow!("kick signal handler: {e}"))?;
@@ -766,6 +766,8 @@ fn run_vcpus(
         },
     )?;
     crate::adopt::consume_boot_state(vm)?;
+    // Everything is open: the guest never runs with more than the sandbox leaves.
+    crate::sandbox::drop_privileges(cfg.user, cfg.chroot.as_deref())?;
     for (((vcpu, probe), ctl), stats) in vcpus.into_iter().zip(&probes).zip(&ctls).zip(&stats) {
         let id = vcpu.id();
         let pins = cfg

@@ -373,18 +373,25 @@ fn merge(into: &mut Rules, more: Rules) {
     }
 }
 
-fn compile(profile: Profile, mode: SeccompMode) -> Result<BpfProgram> {
+/// glibc changes the identity of every thread (each one makes the call itself, from a signal
+/// handler): [`drop_privileges`] needs these in every filter, for `user`'s ids only.
+fn identity_change(rules: &mut Rules, (uid, gid): (u32, u32)) -> Result<()> {
+    allow_exact(rules, libc::SYS_setgroups, 0, 0)?;
+    allow_exact(rules, libc::SYS_setresgid, 0, u64::from(gid))?;
+    allow_exact(rules, libc::SYS_setresuid, 0, u64::from(uid))
+}
+
+fn compile(profile: Profile, mode: SeccompMode, user: Option<(u32, u32)>) -> Result<BpfProgram> {
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
     };
-    let filter = SeccompFilter::new(
-        rules_for(profile)?,
-        mismatch,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| anyhow!("seccomp filter for {profile:?}: {e}"))?;
+    let mut rules = rules_for(profile)?;
+    if let Some(user) = user {
+        identity_change(&mut rules, user)?;
+    }
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| anyhow!("seccomp filter for {profile:?}: {e}"))?;
     filter
         .try_into()
         .map_err(|e| anyhow!("seccomp filter for {profile:?}: {e}"))
@@ -408,9 +415,10 @@ fn kernel_supports(action: u32) -> bool {
     r == 0
 }
 
-/// Prepares the filters for `mode` and has every thread started from now on apply its own.
-/// Call before any thread exists; [`enter_main`] later filters the calling thread.
-pub fn install(mode: SeccompMode) -> Result<()> {
+/// Prepares the filters for `mode` and has every thread started from now on apply its own;
+/// with `user`, they allow [`drop_privileges`] to that identity. Call before any thread
+/// exists; [`enter_main`] later filters the calling thread.
+pub fn install(mode: SeccompMode, user: Option<(u32, u32)>) -> Result<()> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
@@ -427,7 +435,7 @@ pub fn install(mode: SeccompMode) -> Result<()> {
     }
     let mut by_kind = BTreeMap::new();
     for &p in PROFILES {
-        by_kind.insert(p, compile(p, mode)?);
+        by_kind.insert(p, compile(p, mode, user)?);
     }
     if PROGRAMS.set(Programs { by_kind }).is_err() {
         bail!("the sandbox is already installed");
@@ -448,6 +456,51 @@ pub fn install(mode: SeccompMode) -> Result<()> {
     }));
     devices::threads::set_policy(Box::new(|kind| apply(Profile::Thread(kind))))
         .map_err(|e| anyhow!("sandbox: {e}"))
+}
+
+/// Like Firecracker's jailer, once every device, tap, image and socket is open: `chroot`
+/// into `root` (then `/` is its top), and become `user` (no supplementary groups, then the
+/// group, then the user: no way back to root). Every thread changes with the process (glibc
+/// has each one make the calls). What rhyve opens later by name then resolves inside the
+/// new root with the new identity: nothing, but the runtime directory's removal at exit,
+/// which is left to the next rhyve of that name or `rhyvectl --destroy`.
+pub fn drop_privileges(user: Option<(u32, u32)>, root: Option<&std::path::Path>) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if let Some(root) = root {
+        let c = std::ffi::CString::new(root.as_os_str().as_bytes())
+            .map_err(|_| anyhow!("sandbox.chroot={}: a NUL in the path", root.display()))?;
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::chroot(c.as_ptr()) } != 0 {
+            bail!(
+                "sandbox.chroot={}: chroot: {}",
+                root.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        std::env::set_current_dir("/")
+            .map_err(|e| anyhow!("sandbox.chroot={}: chdir /: {e}", root.display()))?;
+    }
+    if let Some((uid, gid)) = user {
+        let failed = |what: &str| {
+            anyhow!(
+                "sandbox.user={uid}:{gid}: {what}: {}",
+                std::io::Error::last_os_error()
+            )
+        };
+        // SAFETY: setgroups with an empty list reads no memory.
+        if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+            return Err(failed("setgroups"));
+        }
+        // SAFETY: plain identity calls.
+        if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+            return Err(failed("setresgid"));
+        }
+        // SAFETY: as above; after it the process has no capabilities left.
+        if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+            return Err(failed("setresuid"));
+        }
+    }
+    Ok(())
 }
 
 /// Filters the calling (main) thread, once the machine is set up.
@@ -529,7 +582,8 @@ mod tests {
     fn every_filter_compiles_and_the_spawner_allows_what_the_others_do() {
         let spawner = rules_for(Profile::Thread(ThreadKind::Spawner)).unwrap();
         for &p in PROFILES {
-            compile(p, SeccompMode::On).unwrap();
+            compile(p, SeccompMode::On, None).unwrap();
+            compile(p, SeccompMode::On, Some((65534, 65534))).unwrap();
             for (nr, rules) in rules_for(p).unwrap() {
                 let s = spawner.get(&nr).unwrap_or_else(|| panic!("{p:?}: {nr}"));
                 assert!(s.is_empty() || !rules.is_empty(), "{p:?}: {nr} conditional");
