@@ -96,8 +96,14 @@ pub(crate) fn rhyve_bin() -> String {
 
 /// Wall time and stderr of one rhyve run of the test guest.
 fn rhyve_guest(cmdline: &str) -> (Duration, String) {
+    rhyve_guest_with(cmdline, &[])
+}
+
+/// [`rhyve_guest`] with extra options (e.g. `-o sandbox.seccomp=off`).
+fn rhyve_guest_with(cmdline: &str, extra: &[&str]) -> (Duration, String) {
     let start = Instant::now();
     let out = Command::new(rhyve_bin())
+        .args(extra)
         .args([
             "-m",
             "64M",
@@ -130,7 +136,8 @@ fn ms_after(stderr: &str, marker: &str) -> Option<f64> {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let pio = format!("rhyve.test=pio rhyve.count={EXITS}");
-    let (mut raw_best, mut rhyve_best) = (f64::MAX, f64::MAX);
+    let (mut raw_best, mut rhyve_best, mut open_best) = (f64::MAX, f64::MAX, f64::MAX);
+    let no_filters = ["-o", "sandbox.seccomp=off"];
     for _ in 0..5 {
         let (raw_base, _) = raw_kvm_guest("rhyve.test=report");
         let (raw_loaded, exits) = raw_kvm_guest(&pio);
@@ -143,14 +150,22 @@ fn main() {
         let (loaded, err) = rhyve_guest(&pio);
         assert!(!err.contains("FAIL"), "guest failed: {err}");
         rhyve_best = rhyve_best.min(loaded.as_secs_f64() - base.as_secs_f64());
+        let (base, _) = rhyve_guest_with("rhyve.test=report", &no_filters);
+        let (loaded, _) = rhyve_guest_with(&pio, &no_filters);
+        open_best = open_best.min(loaded.as_secs_f64() - base.as_secs_f64());
     }
     let raw_us = raw_best.max(0.0) * 1e6 / EXITS as f64;
     let rhyve_us = rhyve_best.max(0.0) * 1e6 / EXITS as f64;
+    let open_us = open_best.max(0.0) * 1e6 / EXITS as f64;
     println!("PIO exit round trip: the test guest doing {EXITS} `out`s (best of 5, minus a run without them)");
     println!("  raw kvm-ioctls loop      {raw_us:8.3} us/exit");
     println!(
-        "  rhyve full dispatch      {rhyve_us:8.3} us/exit   ({:+.1} %)",
+        "  rhyve full dispatch      {rhyve_us:8.3} us/exit   ({:+.1} %, seccomp filters on)",
         (rhyve_us / raw_us - 1.0) * 100.0
+    );
+    println!(
+        "  rhyve, seccomp off       {open_us:8.3} us/exit   ({:+.1} %)",
+        (open_us / raw_us - 1.0) * 100.0
     );
 
     let (_, err) = rhyve_guest("rhyve.test=report");

@@ -4,10 +4,12 @@
 //! the control server), and `rhyvectl --get-stats` lists [`running`], which a test compares
 //! with /proc/PID/task.
 //!
-//! Once a policy is set, threads are created by one spawner thread. A thread inherits the
-//! seccomp filters of the thread that created it, and filters only ever narrow: a worker
-//! created by a vCPU thread could do no more than the vCPU filter allows. The spawner's own
-//! policy is the union of the others, so each new thread ends up with exactly its kind's.
+//! Once a policy is set, threads that other restricted threads ask for are created by one
+//! spawner thread. A thread inherits the seccomp filters of the thread that created it, and
+//! filters only ever narrow: a worker created by a vCPU thread could do no more than the
+//! vCPU filter allows. The spawner's own policy is the union of the others, so each new
+//! thread ends up with exactly its kind's. The main thread, unrestricted until the end of
+//! setup, creates its threads itself.
 
 use std::io;
 use std::sync::mpsc;
@@ -94,6 +96,9 @@ static ON_PANIC: OnceLock<PanicHandler> = OnceLock::new();
 
 type Job = Box<dyn FnOnce() + Send>;
 static SPAWNER: Mutex<Option<mpsc::Sender<Job>>> = Mutex::new(None);
+/// The main thread applied its own policy ([`main_policy_applied`]): from then on even its
+/// spawns go through the spawner.
+static MAIN_RESTRICTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 std::thread_local! {
     /// The kind of the current thread, if [`spawn`] started it.
@@ -130,6 +135,13 @@ pub fn set_policy(policy: Policy) -> io::Result<()> {
     })?;
     *SPAWNER.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     Ok(())
+}
+
+/// Tells [`spawn`] that the main thread now runs under its own policy. Until then the main
+/// thread creates threads itself: they get their own filter and nothing stacked under it
+/// (one filter less to run on each of a vCPU's KVM_RUN calls).
+pub fn main_policy_applied() {
+    MAIN_RESTRICTED.store(true, std::sync::atomic::Ordering::Release);
 }
 
 /// Sets what happens when a thread's body panics (once per process): the VMM stops the VM
@@ -191,8 +203,11 @@ where
 {
     let name = name.into();
     let spawner = SPAWNER.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // The unrestricted main thread (setup) and the spawner create threads themselves.
+    let unrestricted_main =
+        current_kind().is_none() && !MAIN_RESTRICTED.load(std::sync::atomic::Ordering::Acquire);
     match spawner {
-        Some(spawner) if !current_is(ThreadKind::Spawner) => {
+        Some(spawner) if !current_is(ThreadKind::Spawner) && !unrestricted_main => {
             let (tx, rx) = mpsc::channel();
             let job: Job = Box::new(move || {
                 let _ = tx.send(spawn_here(kind, name, f));

@@ -508,7 +508,9 @@ pub fn enter_main() -> Result<()> {
     if PROGRAMS.get().is_none() {
         return Ok(());
     }
-    apply(Profile::Main).map_err(|e| anyhow!("sandbox: main thread: {e}"))
+    apply(Profile::Main).map_err(|e| anyhow!("sandbox: main thread: {e}"))?;
+    devices::threads::main_policy_applied();
+    Ok(())
 }
 
 fn apply(profile: Profile) -> std::io::Result<()> {
