@@ -279,31 +279,23 @@ pub struct Spawned {
 
 impl Spawned {
     pub fn spawn(cmd: &mut Command) -> Spawned {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rhyve");
-        let stdout = collect(child.stdout.take().expect("piped stdout"));
-        let stderr = collect(child.stderr.take().expect("piped stderr"));
-        Spawned {
-            child: KillOnDrop(child),
-            stdout,
-            stderr,
-        }
+        Self::spawn_stdin(cmd.stdin(Stdio::null())).0
     }
 
     /// As [`Spawned::spawn`], with stdin a pipe the caller writes (the guest's COM1 input
     /// with `-l com1,stdio`).
     pub fn spawn_with_stdin(cmd: &mut Command) -> (Spawned, std::process::ChildStdin) {
+        let (spawned, stdin) = Self::spawn_stdin(cmd.stdin(Stdio::piped()));
+        (spawned, stdin.expect("piped stdin"))
+    }
+
+    fn spawn_stdin(cmd: &mut Command) -> (Spawned, Option<std::process::ChildStdin>) {
         let mut child = cmd
-            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn rhyve");
-        let stdin = child.stdin.take().expect("piped stdin");
+        let stdin = child.stdin.take();
         let stdout = collect(child.stdout.take().expect("piped stdout"));
         let stderr = collect(child.stderr.take().expect("piped stderr"));
         let spawned = Spawned {

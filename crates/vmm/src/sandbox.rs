@@ -189,6 +189,25 @@ fn event_loop(rules: &mut Rules) {
     );
 }
 
+/// Serving clients on a listening socket (consoles, the control socket).
+fn socket_server(rules: &mut Rules) {
+    use libc::*;
+    allow(
+        rules,
+        &[
+            SYS_accept4,
+            SYS_accept,
+            SYS_recvfrom,
+            SYS_recvmsg,
+            SYS_sendto,
+            SYS_sendmsg,
+            SYS_shutdown,
+            SYS_setsockopt,
+            SYS_fcntl,
+        ],
+    );
+}
+
 fn rules_for(profile: Profile) -> Result<Rules> {
     use libc::*;
     let mut r = Rules::new();
@@ -252,35 +271,14 @@ fn rules_for(profile: Profile) -> Result<Rules> {
         }
         Profile::Thread(ThreadKind::Console) => {
             event_loop(&mut r);
-            allow(
-                &mut r,
-                &[
-                    SYS_accept4,
-                    SYS_accept,
-                    SYS_recvfrom,
-                    SYS_recvmsg,
-                    SYS_sendto,
-                    SYS_sendmsg,
-                    SYS_shutdown,
-                    SYS_setsockopt,
-                    SYS_fcntl,
-                ],
-            );
+            socket_server(&mut r);
         }
         Profile::Thread(ThreadKind::Control) => {
             event_loop(&mut r);
+            socket_server(&mut r);
             allow(
                 &mut r,
                 &[
-                    SYS_accept4,
-                    SYS_accept,
-                    SYS_recvfrom,
-                    SYS_recvmsg,
-                    SYS_sendto,
-                    SYS_sendmsg,
-                    SYS_shutdown,
-                    SYS_setsockopt,
-                    SYS_fcntl,
                     // Kicks a vCPU out of KVM_RUN (pause, registers).
                     SYS_tgkill,
                     // The stats read the process's own /proc entries.

@@ -31,7 +31,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::lifecycle::{LifecycleError, Stat};
 use crate::rate_limiter::RateLimiter;
 use crate::threads::WorkerClass;
-pub(crate) use worker::{Worker, CTL_TOKEN, TIMER_TOKEN};
+pub(crate) use worker::{rate_timer, Worker, CTL_TOKEN, TIMER_TOKEN};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
 pub use net::{Net, NetConfig, NetConfigError, NetStats, TYPE_NET};
@@ -324,12 +324,7 @@ where
     F: FnMut(usize) -> Drained + Send + 'static,
 {
     let epoll = Epoll::new()?;
-    let timer = TimerFd::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        timer.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, TIMER_TOKEN),
-    )?;
+    let timer = rate_timer(&epoll)?;
     for (i, k) in kicks.iter().enumerate() {
         epoll.ctl(
             ControlOperation::Add,

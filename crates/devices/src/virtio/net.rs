@@ -32,7 +32,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::{self, ChainError, ChainLimits, Segment as Seg};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
-use super::worker::{Worker as DeviceThread, WorkerCtl, CTL_TOKEN, TIMER_TOKEN};
+use super::worker::{rate_timer, Worker as DeviceThread, WorkerCtl, CTL_TOKEN, TIMER_TOKEN};
 use super::{
     check_queues, drain_queue, guest_error, read_config_bytes, ActivateError, GuestMemoryMmap,
     VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
@@ -571,12 +571,7 @@ impl Worker {
         ctrl: Option<Queue>,
     ) -> io::Result<Worker> {
         let epoll = Epoll::new()?;
-        let timer = TimerFd::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            timer.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
-        )?;
+        let timer = rate_timer(&epoll)?;
         Ok(Worker {
             tx_limit: RateLimiter::new(shared.tx_rate),
             rx_limit: RateLimiter::new(shared.rx_rate),

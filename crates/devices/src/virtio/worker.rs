@@ -15,7 +15,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::VirtioInterrupt;
 use crate::lifecycle::LifecycleError;
@@ -90,6 +92,17 @@ impl WorkerCtl {
             log::error!("virtio worker: cannot signal the worker: {e}");
         }
     }
+}
+
+/// A timer for a worker's rate limits, in `epoll` under [`TIMER_TOKEN`].
+pub(crate) fn rate_timer(epoll: &Epoll) -> io::Result<TimerFd> {
+    let timer = TimerFd::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        timer.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+    )?;
+    Ok(timer)
 }
 
 /// A running worker thread.
