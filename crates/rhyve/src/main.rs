@@ -130,12 +130,12 @@ fn main() {
                 }
             },
             Err(e) => {
-                eprintln!("rhyve: {e}");
+                host_output::stderr(format!("rhyve: {e}\n").as_bytes());
                 4
             }
         },
         Err(e) => {
-            eprintln!("rhyve: {e}");
+            host_output::stderr(format!("rhyve: {e}\n").as_bytes());
             4
         }
     };

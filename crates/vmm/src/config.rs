@@ -716,7 +716,14 @@ impl VmConfig {
 fn parse_user(v: &str) -> Result<(u32, u32), ConfigError> {
     let bad = || ConfigError(format!("sandbox.user={v}: expected UID:GID (numbers)"));
     let (u, g) = v.split_once(':').ok_or_else(bad)?;
-    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
+    let (u, g): (u32, u32) = (u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?);
+    // 0 would keep root's rights; -1 means "unchanged" to setresuid.
+    if u == 0 || g == 0 || u == u32::MAX || g == u32::MAX {
+        return err(format!(
+            "sandbox.user={v}: the user and group must be neither root (0) nor -1"
+        ));
+    }
+    Ok((u, g))
 }
 
 #[cfg(test)]

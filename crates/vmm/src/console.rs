@@ -353,7 +353,7 @@ pub fn open(
             let file = rundir.join(format!("{name}.pty"));
             std::fs::write(&file, format!("{}\n", path.display()))?;
             registry().files.push(file);
-            eprintln!("rhyve: {name}: {}", path.display());
+            crate::host_output::stderr(format!("rhyve: {name}: {}\n", path.display()).as_bytes());
             let w = master.try_clone()?;
             Ok(HostEnd {
                 out: Box::new(NonBlockingOut {
@@ -371,7 +371,8 @@ pub fn open(
         ConsoleBackend::Tcp(addr) => {
             let l = TcpListener::bind(addr)?;
             if addr.port() == 0 {
-                eprintln!("rhyve: {name}: tcp={}", l.local_addr()?);
+                let line = format!("rhyve: {name}: tcp={}\n", l.local_addr()?);
+                crate::host_output::stderr(line.as_bytes());
             }
             Ok(socket_end(name, Listener::Tcp(l)))
         }

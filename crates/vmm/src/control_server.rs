@@ -213,7 +213,14 @@ fn accept_loop(listener: &UnixListener, closing: &AtomicBool, shared: &Arc<Share
         // closure if the thread cannot be started.
         let slot = ClientSlot(shared.clone());
         let spawned = devices::threads::spawn(ThreadKind::Control, "control client", move || {
-            serve_client(stream, &slot.0)
+            // A bug a client's request hits ends that client, not the VM (which a panic
+            // anywhere else in the VMM would stop).
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                serve_client(stream, &slot.0)
+            }));
+            if served.is_err() {
+                log::error!("control socket: a request failed inside rhyve; its client is dropped");
+            }
         });
         match spawned {
             Ok(thread) => {

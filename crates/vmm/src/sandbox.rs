@@ -109,13 +109,37 @@ fn allow_masked(rules: &mut Rules, nr: libc::c_long, arg: u8, mask: u64, value: 
     Ok(())
 }
 
-/// ioctl request types (the `_IOC_TYPE` byte).
-const IOCTL_KVM: u64 = 0xAE;
-/// TUN/TAP (TUNSETOFFLOAD) and the terminal (TCGETS, TCSETS): both are type 'T'.
-const IOCTL_TTY_TUN: u64 = b'T' as u64;
+/// Allows `nr` when every `(argument, value)` pair matches exactly (32 bits each), unless it
+/// is already allowed unconditionally.
+fn allow_when(rules: &mut Rules, nr: libc::c_long, args: &[(u8, u64)]) -> Result<()> {
+    if rules.get(&nr).is_some_and(|r| r.is_empty()) {
+        return Ok(());
+    }
+    let conds = args
+        .iter()
+        .map(|&(arg, value)| {
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+                .map_err(|e| anyhow!("seccomp condition: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rule = SeccompRule::new(conds).map_err(|e| anyhow!("seccomp rule: {e}"))?;
+    rules.entry(nr).or_default().push(rule);
+    Ok(())
+}
 
-fn allow_ioctl_type(rules: &mut Rules, ty: u64) -> Result<()> {
-    allow_masked(rules, libc::SYS_ioctl, 1, 0xFF00, ty << 8)
+/// The KVM ioctls' request type (the `_IOC_TYPE` byte).
+const IOCTL_KVM: u64 = 0xAE;
+
+/// Every KVM ioctl (on /dev/kvm, the VM and vCPU descriptors: nothing else of type 0xAE).
+fn allow_kvm_ioctls(rules: &mut Rules) -> Result<()> {
+    allow_masked(rules, libc::SYS_ioctl, 1, 0xFF00, IOCTL_KVM << 8)
+}
+
+/// The terminal (TCSETS on stdin: restoring it on a panic or a forbidden call). Only that:
+/// other 'T' ioctls would let a thread type into the user's shell (TIOCSTI), attach line
+/// disciplines or reconfigure taps.
+fn allow_terminal_restore(rules: &mut Rules) -> Result<()> {
+    allow_when(rules, libc::SYS_ioctl, &[(0, 0), (1, libc::TCSETS)])
 }
 
 /// `_IOW(ty, nr, size)`.
@@ -139,8 +163,9 @@ fn interrupts(rules: &mut Rules) -> Result<()> {
 }
 
 /// What every thread needs: memory, locks, time, signals, logging to stderr, its own exit,
-/// and the calls of this module's SIGSYS handler.
-fn base(rules: &mut Rules) -> Result<()> {
+/// the runtime's fault handling, and the calls of this module's SIGSYS handler (poll, write,
+/// the terminal's restore, exit).
+fn base(rules: &mut Rules, pid: u64) -> Result<()> {
     use libc::*;
     allow(
         rules,
@@ -168,10 +193,22 @@ fn base(rules: &mut Rules) -> Result<()> {
             SYS_writev,
             SYS_close,
             SYS_getrandom,
+            SYS_poll,
+            // Rust's SIGSEGV/SIGBUS handler puts the default action back (a real fault
+            // then dumps core instead of looking like a forbidden call).
+            SYS_rt_sigaction,
         ],
     );
-    // abort(3) after a failed assertion in the runtime raises SIGABRT at itself.
-    allow_masked(rules, SYS_tgkill, 2, 0xFFFF_FFFF, SIGABRT as u64)
+    allow_terminal_restore(rules)?;
+    // glibc's malloc asks for the CPU count (of this thread) when it adds a ninth arena.
+    allow_when(rules, SYS_sched_getaffinity, &[(0, 0)])?;
+    // abort(3) after a failed assertion in the runtime raises SIGABRT at this process.
+    allow_when(rules, SYS_tgkill, &[(0, pid), (2, SIGABRT as u64)])
+}
+
+/// Signals to threads of this process only (kicking a vCPU out of KVM_RUN).
+fn allow_own_signals(rules: &mut Rules, pid: u64) -> Result<()> {
+    allow_when(rules, libc::SYS_tgkill, &[(0, pid)])
 }
 
 fn event_loop(rules: &mut Rules) {
@@ -210,14 +247,17 @@ fn socket_server(rules: &mut Rules) {
 
 fn rules_for(profile: Profile) -> Result<Rules> {
     use libc::*;
+    let pid = u64::from(std::process::id());
     let mut r = Rules::new();
-    base(&mut r)?;
+    base(&mut r, pid)?;
     match profile {
         Profile::Thread(ThreadKind::Vcpu) => {
             event_loop(&mut r);
-            allow_ioctl_type(&mut r, IOCTL_KVM)?;
-            // Activating virtio-net sets the tap's offloads (TUNSETOFFLOAD).
-            allow_ioctl_type(&mut r, IOCTL_TTY_TUN)?;
+            allow_kvm_ioctls(&mut r)?;
+            // Activating or resetting virtio-net sets the tap's offloads.
+            allow_exact(&mut r, SYS_ioctl, 1, TUNSETOFFLOAD)?;
+            // -p vcpu:hostcpu, for this thread only.
+            allow_when(&mut r, SYS_sched_setaffinity, &[(0, 0)])?;
             // Activating a device hands its worker copies of the queues' kick eventfds.
             allow_exact(&mut r, SYS_fcntl, 1, F_DUPFD_CLOEXEC as u64)?;
             allow(
@@ -234,12 +274,8 @@ fn rules_for(profile: Profile) -> Result<Rules> {
                     SYS_msync,
                     SYS_fdatasync,
                     SYS_fsync,
-                    // Console output to a socket client.
+                    // Console output to a socket client (send(2)).
                     SYS_sendto,
-                    SYS_sendmsg,
-                    // -p vcpu:hostcpu.
-                    SYS_sched_setaffinity,
-                    SYS_sched_getaffinity,
                 ],
             );
         }
@@ -276,21 +312,9 @@ fn rules_for(profile: Profile) -> Result<Rules> {
         Profile::Thread(ThreadKind::Control) => {
             event_loop(&mut r);
             socket_server(&mut r);
-            allow(
-                &mut r,
-                &[
-                    // Kicks a vCPU out of KVM_RUN (pause, registers).
-                    SYS_tgkill,
-                    // The stats read the process's own /proc entries.
-                    SYS_openat,
-                    SYS_fstat,
-                    SYS_statx,
-                    SYS_newfstatat,
-                    SYS_lseek,
-                    SYS_getdents64,
-                ],
-            );
-            allow_ioctl_type(&mut r, IOCTL_KVM)?;
+            // Kicks a vCPU out of KVM_RUN (pause, registers: the vCPU thread itself does
+            // the KVM calls).
+            allow_own_signals(&mut r, pid)?;
         }
         Profile::Thread(ThreadKind::Signal) => {
             allow(&mut r, &[SYS_rt_sigtimedwait, SYS_read]);
@@ -299,14 +323,14 @@ fn rules_for(profile: Profile) -> Result<Rules> {
         }
         Profile::Main => {
             event_loop(&mut r);
-            allow_ioctl_type(&mut r, IOCTL_KVM)?;
-            // Restoring the terminal.
-            allow_ioctl_type(&mut r, IOCTL_TTY_TUN)?;
+            // Teardown closes the VM, its vCPUs and irqfds; a device reset may set offloads.
+            allow_kvm_ioctls(&mut r)?;
+            allow_exact(&mut r, SYS_ioctl, 1, TUNSETOFFLOAD)?;
+            // Kicks vCPUs (halt probes, the stop).
+            allow_own_signals(&mut r, pid)?;
             allow(
                 &mut r,
                 &[
-                    // Kicks vCPUs (halt probes, the stop).
-                    SYS_tgkill,
                     // Teardown: the runtime directory and its files, locks, write-back.
                     SYS_unlink,
                     SYS_unlinkat,
@@ -431,6 +455,11 @@ pub fn install(mode: SeccompMode, user: Option<(u32, u32)>) -> Result<()> {
             mode.as_str()
         );
     }
+    // glibc's free() in a thread's arena may shrink that arena's heap, and the first time it
+    // does it reads /proc/sys/vm/overcommit_memory: an open no thread may make. A trim
+    // threshold no heap reaches means heaps are not shrunk (memory is still freed for reuse).
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
     let mut by_kind = BTreeMap::new();
     for &p in PROFILES {
         by_kind.insert(p, compile(p, mode, user)?);
@@ -497,6 +526,12 @@ pub fn drop_privileges(user: Option<(u32, u32)>, root: Option<&std::path::Path>)
         if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
             return Err(failed("setresuid"));
         }
+        let (mut r, mut e, mut s) = (0, 0, 0);
+        // SAFETY: getresuid writes three ids.
+        unsafe { libc::getresuid(&mut r, &mut e, &mut s) };
+        if (r, e, s) != (uid, uid, uid) {
+            bail!("sandbox.user={uid}:{gid}: still running as {r}/{e}/{s}");
+        }
     }
     Ok(())
 }
@@ -545,30 +580,55 @@ fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
 }
 
 /// A forbidden system call: name it and end the process (exit 4). Only async-signal-safe
-/// calls (write, _exit), both allowed in every filter.
+/// calls (poll, write, the terminal's restore, _exit), all allowed in every filter.
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: for SIGSYS from seccomp the kernel fills siginfo's _sigsys member: the call
-    // address (8 bytes) at offset 16, then the system call number (int) at offset 24.
-    let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    // SAFETY: the kernel passes a valid siginfo. For SIGSYS from seccomp (si_code at offset
+    // 8 is SYS_SECCOMP, 1) its _sigsys member has the call address (8 bytes) at offset 16,
+    // then the system call number (int) at offset 24.
+    let (code, nr) = unsafe {
+        let p = info.cast::<u8>();
+        (
+            p.add(8).cast::<i32>().read_unaligned(),
+            p.add(24).cast::<i32>().read_unaligned(),
+        )
+    };
     let kind = devices::threads::current_kind().map_or("main", |k| k.as_str());
     let mut digits = [0u8; 10];
     let nr = decimal(nr as u32, &mut digits);
-    let eol: &[u8] = if crate::terminal::is_raw() {
-        b"\r\n"
+    crate::terminal::restore_from_signal_handler();
+    let eol: &[u8] = b"\n";
+    let parts: [&[u8]; 6] = if code == 1 {
+        [
+            b"rhyve: seccomp: a ",
+            kind.as_bytes(),
+            b" thread made a forbidden system call (",
+            nr,
+            b"); stopping",
+            eol,
+        ]
     } else {
-        b"\n"
+        [
+            b"rhyve: SIGSYS from outside; stopping",
+            eol,
+            b"",
+            b"",
+            b"",
+            b"",
+        ]
     };
-    let parts: [&[u8]; 6] = [
-        b"rhyve: seccomp: a ",
-        kind.as_bytes(),
-        b" thread made a forbidden system call (",
-        nr,
-        b"); stopping",
-        eol,
-    ];
     for p in parts {
-        // SAFETY: writing a valid buffer to stderr.
-        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+        // A stderr nobody reads must not hold the exit: write only what it takes now.
+        let mut pfd = libc::pollfd {
+            fd: 2,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; then a write of a valid buffer to stderr.
+        unsafe {
+            if libc::poll(&mut pfd, 1, 0) == 1 {
+                libc::write(2, p.as_ptr().cast(), p.len());
+            }
+        }
     }
     // SAFETY: _exit is async-signal-safe; exit status 4 is bhyve's "error".
     unsafe { libc::_exit(4) };

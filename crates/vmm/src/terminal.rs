@@ -1,9 +1,11 @@
 //! Raw terminal mode for a stdio console, restored on every exit path.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+/// The same settings for a signal handler (no lock there): set once, never changed.
+static SAVED_FOR_SIGNALS: OnceLock<libc::termios> = OnceLock::new();
 static RAW: AtomicBool = AtomicBool::new(false);
 
 /// Whether the terminal is in raw mode (log lines then need "\r\n").
@@ -27,6 +29,7 @@ pub fn enter_raw() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(tio);
+    let _ = SAVED_FOR_SIGNALS.set(tio);
     let mut raw = tio;
     // SAFETY: cfmakeraw only edits the struct we pass.
     unsafe { libc::cfmakeraw(&mut raw) };
@@ -55,5 +58,14 @@ pub fn restore() {
         // SAFETY: restoring settings we read earlier.
         unsafe { libc::tcsetattr(0, libc::TCSANOW, &tio) };
         RAW.store(false, Ordering::Relaxed);
+    }
+}
+
+/// [`restore`] for a signal handler about to end the process: no lock, one tcsetattr
+/// (async-signal-safe), only while the terminal is raw.
+pub fn restore_from_signal_handler() {
+    if let (true, Some(tio)) = (is_raw(), SAVED_FOR_SIGNALS.get()) {
+        // SAFETY: restoring settings we read earlier; tcsetattr is async-signal-safe.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, tio) };
     }
 }

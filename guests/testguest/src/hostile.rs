@@ -1,5 +1,6 @@
 //! `rhyve.test=hostile`: a malicious driver. It attacks virtio-rnd (slot 4) and virtio-blk
-//! (slot 3) with what a compromised guest kernel could send, and checks each attack ends in a
+//! (slot 3; the ring attacks in a request's data descriptor) with what a compromised guest
+//! kernel could send, and checks each attack ends in a
 //! device error (the request comes back with nothing done) or DEVICE_NEEDS_RESET, never in a
 //! hang or a dead VMM; between attacks it resets the device and shows it works again. Then it
 //! prints `hostile attacks done`, waits for one byte on COM1 (the test asks rhyve's control
@@ -30,8 +31,8 @@ static mut BUF: Dma<4096> = Dma([0; 4096]);
 /// An indirect table of 4096 descriptors (64 KiB).
 static mut TABLE: Dma<65536> = Dma([0; 65536]);
 
-/// How long the device gets to answer one attack.
-const ANSWER_TSC: u64 = 3_000_000_000;
+/// How long the device gets to answer one attack (the other tests' timeout).
+const ANSWER_TSC: u64 = virtio::TIMEOUT_TSC;
 
 fn addr_of<const N: usize>(d: *mut Dma<N>) -> u64 {
     d as u64
@@ -233,6 +234,84 @@ fn ring_attacks(d: &mut Dev) {
     rng_works(d, "used ring over the descriptor table");
 }
 
+/// The ring attacks on virtio-blk: an IN request of sector 0 (header, data, status) whose
+/// data descriptor is the bad one. Refused means the chain came back with nothing or with a
+/// non-zero status byte.
+fn blk_ring_attacks(d: &mut Dev) {
+    static mut REQ: Dma<32> = Dma([0; 32]);
+    let req = addr_of(core::ptr::addr_of_mut!(REQ));
+    let buf = addr_of(core::ptr::addr_of_mut!(BUF));
+    let table = addr_of(core::ptr::addr_of_mut!(TABLE));
+    let status = req + 16;
+    const W: u16 = virtio::VIRTQ_DESC_F_WRITE;
+    const N: u16 = virtio::VIRTQ_DESC_F_NEXT;
+    // Each lays out descriptors from 1 on and returns 1 for the header to go at 0 (linked
+    // to 1), or 0 when it wrote descriptor 0 itself (the indirect table holds the header).
+    let attacks: [(&str, LayOut); 6] = [
+        ("blk descriptor loop", &|r| {
+            r.desc(1, buf, 512, W | N, 1);
+            1
+        }),
+        ("blk chain longer than the queue", &|r| {
+            for i in 1..r.size {
+                r.desc(i, buf, 16, W | N, (i + 1) % r.size);
+            }
+            1
+        }),
+        ("blk indirect table of 4096 entries", &|r| {
+            for i in 0..4096u64 {
+                let e = table + 16 * i;
+                io::mmio_write(e, if i == 0 { req } else { buf });
+                io::mmio_write(e + 8, if i == 0 { 16u32 } else { 1u32 });
+                let f = if i == 0 {
+                    N
+                } else if i < 4095 {
+                    W | N
+                } else {
+                    W
+                };
+                io::mmio_write(e + 12, f);
+                io::mmio_write(e + 14, (i + 1) as u16);
+            }
+            r.desc(0, table, 65536, VIRTQ_DESC_F_INDIRECT, 0);
+            0
+        }),
+        ("blk data in the PCI hole", &|r| {
+            r.desc(1, 0xd000_0000, 512, W | N, 2);
+            r.desc(2, status, 1, W, 0);
+            1
+        }),
+        ("blk data past the end of RAM", &|r| {
+            r.desc(1, 1 << 40, 512, W | N, 2);
+            r.desc(2, status, 1, W, 0);
+            1
+        }),
+        ("blk data length near 2^32", &|r| {
+            r.desc(1, buf, 0xffff_fff0, W | N, 2);
+            r.desc(2, status, 1, W, 0);
+            1
+        }),
+    ];
+    for (name, lay) in attacks {
+        let Some(mut r) = Ring::start(d, virtio::RING_USED) else {
+            fail(&[P::S("hostile: blk does not start before "), P::S(name)]);
+            return;
+        };
+        // struct virtio_blk_req: IN, reserved, sector 0; status preset to "untouched".
+        io::mmio_write(req, 0u64);
+        io::mmio_write(req + 8, 0u64);
+        io::mmio_write(status, 0xffu8);
+        if lay(&r) != 0 {
+            r.desc(0, req, 16, N, 1);
+        }
+        let end = match r.submit(d, 0, virtio::RING_USED) {
+            End::Done(_) if io::mmio_read::<u8>(status) != 0 => End::Error,
+            e => e,
+        };
+        expect_refused(name, end);
+    }
+}
+
 /// MSI-X table entry 0 pointing at no local APIC (and the next at the I/O APIC), MSI-X on:
 /// the request completes, the message goes nowhere.
 fn msix_anywhere(d: &mut Dev, f: Bdf) {
@@ -372,6 +451,10 @@ pub fn test(window: &mut u64) {
         return;
     }
     ring_attacks(&mut rng);
+    blk_ring_attacks(&mut blk);
+    if !blk_works(&mut blk) {
+        return;
+    }
     msix_anywhere(&mut rng, rng_f);
     rng.reset();
     bar_attacks(&mut rng, rng_f, &blk, blk_f);

@@ -31,7 +31,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::lifecycle::{LifecycleError, Stat};
 use crate::rate_limiter::RateLimiter;
 use crate::threads::WorkerClass;
-pub(crate) use worker::{rate_timer, Worker, CTL_TOKEN, TIMER_TOKEN};
+pub(crate) use worker::{arm_at_most, clear_expired, rate_timer, Worker, CTL_TOKEN, TIMER_TOKEN};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
 pub use net::{Net, NetConfig, NetConfigError, NetStats, TYPE_NET};
@@ -139,10 +139,18 @@ pub(crate) fn check_queues(
     if let Some(i) = queues.iter().position(|q| !q.is_valid(mem)) {
         return Err(ActivateError::InvalidQueue(i));
     }
-    // A used ring over a descriptor table (or another queue's ring) would have the device
-    // rewrite what it is about to read: refused, the device then needs a reset.
+    match overlapping(queues) {
+        Some(i) => Err(ActivateError::OverlappingRings(i)),
+        None => Ok(()),
+    }
+}
+
+/// The first queue whose rings overlap each other or another queue's: a used ring over a
+/// descriptor table (or another queue's ring) would have the device rewrite what it is about
+/// to read. Refused at activation, the device then needs a reset.
+pub(crate) fn overlapping<'a>(queues: impl IntoIterator<Item = &'a Queue>) -> Option<usize> {
     let areas: Vec<(usize, u64, u64)> = queues
-        .iter()
+        .into_iter()
         .enumerate()
         .flat_map(|(i, q)| {
             let n = u64::from(q.size());
@@ -156,11 +164,11 @@ pub(crate) fn check_queues(
     for (k, &(i, a, alen)) in areas.iter().enumerate() {
         for &(_, b, blen) in &areas[k + 1..] {
             if a < b.saturating_add(blen) && b < a.saturating_add(alen) {
-                return Err(ActivateError::OverlappingRings(i));
+                return Some(i);
             }
         }
     }
-    Ok(())
+    None
 }
 
 /// Activation shared by the one-queue devices: refuses a second activation, checks the
@@ -350,9 +358,7 @@ where
                 }
             }
             if let Some(w) = done.wait {
-                if let Err(e) = timer.reset(w, None) {
-                    log::error!("virtio worker: timerfd: {e}");
-                }
+                arm_at_most(timer, w);
             }
         };
         for i in 0..kicks.len() {
@@ -375,8 +381,7 @@ where
                         return;
                     }
                 } else if token == TIMER_TOKEN {
-                    // Expired (epoll says so): this read clears it.
-                    let _ = timer.wait();
+                    clear_expired(&mut timer);
                     for i in 0..kicks.len() {
                         run(i, &mut handler, &mut timer);
                     }

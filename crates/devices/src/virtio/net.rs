@@ -32,10 +32,14 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::{self, ChainError, ChainLimits, Segment as Seg};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
-use super::worker::{rate_timer, Worker as DeviceThread, WorkerCtl, CTL_TOKEN, TIMER_TOKEN};
+use super::worker::{
+    arm_at_most, clear_expired, rate_timer, Worker as DeviceThread, WorkerCtl, CTL_TOKEN,
+    TIMER_TOKEN,
+};
 use super::{
-    check_queues, drain_queue, guest_error, read_config_bytes, ActivateError, GuestMemoryMmap,
-    VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    check_queues, drain_queue, guest_error, overlapping, read_config_bytes, ActivateError,
+    GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
 use crate::limited_log::LimitedWarning;
@@ -500,11 +504,10 @@ fn transmit(
     }
 }
 
-/// Starts `timer` for `after` (a worker waiting for its rate limit).
+/// Starts `timer` for `after` (a worker waiting for its rate limit), unless it fires sooner:
+/// transmit and receive share it.
 fn arm(timer: &mut TimerFd, after: std::time::Duration) {
-    if let Err(e) = timer.reset(after, None) {
-        log::error!("virtio-net: timerfd: {e}");
-    }
+    arm_at_most(timer, after);
 }
 
 /// State shared by the device and its thread.
@@ -1015,8 +1018,7 @@ impl Worker {
                     }
                     TOKEN_TAP => rx_due = true,
                     TIMER_TOKEN => {
-                        // Expired (epoll says so): this read clears it.
-                        let _ = self.timer.wait();
+                        clear_expired(&mut self.timer);
                         if self.rx_limited {
                             self.rx_limited = false;
                             self.poll_tap(true);
@@ -1197,6 +1199,9 @@ impl VirtioDevice for Net {
         // The control queue is optional (only with CTRL_VQ; a driver may leave it off).
         let ctrl = queues.pop().filter(|q| with_ctrl && q.is_valid(&mem));
         check_queues(&mem, &queues, &kicks[..2], 2)?;
+        if let Some(i) = overlapping(queues.iter().chain(&ctrl)) {
+            return Err(ActivateError::OverlappingRings(i));
+        }
         let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
             return Err(ActivateError::InvalidQueue(0));
         };

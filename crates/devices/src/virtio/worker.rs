@@ -105,6 +105,35 @@ pub(crate) fn rate_timer(epoll: &Epoll) -> io::Result<TimerFd> {
     Ok(timer)
 }
 
+/// Clears `timer`'s expiry after epoll reported it, unless it was armed again meanwhile
+/// (re-arming cleared it, and a read would then block until the new deadline).
+pub(crate) fn clear_expired(timer: &mut TimerFd) {
+    if !timer.is_armed().unwrap_or(true) {
+        let _ = timer.wait();
+    }
+}
+
+/// Arms `timer` for `after`, unless it already fires sooner (one timer serves several
+/// limits: the earliest deadline wins, the others re-arm when it fires).
+pub(crate) fn arm_at_most(timer: &mut TimerFd, after: Duration) {
+    // SAFETY: itimerspec is plain data; timerfd_gettime fills it or fails.
+    let mut spec: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: a timerfd we own and a valid itimerspec.
+    if unsafe { libc::timerfd_gettime(timer.as_raw_fd(), &mut spec) } == 0 {
+        let v = spec.it_value;
+        let left = Duration::new(
+            v.tv_sec.max(0) as u64,
+            v.tv_nsec.clamp(0, 999_999_999) as u32,
+        );
+        if !left.is_zero() && left <= after {
+            return;
+        }
+    }
+    if let Err(e) = timer.reset(after, None) {
+        log::error!("virtio worker: timerfd: {e}");
+    }
+}
+
 /// A running worker thread.
 pub(crate) struct Worker {
     ctl: Arc<WorkerCtl>,
