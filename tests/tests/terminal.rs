@@ -43,8 +43,16 @@ fn same(a: &libc::termios, b: &libc::termios) -> bool {
 }
 
 fn spawn_on_pty(name: &str, cmdline: &str, tty: &OwnedFd) -> Child {
+    spawn_on_pty_with(name, cmdline, tty, None)
+}
+
+/// [`spawn_on_pty`] with `RHYVE_TEST_FAULT` set to `fault`.
+fn spawn_on_pty_with(name: &str, cmdline: &str, tty: &OwnedFd, fault: Option<&str>) -> Child {
     let dir = scratch_dir(name);
     let mut cmd = rhyve_cmd(&dir);
+    if let Some(f) = fault {
+        cmd.env("RHYVE_TEST_FAULT", f);
+    }
     cmd.args([
         "-m",
         "64M",
@@ -145,4 +153,31 @@ fn sigterm_restores_the_terminal() {
         same(&termios(&tty), &before),
         "terminal settings not restored after SIGTERM"
     );
+}
+
+#[test]
+fn a_forbidden_call_or_a_panic_in_a_vcpu_restores_the_terminal() {
+    require_kvm();
+    for fault in ["syscall:vcpu", "panic:vcpu"] {
+        let (mut master, tty) = openpty();
+        let before = termios(&tty);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut guard = KillOnDrop(spawn_on_pty_with(
+            "pty-fault",
+            "rhyve.test=echo",
+            &tty,
+            Some(fault),
+        ));
+        let child = &mut guard.0;
+        assert_eq!(wait(child, deadline), 4, "{fault}");
+        let seen = read_until(
+            &mut master,
+            "stopping",
+            Instant::now() + Duration::from_secs(2),
+        );
+        assert!(
+            same(&termios(&tty), &before),
+            "{fault}: terminal settings not restored: {seen}"
+        );
+    }
 }

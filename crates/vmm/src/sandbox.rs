@@ -135,11 +135,14 @@ fn allow_kvm_ioctls(rules: &mut Rules) -> Result<()> {
     allow_masked(rules, libc::SYS_ioctl, 1, 0xFF00, IOCTL_KVM << 8)
 }
 
-/// The terminal (TCSETS on stdin: restoring it on a panic or a forbidden call). Only that:
+/// The terminal (TCSETS on stdin, and the TCGETS tcsetattr adds: restoring it on a panic or
+/// a forbidden call). Only that:
 /// other 'T' ioctls would let a thread type into the user's shell (TIOCSTI), attach line
 /// disciplines or reconfigure taps.
 fn allow_terminal_restore(rules: &mut Rules) -> Result<()> {
-    allow_when(rules, libc::SYS_ioctl, &[(0, 0), (1, libc::TCSETS)])
+    allow_when(rules, libc::SYS_ioctl, &[(0, 0), (1, libc::TCSETS)])?;
+    // glibc's tcsetattr reads the settings back (TCGETS) to check what a pty kept.
+    allow_when(rules, libc::SYS_ioctl, &[(0, 0), (1, libc::TCGETS)])
 }
 
 /// `_IOW(ty, nr, size)`.
