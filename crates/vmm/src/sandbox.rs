@@ -4,8 +4,9 @@
 //!
 //! - Each thread [`devices::threads::spawn`] starts applies its kind's filter to itself
 //!   before its body runs; the main thread applies its own once the machine runs
-//!   ([`enter_main`]). Threads are created by the spawner thread, whose filter is the union of
-//!   the others (a thread inherits its creator's filters and they only narrow).
+//!   ([`enter_main`]). Threads a filtered thread asks for at run time are created by the
+//!   spawner thread, whose filter is the union of the others (a thread inherits its
+//!   creator's filters and they only narrow).
 //! - `-o sandbox.seccomp=on` (default): a forbidden call raises SIGSYS; the handler names the
 //!   thread and the call on stderr and ends rhyve with exit status 4 (bhyve's "error").
 //! - `log`: forbidden calls are allowed and logged by the kernel (audit, `dmesg`), to find
@@ -55,11 +56,6 @@ impl SeccompMode {
     }
 }
 
-/// The filters a process uses, compiled once.
-struct Programs {
-    by_kind: BTreeMap<Profile, BpfProgram>,
-}
-
 /// What a filter is for: the thread kinds, plus the main thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Profile {
@@ -79,7 +75,8 @@ const PROFILES: &[Profile] = &[
     Profile::Thread(ThreadKind::Spawner),
 ];
 
-static PROGRAMS: OnceLock<Programs> = OnceLock::new();
+/// The filters this process uses, compiled once.
+static PROGRAMS: OnceLock<BTreeMap<Profile, BpfProgram>> = OnceLock::new();
 
 /// A rule set: syscall → conditions (an empty list allows every call of it).
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -91,40 +88,36 @@ fn allow(rules: &mut Rules, calls: &[libc::c_long]) {
     }
 }
 
-/// Allows `nr` when argument `arg` (32 bits) masked with `mask` equals `value`, unless it
-/// is already allowed unconditionally.
-fn allow_masked(rules: &mut Rules, nr: libc::c_long, arg: u8, mask: u64, value: u64) -> Result<()> {
+/// Allows `nr` when every condition `(argument, comparison, value)` holds (32-bit
+/// arguments), unless it is already allowed unconditionally.
+fn allow_if(rules: &mut Rules, nr: libc::c_long, conds: &[(u8, SeccompCmpOp, u64)]) -> Result<()> {
     if rules.get(&nr).is_some_and(|r| r.is_empty()) {
         return Ok(());
     }
-    let cond = SeccompCondition::new(
-        arg,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(mask),
-        value,
-    )
-    .map_err(|e| anyhow!("seccomp condition: {e}"))?;
-    let rule = SeccompRule::new(vec![cond]).map_err(|e| anyhow!("seccomp rule: {e}"))?;
-    rules.entry(nr).or_default().push(rule);
-    Ok(())
-}
-
-/// Allows `nr` when every `(argument, value)` pair matches exactly (32 bits each), unless it
-/// is already allowed unconditionally.
-fn allow_when(rules: &mut Rules, nr: libc::c_long, args: &[(u8, u64)]) -> Result<()> {
-    if rules.get(&nr).is_some_and(|r| r.is_empty()) {
-        return Ok(());
-    }
-    let conds = args
+    let conds = conds
         .iter()
-        .map(|&(arg, value)| {
-            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .map(|(arg, op, value)| {
+            SeccompCondition::new(*arg, SeccompCmpArgLen::Dword, op.clone(), *value)
                 .map_err(|e| anyhow!("seccomp condition: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
     let rule = SeccompRule::new(conds).map_err(|e| anyhow!("seccomp rule: {e}"))?;
     rules.entry(nr).or_default().push(rule);
     Ok(())
+}
+
+/// Allows `nr` when argument `arg` masked with `mask` equals `value`.
+fn allow_masked(rules: &mut Rules, nr: libc::c_long, arg: u8, mask: u64, value: u64) -> Result<()> {
+    allow_if(rules, nr, &[(arg, SeccompCmpOp::MaskedEq(mask), value)])
+}
+
+/// Allows `nr` when every `(argument, value)` pair matches exactly.
+fn allow_when(rules: &mut Rules, nr: libc::c_long, args: &[(u8, u64)]) -> Result<()> {
+    let conds: Vec<_> = args
+        .iter()
+        .map(|&(arg, value)| (arg, SeccompCmpOp::Eq, value))
+        .collect();
+    allow_if(rules, nr, &conds)
 }
 
 /// The KVM ioctls' request type (the `_IOC_TYPE` byte).
@@ -155,7 +148,7 @@ const KVM_IRQ_LINE: u64 = iow(IOCTL_KVM, 0x61, 8);
 const KVM_SIGNAL_MSI: u64 = iow(IOCTL_KVM, 0xa5, 32);
 
 fn allow_exact(rules: &mut Rules, nr: libc::c_long, arg: u8, value: u64) -> Result<()> {
-    allow_masked(rules, nr, arg, 0xFFFF_FFFF, value)
+    allow_when(rules, nr, &[(arg, value)])
 }
 
 /// What raising an interrupt may take: KVM_IRQ_LINE for INTx and the SCI, KVM_SIGNAL_MSI
@@ -467,7 +460,7 @@ pub fn install(mode: SeccompMode, user: Option<(u32, u32)>) -> Result<()> {
     for &p in PROFILES {
         by_kind.insert(p, compile(p, mode, user)?);
     }
-    if PROGRAMS.set(Programs { by_kind }).is_err() {
+    if PROGRAMS.set(by_kind).is_err() {
         bail!("the sandbox is already installed");
     }
     if mode == SeccompMode::On {
@@ -553,7 +546,7 @@ fn apply(profile: Profile) -> std::io::Result<()> {
     let Some(programs) = PROGRAMS.get() else {
         return Ok(());
     };
-    let Some(program) = programs.by_kind.get(&profile) else {
+    let Some(program) = programs.get(&profile) else {
         return Err(std::io::Error::other(format!(
             "no seccomp filter for {profile:?}"
         )));

@@ -504,12 +504,6 @@ fn transmit(
     }
 }
 
-/// Starts `timer` for `after` (a worker waiting for its rate limit), unless it fires sooner:
-/// transmit and receive share it.
-fn arm(timer: &mut TimerFd, after: std::time::Duration) {
-    arm_at_most(timer, after);
-}
-
 /// State shared by the device and its thread.
 struct Shared {
     tap: Tap,
@@ -636,7 +630,8 @@ impl Worker {
         for _ in 0..RX_BATCH {
             if let Some(w) = self.rx_limit.check() {
                 // The tap stays unread (out of the epoll set) until the timer.
-                arm(&mut self.timer, w);
+                // Transmit and receive share the timer: the earlier deadline wins.
+                arm_at_most(&mut self.timer, w);
                 self.rx_limited = true;
                 self.poll_tap(false);
                 more = false;
@@ -882,7 +877,8 @@ impl Worker {
                 }
             }
             if let Some(w) = limited {
-                arm(&mut self.timer, w);
+                // Transmit and receive share the timer: the earlier deadline wins.
+                arm_at_most(&mut self.timer, w);
                 break false;
             }
             if budget == 0 {
@@ -1070,16 +1066,27 @@ impl Net {
             Backend::Tap(name) => Tap::open(name)?,
             Backend::Fd(fd) => Tap::from_fd(*fd)?,
         };
-        let mut net = Self::with_tap(tap, cfg.mac.unwrap_or(default_mac), cfg.mtu);
-        if let Some(shared) = Arc::get_mut(&mut net.shared) {
-            shared.tx_rate = cfg.tx_rate;
-            shared.rx_rate = cfg.rx_rate;
-        }
-        Ok(net)
+        let rates = (cfg.tx_rate, cfg.rx_rate);
+        Ok(Self::with_tap_limited(
+            tap,
+            cfg.mac.unwrap_or(default_mac),
+            cfg.mtu,
+            rates,
+        ))
     }
 
-    /// A device on an open tap.
+    /// A device on an open tap, without rate limits.
     pub fn with_tap(tap: Tap, mac: [u8; 6], mtu: u16) -> Net {
+        Self::with_tap_limited(tap, mac, mtu, Default::default())
+    }
+
+    /// A device on an open tap with (transmit, receive) limits.
+    fn with_tap_limited(
+        tap: Tap,
+        mac: [u8; 6],
+        mtu: u16,
+        (tx_rate, rx_rate): (RateLimits, RateLimits),
+    ) -> Net {
         let bit = |b: u32| 1u64 << b;
         let mut features = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
@@ -1111,8 +1118,8 @@ impl Net {
                 tap,
                 stats: NetStats::default(),
                 offload_failed: LimitedWarning::new(),
-                tx_rate: RateLimits::default(),
-                rx_rate: RateLimits::default(),
+                tx_rate,
+                rx_rate,
             }),
             config: c,
             features,
