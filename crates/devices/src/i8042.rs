@@ -5,7 +5,8 @@
 //! keyboard reset and ID), plus the reset line: command 0xFE, any pulse command 0xF0..=0xFF
 //! with bit 0 clear, or an output-port write (0xD1) with bit 0 clear resets the VM.
 //!
-//! The guest never types: bytes only ever come from controller and keyboard replies.
+//! Nobody types but the VMM: [`I8042::press_ctrl_alt_del`] (Firecracker's SendCtrlAltDel);
+//! every other byte is a controller or keyboard reply.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -162,6 +163,24 @@ impl I8042 {
             self.irq_if_enabled();
         }
         self.last
+    }
+
+    /// Ctrl-Alt-Del pressed and released: the scan codes of the set the guest reads (set 1
+    /// while the controller translates, else set 2), one interrupt for the first byte and
+    /// one per byte read after it.
+    pub fn press_ctrl_alt_del(&mut self) {
+        const SET1: &[u8] = &[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+        const SET2: &[u8] = &[
+            0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+        ];
+        let codes = if self.ctr & CTR_XLATE != 0 {
+            SET1
+        } else {
+            SET2
+        };
+        for &b in codes {
+            self.push(b);
+        }
     }
 
     fn pulse_reset(&self) {
@@ -346,6 +365,22 @@ mod tests {
             }
             v
         }
+    }
+
+    #[test]
+    fn ctrl_alt_del_in_the_set_the_guest_reads() {
+        let mut r = Rig::new();
+        r.kbd.press_ctrl_alt_del();
+        assert_eq!(r.irqs(), 1, "one interrupt for the first byte");
+        assert_eq!(r.drain(), [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]);
+        // Translation off (CTR bit 6 clear): set 2.
+        r.cmd(0x60);
+        r.put(CTR_KBDINT | CTR_SYS);
+        r.kbd.press_ctrl_alt_del();
+        assert_eq!(
+            r.drain(),
+            [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14]
+        );
     }
 
     #[test]

@@ -46,6 +46,14 @@ pub enum LifecycleError {
     Unsupported,
 }
 
+/// A change to a running device's backend (Firecracker's `PATCH /drives/{id}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceUpdate {
+    /// virtio-blk: serve this image from now on (same options; the guest sees a
+    /// configuration change with the new capacity).
+    BackingFile(std::path::PathBuf),
+}
+
 /// A named counter.
 pub type Stat = (&'static str, u64);
 
@@ -73,5 +81,9 @@ pub trait Lifecycle {
     /// Puts back what [`save_state`](Self::save_state) returned.
     fn restore_state(&mut self, _state: &[u8]) -> Result<(), LifecycleError> {
         Err(LifecycleError::Unsupported)
+    }
+    /// Applies `update` while the guest runs; the error is for the user.
+    fn update(&mut self, _update: &DeviceUpdate) -> Result<(), String> {
+        Err("this device cannot be changed while it runs".into())
     }
 }

@@ -51,6 +51,8 @@ pub enum ThreadKind {
     Control,
     /// Turns termination signals into ACPI power-button presses.
     Signal,
+    /// Firecracker's API socket (fcapi): the requests after the VM started.
+    Api,
     /// Creates the other threads once a policy is set (see the module's documentation).
     Spawner,
 }
@@ -64,6 +66,7 @@ impl ThreadKind {
             ThreadKind::Console => "console",
             ThreadKind::Control => "control",
             ThreadKind::Signal => "signal",
+            ThreadKind::Api => "api",
             ThreadKind::Spawner => "spawner",
         }
     }

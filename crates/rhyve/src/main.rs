@@ -20,8 +20,12 @@ SYNOPSIS
            [--kernel path] [--initrd path] [--append cmdline] vmname
      rhyve -l help
      rhyve -s help
+     rhyve --api-sock PATH [--id ID] [--config-file FILE] ...   (Firecracker's mode)
 
 DESCRIPTION
+     Run as `firecracker`, or with --api-sock, --id, --config-file or --no-api, rhyve
+     speaks Firecracker's command line and REST API instead (rhyve --api-sock X --help).
+
      rhyve runs the virtual machine vmname. The guest boots through a boot ROM
      (-l bootrom), or its Linux kernel is booted directly (bzImage or ELF vmlinux with a
      PVH note), no firmware involved: either --kernel, or, without it, what rhyveload(8)
@@ -101,8 +105,17 @@ const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn main() {
     let start = Instant::now();
+    let mut argv = std::env::args();
+    let program = argv.next().unwrap_or_default();
+    let args: Vec<String> = argv.collect();
+    if fcapi::is_firecracker_invocation(&program, &args) {
+        // Firecracker's command line and API; its own logger and exit codes.
+        let code = fcapi::main(&program, &args, start);
+        terminal::restore();
+        host_output::flush(EXIT_FLUSH);
+        std::process::exit(code);
+    }
     logger::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match cli::parse(&args) {
         Ok(Command::Help) => {
             print!("{HELP}");

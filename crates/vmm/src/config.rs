@@ -289,6 +289,9 @@ pub struct VmConfig {
     pub user: Option<(u32, u32)>,
     /// `sandbox.chroot=DIR`: the root rhyve runs in once everything is open.
     pub chroot: Option<PathBuf>,
+    /// vCPU N's thread is called this plus N (`vcpu `; Firecracker's API mode: `fc_vcpu `,
+    /// which Kata Containers looks for).
+    pub vcpu_thread_prefix: String,
 }
 
 fn path_json(p: &Option<PathBuf>) -> serde_json::Value {
@@ -708,6 +711,7 @@ impl VmConfig {
             seccomp,
             user,
             chroot,
+            vcpu_thread_prefix: "vcpu ".into(),
         })
     }
 }

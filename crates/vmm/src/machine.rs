@@ -36,6 +36,8 @@ struct Buses {
     mmio: Bus,
     /// The PM1 event block, shared with the signal thread for the power button.
     pm1_evt: Arc<Mutex<acpi_pm::Pm1Event>>,
+    /// The keyboard controller (Firecracker's SendCtrlAltDel types on it).
+    keyboard: Arc<Mutex<i8042::I8042>>,
     /// The PCI functions by id.
     registry: DeviceRegistry,
     /// The placed devices' own ACPI descriptions, for the DSDT.
@@ -74,18 +76,19 @@ fn build_buses(
     let mut acpi = vec![i8042::acpi_device(), rtc::acpi_device()];
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.register_irqfd(&kbd_irq, platform::irq::KBD_IRQ)?;
+    let keyboard = Arc::new(Mutex::new(i8042::I8042::new(
+        control.clone(),
+        Box::new(move || {
+            if let Err(e) = kbd_irq.write(1) {
+                log::warn!("i8042: irq {}: {e}", platform::irq::KBD_IRQ);
+            }
+        }),
+    )));
     pio.insert(
         "i8042",
         u64::from(i8042::I8042_BASE),
         i8042::I8042_LEN,
-        shared(i8042::I8042::new(
-            control.clone(),
-            Box::new(move || {
-                if let Err(e) = kbd_irq.write(1) {
-                    log::warn!("i8042: irq {}: {e}", platform::irq::KBD_IRQ);
-                }
-            }),
-        )),
+        keyboard.clone(),
     )?;
     pio.insert(
         "post",
@@ -218,6 +221,7 @@ fn build_buses(
         )?;
     }
     let mut buses = Buses {
+        keyboard,
         pio,
         mmio,
         pm1_evt,
@@ -615,6 +619,12 @@ impl Machine {
 
     /// Runs the machine until it stops: vCPU threads, the control socket, halt detection.
     pub fn run(self) -> Result<StopReason> {
+        self.run_observed(None)
+    }
+
+    /// [`run`](Self::run), and once the vCPUs run, `on_running` gets what others may act
+    /// on (Firecracker's API, after its InstanceStart).
+    pub fn run_observed(self, on_running: Option<OnRunning>) -> Result<StopReason> {
         // Again (idempotent): the threads started here inherit the mask of this thread,
         // which need not be the one that built the machine.
         signals::block_termination_signals()?;
@@ -635,7 +645,15 @@ impl Machine {
             control,
             start,
         } = self;
-        let result = run_vcpus(&vm, &cfg, entry.as_ref(), buses, &control, start);
+        let result = run_vcpus(
+            &vm,
+            &cfg,
+            entry.as_ref(),
+            buses,
+            &control,
+            start,
+            on_running,
+        );
         // Before the VM object goes: the backends' files live in its directory.
         terminal::restore();
         console::cleanup();
@@ -644,6 +662,17 @@ impl Machine {
         Ok(reason)
     }
 }
+
+/// What others may act on once the vCPUs run.
+pub struct RunningVm {
+    /// The VM's state and the actions on it.
+    pub controller: Arc<VmController>,
+    /// The i8042 keyboard controller.
+    pub keyboard: Arc<Mutex<i8042::I8042>>,
+}
+
+/// Told once the vCPUs run.
+pub type OnRunning = Box<dyn FnOnce(RunningVm) + Send>;
 
 /// Builds and runs the VM `cfg` describes; returns bhyve's exit status.
 pub fn run(cfg: VmConfig, start: Instant) -> Result<i32> {
@@ -718,9 +747,11 @@ fn run_vcpus(
     buses: Buses,
     control: &Arc<VmControl>,
     start: Instant,
+    on_running: Option<OnRunning>,
 ) -> Result<StopReason> {
     let pio = Arc::new(buses.pio);
     let mmio = Arc::new(buses.mmio);
+    let keyboard = buses.keyboard;
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm.create_vcpu(id, &cfg.topology)?;
@@ -782,16 +813,26 @@ fn run_vcpus(
             halt: probe.clone(),
             ctl: ctl.clone(),
         };
-        let handle = devices::threads::spawn(ThreadKind::Vcpu, format!("vcpu {id}"), move || {
-            if let Some(cpus) = pins {
-                pin_current_thread(&cpus);
-            }
-            crate::vcpu::run(vcpu, ctx)
-        })?;
+        let handle = devices::threads::spawn(
+            ThreadKind::Vcpu,
+            format!("{}{id}", cfg.vcpu_thread_prefix),
+            move || {
+                if let Some(cpus) = pins {
+                    pin_current_thread(&cpus);
+                }
+                crate::vcpu::run(vcpu, ctx)
+            },
+        )?;
         threads.push(handle);
     }
     controller.started();
     log::debug!("boot: vCPUs started at {:.1} ms", ms_since(start));
+    if let Some(f) = on_running {
+        f(RunningVm {
+            controller: controller.clone(),
+            keyboard: keyboard.clone(),
+        });
+    }
     crate::sandbox::enter_main()?;
     let reason = wait_for_stop(control, &threads, &probes);
     // Kick every vCPU out of KVM_RUN until its thread has seen the stop; a signal that lands

@@ -99,6 +99,21 @@ impl DeviceRegistry {
         }
     }
 
+    /// Applies `update` to device `id` (while the guest runs).
+    pub fn update(
+        &self,
+        id: &str,
+        update: &devices::lifecycle::DeviceUpdate,
+    ) -> Result<(), String> {
+        let d = self
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| format!("no device {id}"))?;
+        let mut dev = d.lock();
+        dev.update(update)
+    }
+
     /// Every device's state and counters.
     pub fn reports(&self) -> Vec<DeviceReport> {
         self.devices

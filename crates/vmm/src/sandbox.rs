@@ -72,6 +72,7 @@ const PROFILES: &[Profile] = &[
     Profile::Thread(ThreadKind::Console),
     Profile::Thread(ThreadKind::Control),
     Profile::Thread(ThreadKind::Signal),
+    Profile::Thread(ThreadKind::Api),
     Profile::Thread(ThreadKind::Spawner),
 ];
 
@@ -317,6 +318,27 @@ fn rules_for(profile: Profile) -> Result<Rules> {
             // The power button raises the SCI.
             interrupts(&mut r)?;
         }
+        Profile::Thread(ThreadKind::Api) => {
+            event_loop(&mut r);
+            socket_server(&mut r);
+            // Pause and resume kick the vCPUs out of KVM_RUN.
+            allow_own_signals(&mut r, pid)?;
+            // PATCH /drives opens (and locks) the new backing file, as virtio-blk's setup
+            // does, with its probe of in-place zeroing (an unnamed scratch file).
+            allow(
+                &mut r,
+                &[
+                    SYS_openat,
+                    SYS_fstat,
+                    SYS_newfstatat,
+                    SYS_statx,
+                    SYS_lseek,
+                    SYS_flock,
+                    SYS_fallocate,
+                    SYS_ftruncate,
+                ],
+            );
+        }
         Profile::Main => {
             event_loop(&mut r);
             // Teardown closes the VM, its vCPUs and irqfds; a device reset may set offloads.
@@ -437,7 +459,9 @@ fn kernel_supports(action: u32) -> bool {
 /// with `user`, they allow [`drop_privileges`] to that identity. Call before any thread
 /// exists; [`enter_main`] later filters the calling thread.
 pub fn install(mode: SeccompMode, user: Option<(u32, u32)>) -> Result<()> {
-    if mode == SeccompMode::Off {
+    // A second machine build in one process (a Firecracker InstanceStart after a failed
+    // one) keeps the filters of the first.
+    if mode == SeccompMode::Off || PROGRAMS.get().is_some() {
         return Ok(());
     }
     let action = match mode {
@@ -530,6 +554,12 @@ pub fn drop_privileges(user: Option<(u32, u32)>, root: Option<&std::path::Path>)
         }
     }
     Ok(())
+}
+
+/// Filters the calling thread, which started before the sandbox was installed (Firecracker's
+/// API thread serves requests before the VM exists), as a thread of `kind`.
+pub fn enter(kind: ThreadKind) -> Result<()> {
+    apply(Profile::Thread(kind)).map_err(|e| anyhow!("sandbox: {} thread: {e}", kind.as_str()))
 }
 
 /// Filters the calling (main) thread, once the machine is set up.

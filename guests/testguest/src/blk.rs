@@ -132,6 +132,26 @@ fn rw(q: &mut Queue, typ: u32, sector: u64, len: usize, segs: usize) -> bool {
     true
 }
 
+/// `rhyve.blk.swap=1`: waits (polling, no time limit) for the device configuration to
+/// change (the VMM swapped the backing file), then reports the new capacity and the first
+/// byte of sector 0 as the new medium has it.
+fn new_medium(d: &virtio::Dev, q: &mut Queue) {
+    let gen = d.config_generation();
+    line(&[P::S("blk waiting for a new medium")]);
+    while d.config_generation() == gen {
+        crate::io::pause();
+    }
+    let capacity = u64::from_le_bytes(d.config::<8>(0));
+    if rw(q, T_IN, 0, SECTOR, 1) {
+        line(&[
+            P::S("blk new medium capacity="),
+            P::D(capacity),
+            P::S(" first="),
+            P::X(mem().r[0] as u64),
+        ]);
+    }
+}
+
 /// Write the pattern to `sector`, `n` sectors.
 fn write(q: &mut Queue, sector: u64, n: usize) -> bool {
     pattern(&mut mem().w[..n * SECTOR], sector);
@@ -158,7 +178,7 @@ fn verify(q: &mut Queue, sector: u64, n: usize, segs: usize) -> bool {
 }
 
 /// `empty_ok`: accept status OK for a write without data (QEMU 7.2 does that: a 0-byte write).
-pub fn test(window: &mut u64, reassign: bool, ro_cmdline: bool, empty_ok: bool) {
+pub fn test(window: &mut u64, reassign: bool, ro_cmdline: bool, empty_ok: bool, swap: bool) {
     let Some(mut d) = virtio::probe(&[0x1042, 0x1001], window, reassign) else {
         return;
     };
@@ -310,6 +330,9 @@ pub fn test(window: &mut u64, reassign: bool, ro_cmdline: bool, empty_ok: bool) 
     };
     if still {
         line(&[P::S("blk after-bad read ok")]);
+    }
+    if swap {
+        new_medium(&d, &mut q);
     }
     d.reset();
     line(&[P::S("blk done")]);

@@ -168,6 +168,7 @@ struct Args {
     mmio: u64,
     blk_ro: bool,
     blk_empty_ok: bool,
+    blk_swap: bool,
     reassign: bool,
 }
 
@@ -198,6 +199,7 @@ fn parse_args(cmdline: &'static [u8]) -> Args {
         mmio: 0xc000_0000,
         blk_ro: false,
         blk_empty_ok: false,
+        blk_swap: false,
         reassign: false,
     };
     for word in cmdline
@@ -224,6 +226,7 @@ fn parse_args(cmdline: &'static [u8]) -> Args {
             b"rhyve.blk.ro" => num(1).map(|n| a.blk_ro = n == 1).is_none(),
             b"rhyve.pci.reassign" => num(1).map(|n| a.reassign = n == 1).is_none(),
             b"rhyve.blk.empty_ok" => num(1).map(|n| a.blk_empty_ok = n == 1).is_none(),
+            b"rhyve.blk.swap" => num(1).map(|n| a.blk_swap = n == 1).is_none(),
             // Applied before the report (uart_from_cmdline); here only checked.
             b"rhyve.uart" => parse_uart(val).is_none(),
             _ => false,
@@ -475,6 +478,49 @@ fn power_button(args: &Args) -> ! {
     poweroff(args)
 }
 
+/// The ACPI PM timer (3.579545 MHz, 24 bits), at PM1a + 8.
+const PM_TIMER: u16 = 0x408;
+const PM_TIMER_HZ: u32 = 3_579_545;
+
+/// Polls the i8042 (IF stays 0) for Ctrl-Alt-Del in scan code set 1, printing `tick N`
+/// every 100 ms meanwhile (a pause on the host stops the ticks), then resets through the
+/// i8042 as Linux's `reboot=k` does.
+fn ctrl_alt_del() -> ! {
+    line(&[P::S("waiting for ctrl-alt-del")]);
+    let (mut ctrl, mut alt, mut extended) = (false, false, false);
+    let mut last = io::inl(PM_TIMER);
+    let mut ticks = 0u64;
+    loop {
+        if io::inb(0x64) & 1 != 0 {
+            match (io::inb(0x60), extended) {
+                (0xe0, _) => {
+                    extended = true;
+                    continue;
+                }
+                (0x1d, false) => ctrl = true,
+                (0x9d, false) => ctrl = false,
+                (0x38, false) => alt = true,
+                (0xb8, false) => alt = false,
+                (0x53, true) if ctrl && alt => {
+                    line(&[P::S("ctrl-alt-del pressed")]);
+                    io::outb(0x64, 0xfe);
+                    fail(&[P::S("still running after i8042 reset")]);
+                    io::halt()
+                }
+                _ => {}
+            }
+            extended = false;
+        }
+        let now = io::inl(PM_TIMER);
+        if now.wrapping_sub(last) & 0xff_ffff >= PM_TIMER_HZ / 10 {
+            last = now;
+            ticks += 1;
+            line(&[P::S("tick "), P::D(ticks)]);
+        }
+        io::pause();
+    }
+}
+
 fn poweroff(args: &Args) -> ! {
     io::outw(args.pm1a_cnt, 1 << 13 | args.slp_typ << 10);
     fail(&[
@@ -529,6 +575,7 @@ extern "C" fn rhyve_main() -> ! {
             io::halt()
         }
         b"powerbutton" => power_button(&args),
+        b"ctrlaltdel" => ctrl_alt_del(),
         b"pbignore" => {
             // Enables the power button event, then never looks at it: the VMM's grace period
             // (or a second signal) must end the VM.
@@ -561,7 +608,13 @@ extern "C" fn rhyve_main() -> ! {
             match args.test {
                 b"pci" => pci::test(args.ecam),
                 b"virtio-blk" => {
-                    blk::test(&mut window, args.reassign, args.blk_ro, args.blk_empty_ok)
+                    blk::test(
+                        &mut window,
+                        args.reassign,
+                        args.blk_ro,
+                        args.blk_empty_ok,
+                        args.blk_swap,
+                    )
                 }
                 b"blk-bench" => bench::run(&mut window, bi.cmdline),
                 b"irq" => irq::test(&mut window),

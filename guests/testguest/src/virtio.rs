@@ -296,6 +296,11 @@ impl Dev {
         true
     }
 
+    /// The device configuration's generation (it changes with the configuration).
+    pub fn config_generation(&self) -> u8 {
+        self.c8(C_CFGGEN)
+    }
+
     /// Reads `N` bytes of device configuration, retrying until config_generation is stable
     /// around them (§4.1.4.3.1, §2.5.1). Reads are 32-bit (fields here are 32/64-bit).
     pub fn config<const N: usize>(&self, off: u64) -> [u8; N] {

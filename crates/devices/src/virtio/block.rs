@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -29,7 +29,7 @@ use super::{
     GuestMemoryMmap, VirtioDevice, VirtioInterrupt, Worker, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::lifecycle::{LifecycleError, Stat};
+use crate::lifecycle::{DeviceUpdate, LifecycleError, Stat};
 use crate::rate_limiter::{parse_rate, RateLimiter, RateLimits};
 use crate::threads::WorkerClass;
 
@@ -453,6 +453,11 @@ impl Disk {
             id,
             stats: Arc::new(BlockStats::default()),
         })
+    }
+
+    /// The sectors the guest sees, in config-space order.
+    fn capacity_bytes(&self) -> [u8; 8] {
+        (self.size / SECTOR_SIZE).to_le_bytes()
     }
 
     /// The byte offset of `len` bytes at `sector`, if inside the disk and sector-aligned.
@@ -966,7 +971,11 @@ fn execute(disk: &Disk, mem: &GuestMemoryMmap, b: &Chain, bounce: &mut Bounce) -
 
 /// The virtio-blk device.
 pub struct Block {
-    disk: Arc<Disk>,
+    /// The image the worker serves: it takes the current one for each batch, so a new
+    /// backing file ([`DeviceUpdate::BackingFile`]) applies from the next batch on.
+    disk: Arc<RwLock<Arc<Disk>>>,
+    /// What the image was opened with (a new backing file is opened the same way).
+    cfg: BlockConfig,
     rate: RateLimits,
     config: [u8; CONFIG_LEN],
     features: u64,
@@ -1018,7 +1027,8 @@ impl Block {
             c[56] = 1; // write_zeroes_may_unmap
         }
         Ok(Block {
-            disk: Arc::new(disk),
+            disk: Arc::new(RwLock::new(Arc::new(disk))),
+            cfg: cfg.clone(),
             rate: cfg.rate,
             config: c,
             features,
@@ -1027,14 +1037,18 @@ impl Block {
         })
     }
 
+    fn current(&self) -> Arc<Disk> {
+        self.disk.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The request counters.
     pub fn stats(&self) -> Arc<BlockStats> {
-        self.disk.stats.clone()
+        self.current().stats.clone()
     }
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.size / SECTOR_SIZE
+        self.current().size / SECTOR_SIZE
     }
 
     /// The features the driver accepted.
@@ -1083,7 +1097,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         kicks: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        let disk = self.disk.clone();
+        let current = self.disk.clone();
         let mut bounce = Bounce::default();
         let limits = chain_limits(self.acked);
         let mut limiter = RateLimiter::new(self.rate);
@@ -1095,6 +1109,7 @@ impl VirtioDevice for Block {
             queues,
             kicks,
             move |queue, mem| {
+                let disk = current.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let errors = &disk.stats.guest_errors;
                 drain_queue_limited(queue, mem, errors, &mut limiter, |chain| {
                     let moved = || {
@@ -1127,8 +1142,34 @@ impl VirtioDevice for Block {
         }
     }
 
+    /// A new backing file: opened (and locked) as the first was, the same serial and
+    /// counters; the old one is closed once the worker's batch in flight is done.
+    fn update(&mut self, update: &DeviceUpdate) -> Result<bool, String> {
+        let DeviceUpdate::BackingFile(path) = update;
+        let old = self.current();
+        let mut cfg = self.cfg.clone();
+        cfg.path = path.clone();
+        cfg.serial = Some(
+            String::from_utf8_lossy(&old.id)
+                .trim_end_matches('\0')
+                .to_string(),
+        );
+        let mut disk = Disk::open(&cfg).map_err(|e| e.to_string())?;
+        disk.stats = old.stats.clone();
+        put(&mut self.config, 0, &disk.capacity_bytes());
+        log::info!(
+            "virtio-blk: now serving {} ({} sectors)",
+            path.display(),
+            disk.size / SECTOR_SIZE
+        );
+        self.cfg = cfg;
+        *self.disk.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(disk);
+        Ok(true)
+    }
+
     fn counters(&self) -> Vec<Stat> {
-        let s = &*self.disk.stats;
+        let disk = self.current();
+        let s = &*disk.stats;
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
             ("reads", l(&s.reads)),

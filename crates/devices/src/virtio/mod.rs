@@ -119,6 +119,11 @@ pub trait VirtioDevice: Send {
     /// Lets the worker go on.
     fn resume(&mut self);
     /// The device's counters, for `rhyvectl --get-stats`.
+    /// Applies a change to the backend; Ok(true) when the device configuration changed
+    /// (the transport then tells the driver).
+    fn update(&mut self, _update: &crate::lifecycle::DeviceUpdate) -> Result<bool, String> {
+        Err("this device cannot be changed while it runs".into())
+    }
     fn counters(&self) -> Vec<Stat>;
 }
 

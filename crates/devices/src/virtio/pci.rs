@@ -717,6 +717,18 @@ impl Lifecycle for VirtioPci {
         s.push(("transport_guest_errors", self.guest_errors()));
         s
     }
+
+    /// The device changes; a new configuration gets a new generation and, once the driver
+    /// runs the device, a configuration-change interrupt.
+    fn update(&mut self, update: &crate::lifecycle::DeviceUpdate) -> Result<(), String> {
+        if self.dev.update(update)? {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if self.status & STATUS_DRIVER_OK != 0 {
+                self.irq.config_changed();
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PciDevice for VirtioPci {
