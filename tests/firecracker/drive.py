@@ -7,7 +7,7 @@ tests/tests/firecracker.rs; prints one `step NAME ok` line per step, JSON answer
 usage: drive.py SOCKET SCENARIO KERNEL [key=value ...]
   SCENARIO net:    machine-config, boot-source, a root drive (drive=PATH), a network
                    interface (tap=NAME), InstanceStart; then waits for stdin lines:
-                   `pause`, `resume`, `state`, `quit`.
+                   `pause`, `resume`, `limit-rx`, `unlimit-rx`, `state`, `quit`.
   SCENARIO ctrlaltdel: machine-config and boot-source, InstanceStart, then the same
                    commands plus `ctrlaltdel`.
 """
@@ -44,6 +44,14 @@ def main():
             api.vm.patch(state="Paused")
         elif cmd == "resume":
             api.vm.patch(state="Resumed")
+        elif cmd == "limit-rx":
+            # One frame a second into the guest.
+            api.network.patch(iface_id="eth0",
+                              rx_rate_limiter={"ops": {"size": 1, "refill_time": 1000}})
+        elif cmd == "unlimit-rx":
+            # A zero size turns the bucket off.
+            api.network.patch(iface_id="eth0",
+                              rx_rate_limiter={"ops": {"size": 0, "refill_time": 0}})
         elif cmd == "ctrlaltdel":
             api.actions.put(action_type="SendCtrlAltDel")
         elif cmd == "state":

@@ -362,6 +362,43 @@ fn firecracker_python_boots_a_drive_and_a_tap_and_the_guest_answers_ping() {
     assert!(!ping("1", "1"), "a paused guest answered ping");
     d.step("resume");
     assert!(ping("2", "10"), "no answer to ping after resume");
+    // PATCH /network-interfaces: one frame a second into the guest, so most of ten quick
+    // pings go unanswered in time; with the bucket off again, all are answered.
+    let answered = |count: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                "ping",
+                "-c",
+                count,
+                "-i",
+                "0.1",
+                "-W",
+                "1",
+            ])
+            .arg("10.0.0.2")
+            .output()
+            .expect("ping");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split(" received")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("ping said {text}"))
+    };
+    assert_eq!(answered("10"), 10, "unlimited");
+    d.step("limit-rx");
+    let limited = answered("10");
+    assert!(
+        limited <= 4,
+        "{limited} of 10 pings answered at one frame a second"
+    );
+    d.step("unlimit-rx");
+    // The worker takes the new limits at its next check (at most a second away).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(answered("10"), 10, "unlimited again");
     writeln!(d.stdin, "quit").unwrap();
     // As Firecracker, SIGTERM ends the VMM; the guest has no ACPI to shut down with.
     assert_eq!(fc.terminate(), 0, "{}", fc.rhyve.stderr());

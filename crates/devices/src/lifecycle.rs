@@ -52,6 +52,13 @@ pub enum DeviceUpdate {
     /// virtio-blk: serve this image from now on (same options; the guest sees a
     /// configuration change with the new capacity).
     BackingFile(std::path::PathBuf),
+    /// virtio-blk: these limits from now on.
+    BlockRate(crate::rate_limiter::RateLimits),
+    /// virtio-net: new limits for what the guest receives and/or sends.
+    NetRate {
+        rx: Option<crate::rate_limiter::RateLimits>,
+        tx: Option<crate::rate_limiter::RateLimits>,
+    },
 }
 
 /// A named counter.

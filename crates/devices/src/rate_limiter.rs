@@ -110,6 +110,75 @@ impl RateLimiter {
     }
 }
 
+/// Limits that may change while the device runs (Firecracker's `PATCH` of a drive or an
+/// interface): the worker's [`FollowingLimiter`] takes the new ones at its next check, with
+/// fresh buckets.
+#[derive(Debug, Default)]
+pub struct LiveLimits {
+    limits: std::sync::Mutex<RateLimits>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl LiveLimits {
+    pub fn new(limits: RateLimits) -> std::sync::Arc<LiveLimits> {
+        std::sync::Arc::new(LiveLimits {
+            limits: std::sync::Mutex::new(limits),
+            generation: Default::default(),
+        })
+    }
+
+    pub fn get(&self) -> RateLimits {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set(&self, limits: RateLimits) {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A worker's limiter that follows a [`LiveLimits`].
+#[derive(Debug)]
+pub struct FollowingLimiter {
+    live: std::sync::Arc<LiveLimits>,
+    seen: u64,
+    limiter: RateLimiter,
+}
+
+impl FollowingLimiter {
+    pub fn new(live: std::sync::Arc<LiveLimits>) -> FollowingLimiter {
+        let seen = live.generation.load(std::sync::atomic::Ordering::Acquire);
+        let limiter = RateLimiter::new(live.get());
+        FollowingLimiter {
+            live,
+            seen,
+            limiter,
+        }
+    }
+
+    /// The limiter for the current limits (new buckets once they changed).
+    pub fn current(&mut self) -> &mut RateLimiter {
+        let g = self
+            .live
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if g != self.seen {
+            self.seen = g;
+            self.limiter = RateLimiter::new(self.live.get());
+        }
+        &mut self.limiter
+    }
+
+    pub fn check(&mut self) -> Option<Duration> {
+        self.current().check()
+    }
+
+    pub fn charge(&mut self, bytes: u64) {
+        self.limiter.charge(bytes);
+    }
+}
+
 /// Parses a rate: a number with an optional K, M or G suffix (powers of 1024, as `-m`).
 pub fn parse_rate(v: &str) -> Option<u64> {
     let (digits, shift) = match v.as_bytes().last()? {
@@ -125,6 +194,23 @@ pub fn parse_rate(v: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_following_limiter_takes_new_limits_at_its_next_check() {
+        let live = LiveLimits::new(RateLimits {
+            bytes_per_sec: Some(1000),
+            ops_per_sec: None,
+        });
+        let mut l = FollowingLimiter::new(live.clone());
+        assert_eq!(l.check(), None);
+        l.charge(10_000);
+        assert!(l.check().is_some(), "10 s of debt at 1000 B/s");
+        live.set(RateLimits::default());
+        assert_eq!(l.check(), None, "unlimited now");
+        l.charge(u64::MAX / 2);
+        assert_eq!(l.check(), None);
+    }
+
     use super::*;
 
     #[test]

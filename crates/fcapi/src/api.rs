@@ -65,7 +65,8 @@ pub trait Instance: Send {
         path: Option<&str>,
         rate: Option<&RateLimiter>,
     ) -> Result<(), String>;
-    /// `PATCH /network-interfaces/{id}`: the interface's slot and new limits.
+    /// `PATCH /network-interfaces/{id}`: the interface's place among the devices (after the
+    /// drives) and its new limits.
     fn update_network(
         &self,
         index: usize,
@@ -497,9 +498,12 @@ impl Api {
         if let Some(p) = &u.path_on_host {
             open_backing_file(p, read_only).map_err(|e| patch(&format!("Block: {e}")))?;
         }
+        let rate = u
+            .rate_limiter
+            .map(|new| merge_limiter(order[index].rate_limiter, new));
         let instance = self.instance.as_ref().ok_or_else(not_started)?;
         instance
-            .update_drive(index, u.path_on_host.as_deref(), u.rate_limiter.as_ref())
+            .update_drive(index, u.path_on_host.as_deref(), rate.as_ref())
             .map_err(|e| patch(&e))?;
         if let Some(d) = self
             .resources
@@ -510,8 +514,8 @@ impl Api {
             if u.path_on_host.is_some() {
                 d.path_on_host = u.path_on_host;
             }
-            if u.rate_limiter.is_some() {
-                d.rate_limiter = u.rate_limiter;
+            if rate.is_some() {
+                d.rate_limiter = rate;
             }
         }
         Ok(())
@@ -584,20 +588,28 @@ impl Api {
                 "Failed perform action on device: Device not found",
             ));
         };
+        let old = &self.resources.network_interfaces[index];
+        let rx = u
+            .rx_rate_limiter
+            .map(|new| merge_limiter(old.rx_rate_limiter, new));
+        let tx = u
+            .tx_rate_limiter
+            .map(|new| merge_limiter(old.tx_rate_limiter, new));
         let instance = self.instance.as_ref().ok_or_else(not_started)?;
+        // Interfaces take the slots after the drives'.
         instance
             .update_network(
-                index,
-                u.rx_rate_limiter.as_ref(),
-                u.tx_rate_limiter.as_ref(),
+                self.resources.drives.len() + index,
+                rx.as_ref(),
+                tx.as_ref(),
             )
             .map_err(|e| vmm_error(update, e))?;
         let n = &mut self.resources.network_interfaces[index];
-        if u.rx_rate_limiter.is_some() {
-            n.rx_rate_limiter = u.rx_rate_limiter;
+        if rx.is_some() {
+            n.rx_rate_limiter = rx;
         }
-        if u.tx_rate_limiter.is_some() {
-            n.tx_rate_limiter = u.tx_rate_limiter;
+        if tx.is_some() {
+            n.tx_rate_limiter = tx;
         }
         Ok(())
     }
@@ -651,6 +663,16 @@ impl Api {
             (self.starter)(&self.id, &self.resources).map_err(|e| vmm_error(start_error, e))?;
         self.instance = Some(instance);
         Ok(())
+    }
+}
+
+/// A PATCH's limiter on top of the current one, as Firecracker's: a bucket given replaces
+/// the old one (a zero size or refill time turns it off), a bucket not given stays.
+fn merge_limiter(old: Option<RateLimiter>, new: RateLimiter) -> RateLimiter {
+    let old = old.unwrap_or_default();
+    RateLimiter {
+        bandwidth: new.bandwidth.or(old.bandwidth),
+        ops: new.ops.or(old.ops),
     }
 }
 

@@ -24,7 +24,20 @@ pub const MAX_DEVICES: usize = (LAST_SLOT - FIRST_SLOT + 1) as usize;
 
 /// The registry id of the drive `index` places (in [`drives_in_slot_order`]).
 pub fn drive_device_id(index: usize) -> String {
-    format!("virtio-blk-0.{}.0", usize::from(FIRST_SLOT) + index)
+    device_slot_id("virtio-blk", index)
+}
+
+/// The registry id of the `position`th device placed (drives, then interfaces).
+pub fn device_slot_id(emulation: &str, position: usize) -> String {
+    format!("{emulation}-0.{}.0", usize::from(FIRST_SLOT) + position)
+}
+
+/// A Firecracker rate limiter as rhyve's limits: each bucket's long-run rate.
+pub fn limits(rl: &RateLimiter) -> devices::rate_limiter::RateLimits {
+    devices::rate_limiter::RateLimits {
+        bytes_per_sec: rl.bandwidth.as_ref().and_then(|b| b.per_second()),
+        ops_per_sec: rl.ops.as_ref().and_then(|b| b.per_second()),
+    }
 }
 
 /// The drives in the order they get their slots: the root device first.

@@ -84,27 +84,39 @@ impl Instance for FcInstance {
         path: Option<&str>,
         rate: Option<&RateLimiter>,
     ) -> Result<(), String> {
-        if rate.is_some() {
-            return Err(
-                "changing a drive's rate limiter after boot is not available in rhyve yet.".into(),
-            );
-        }
-        let Some(path) = path else { return Ok(()) };
         let id = crate::assemble::drive_device_id(index);
-        self.vm
-            .controller
-            .devices()
-            .update(&id, &DeviceUpdate::BackingFile(path.into()))
-            .map_err(|e| format!("Block: {e}"))
+        let devices = self.vm.controller.devices();
+        if let Some(path) = path {
+            devices
+                .update(&id, &DeviceUpdate::BackingFile(path.into()))
+                .map_err(|e| format!("Block: {e}"))?;
+        }
+        if let Some(rate) = rate {
+            devices
+                .update(&id, &DeviceUpdate::BlockRate(crate::assemble::limits(rate)))
+                .map_err(|e| format!("Block: {e}"))?;
+        }
+        Ok(())
     }
 
     fn update_network(
         &self,
-        _index: usize,
-        _rx: Option<&RateLimiter>,
-        _tx: Option<&RateLimiter>,
+        position: usize,
+        rx: Option<&RateLimiter>,
+        tx: Option<&RateLimiter>,
     ) -> Result<(), String> {
-        Err("Updating a network interface after boot is not available in this rhyve yet.".into())
+        let id = crate::assemble::device_slot_id("virtio-net", position);
+        self.vm
+            .controller
+            .devices()
+            .update(
+                &id,
+                &DeviceUpdate::NetRate {
+                    rx: rx.map(crate::assemble::limits),
+                    tx: tx.map(crate::assemble::limits),
+                },
+            )
+            .map_err(|e| format!("Failed perform action on device: {e}"))
     }
 }
 

@@ -30,7 +30,7 @@ use super::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{DeviceUpdate, LifecycleError, Stat};
-use crate::rate_limiter::{parse_rate, RateLimiter, RateLimits};
+use crate::rate_limiter::{parse_rate, FollowingLimiter, LiveLimits, RateLimits};
 use crate::threads::WorkerClass;
 
 const F_SIZE_MAX: u32 = 1;
@@ -976,7 +976,8 @@ pub struct Block {
     disk: Arc<RwLock<Arc<Disk>>>,
     /// What the image was opened with (a new backing file is opened the same way).
     cfg: BlockConfig,
-    rate: RateLimits,
+    /// The limits, which `PATCH /drives` may change while the worker runs.
+    rate: Arc<LiveLimits>,
     config: [u8; CONFIG_LEN],
     features: u64,
     acked: u64,
@@ -1029,7 +1030,7 @@ impl Block {
         Ok(Block {
             disk: Arc::new(RwLock::new(Arc::new(disk))),
             cfg: cfg.clone(),
-            rate: cfg.rate,
+            rate: LiveLimits::new(cfg.rate),
             config: c,
             features,
             acked: 0,
@@ -1100,7 +1101,7 @@ impl VirtioDevice for Block {
         let current = self.disk.clone();
         let mut bounce = Bounce::default();
         let limits = chain_limits(self.acked);
-        let mut limiter = RateLimiter::new(self.rate);
+        let mut limiter = FollowingLimiter::new(self.rate.clone());
         activate_single_queue(
             &mut self.worker,
             WorkerClass::Block,
@@ -1111,7 +1112,7 @@ impl VirtioDevice for Block {
             move |queue, mem| {
                 let disk = current.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let errors = &disk.stats.guest_errors;
-                drain_queue_limited(queue, mem, errors, &mut limiter, |chain| {
+                drain_queue_limited(queue, mem, errors, limiter.current(), |chain| {
                     let moved = || {
                         let st = &disk.stats;
                         st.bytes_read.load(Ordering::Relaxed)
@@ -1145,7 +1146,15 @@ impl VirtioDevice for Block {
     /// A new backing file: opened (and locked) as the first was, the same serial and
     /// counters; the old one is closed once the worker's batch in flight is done.
     fn update(&mut self, update: &DeviceUpdate) -> Result<bool, String> {
-        let DeviceUpdate::BackingFile(path) = update;
+        let path = match update {
+            DeviceUpdate::BackingFile(path) => path,
+            DeviceUpdate::BlockRate(limits) => {
+                self.rate.set(*limits);
+                log::info!("virtio-blk: rate limits now {limits:?}");
+                return Ok(false);
+            }
+            DeviceUpdate::NetRate { .. } => return Err("not a network device".into()),
+        };
         let old = self.current();
         let mut cfg = self.cfg.clone();
         cfg.path = path.clone();

@@ -41,9 +41,10 @@ use super::{
     GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::lifecycle::DeviceUpdate;
 use crate::lifecycle::{LifecycleError, Stat};
 use crate::limited_log::LimitedWarning;
-use crate::rate_limiter::{parse_rate, RateLimiter, RateLimits};
+use crate::rate_limiter::{parse_rate, FollowingLimiter, LiveLimits, RateLimits};
 use crate::threads::WorkerClass;
 
 /// Device type of virtio-net.
@@ -510,9 +511,10 @@ struct Shared {
     stats: NetStats,
     /// The tap refused the offloads the guest asked for (every activation or command).
     offload_failed: LimitedWarning,
-    /// Limits on what the guest sends and receives.
-    tx_rate: RateLimits,
-    rx_rate: RateLimits,
+    /// Limits on what the guest sends and receives (`PATCH /network-interfaces` may change
+    /// them while the worker runs).
+    tx_rate: Arc<LiveLimits>,
+    rx_rate: Arc<LiveLimits>,
 }
 
 /// What happened to the frame waiting in the receive buffer.
@@ -548,8 +550,8 @@ struct Worker {
     rx_offloads: u32,
     /// Transmit chains per call of `process_tx` ([`TX_BATCH`]; smaller in tests).
     tx_batch: usize,
-    tx_limit: RateLimiter,
-    rx_limit: RateLimiter,
+    tx_limit: FollowingLimiter,
+    rx_limit: FollowingLimiter,
     /// Fires when a rate limit lets traffic go again.
     timer: TimerFd,
     /// Receiving waits for `rx_limit` (the tap is out of the epoll set meanwhile).
@@ -570,8 +572,8 @@ impl Worker {
         let epoll = Epoll::new()?;
         let timer = rate_timer(&epoll)?;
         Ok(Worker {
-            tx_limit: RateLimiter::new(shared.tx_rate),
-            rx_limit: RateLimiter::new(shared.rx_rate),
+            tx_limit: FollowingLimiter::new(shared.tx_rate.clone()),
+            rx_limit: FollowingLimiter::new(shared.rx_rate.clone()),
             timer,
             rx_limited: false,
             shared,
@@ -1118,8 +1120,8 @@ impl Net {
                 tap,
                 stats: NetStats::default(),
                 offload_failed: LimitedWarning::new(),
-                tx_rate,
-                rx_rate,
+                tx_rate: LiveLimits::new(tx_rate),
+                rx_rate: LiveLimits::new(rx_rate),
             }),
             config: c,
             features,
@@ -1275,6 +1277,21 @@ impl VirtioDevice for Net {
         }
     }
 
+    /// New rate limits, taken by the worker at its next check of each direction.
+    fn update(&mut self, update: &DeviceUpdate) -> Result<bool, String> {
+        let DeviceUpdate::NetRate { rx, tx } = update else {
+            return Err("not a block device".into());
+        };
+        if let Some(rx) = rx {
+            self.shared.rx_rate.set(*rx);
+        }
+        if let Some(tx) = tx {
+            self.shared.tx_rate.set(*tx);
+        }
+        log::info!("virtio-net: rate limits now rx {rx:?} tx {tx:?}");
+        Ok(false)
+    }
+
     fn counters(&self) -> Vec<Stat> {
         let s = &self.shared.stats;
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -1313,8 +1330,8 @@ pub mod fuzzing {
             tap,
             stats: NetStats::default(),
             offload_failed: LimitedWarning::new(),
-            tx_rate: RateLimits::default(),
-            rx_rate: RateLimits::default(),
+            tx_rate: LiveLimits::new(RateLimits::default()),
+            rx_rate: LiveLimits::new(RateLimits::default()),
         });
         let irq: Arc<dyn VirtioInterrupt> = Arc::new(NoInterrupt);
         let Ok(mut w) = Worker::new(shared, mem.clone(), irq, features, queues, ctrl) else {
@@ -1459,8 +1476,8 @@ mod tests {
             tap,
             stats: NetStats::default(),
             offload_failed: LimitedWarning::new(),
-            tx_rate,
-            rx_rate,
+            tx_rate: LiveLimits::new(tx_rate),
+            rx_rate: LiveLimits::new(rx_rate),
         });
         let irq = Arc::new(CountingInterrupt::default());
         let w = Worker::new(
