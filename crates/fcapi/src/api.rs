@@ -146,11 +146,6 @@ impl Api {
         self.instance.is_some()
     }
 
-    /// What `--config-file` and the API set up.
-    pub fn resources(&self) -> &VmResources {
-        &self.resources
-    }
-
     /// The answer to one request.
     pub fn handle(&mut self, method: &str, path: &str, body: &[u8]) -> Response {
         match self.route(method, path, body) {
@@ -212,11 +207,7 @@ impl Api {
             ("PUT", "drives") => {
                 let id = checked_id(second)?;
                 let d: Drive = parse(body)?;
-                if d.drive_id != id {
-                    return Err(Response::bad_request(
-                        "The id from the path does not match the id from the body!",
-                    ));
-                }
+                drive_id_matches(id, &d.drive_id)?;
                 self.pre_boot()?;
                 self.put_drive(d)?;
                 Ok(Response::no_content())
@@ -224,11 +215,7 @@ impl Api {
             ("PATCH", "drives") => {
                 let id = checked_id(second)?;
                 let u: DriveUpdate = parse(body)?;
-                if u.drive_id != id {
-                    return Err(Response::bad_request(
-                        "The id from the path does not match the id from the body!",
-                    ));
-                }
+                drive_id_matches(id, &u.drive_id)?;
                 self.post_boot()?;
                 self.patch_drive(u)?;
                 Ok(Response::no_content())
@@ -679,6 +666,17 @@ fn merge_limiter(old: Option<RateLimiter>, new: RateLimiter) -> RateLimiter {
 /// Firecracker's kernel command line limit, with its NUL.
 const CMDLINE_MAX: usize = 2048;
 
+/// A drive's path and body ids agree (Firecracker's drive wording names neither).
+fn drive_id_matches(path_id: &str, body_id: &str) -> Result<(), Response> {
+    if path_id != body_id {
+        return Err(Response::bad_request(
+            "The id from the path does not match the id from the body!",
+        ));
+    }
+    Ok(())
+}
+
+/// An interface's path and body ids agree.
 fn id_matches(path_id: &str, body_id: &str) -> Result<(), Response> {
     if path_id != body_id {
         return Err(Response::bad_request(format!(

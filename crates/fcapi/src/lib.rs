@@ -84,6 +84,13 @@ pub fn main(program: &str, args: &[String], start: Instant) -> i32 {
             }
         },
     };
+    // The configuration file's logger, before anything it should see is logged.
+    if let Some(l) = &resources.logger {
+        if let Err(e) = instance::apply_logger(l) {
+            log::error!("{e}");
+            return exit_code::BAD_CONFIGURATION;
+        }
+    }
     let code = if opts.no_api {
         run_without_api(&opts, &resources, start)
     } else {
@@ -103,12 +110,6 @@ fn read_config_file(path: &str) -> Result<VmResources, String> {
 
 /// `--no-api --config-file`: boots at once, nothing to talk to.
 fn run_without_api(opts: &cli::Options, res: &VmResources, start: Instant) -> i32 {
-    if let Some(l) = &res.logger {
-        if let Err(e) = instance::apply_logger(l) {
-            log::error!("{e}");
-            return exit_code::BAD_CONFIGURATION;
-        }
-    }
     let cfg = match assemble::vm_config(&opts.id, res) {
         Ok(c) => with_options(c, opts),
         Err(e) => {
@@ -158,18 +159,6 @@ fn run_with_api(opts: &cli::Options, resources: VmResources, start: Instant) -> 
         starter,
         Box::new(instance::HostEffects::default()),
     )));
-    if let Some(l) = api
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .resources()
-        .logger
-        .clone()
-    {
-        if let Err(e) = instance::apply_logger(&l) {
-            log::error!("{e}");
-            return exit_code::BAD_CONFIGURATION;
-        }
-    }
     let max_payload = opts.max_payload;
     let spawned = devices::threads::spawn(devices::threads::ThreadKind::Api, "fc_api", {
         let api = api.clone();
