@@ -25,6 +25,8 @@ pub enum WorkerClass {
     Net,
     /// virtio-rnd: the host's random numbers.
     Rng,
+    /// virtio-vsock: the guest's connections on unix sockets.
+    Vsock,
 }
 
 impl WorkerClass {
@@ -34,6 +36,7 @@ impl WorkerClass {
             WorkerClass::Block => "virtio-blk",
             WorkerClass::Net => "virtio-net",
             WorkerClass::Rng => "virtio-rnd",
+            WorkerClass::Vsock => "virtio-vsock",
         }
     }
 }

@@ -134,8 +134,9 @@ impl Api {
     pub fn new(id: &str, resources: VmResources, starter: Starter, host: Box<dyn Host>) -> Self {
         Api {
             id: id.to_string(),
+            // A configuration file's metrics were opened by the caller.
+            metrics_set: resources.metrics.is_some(),
             resources,
-            metrics_set: false,
             starter,
             host,
             instance: None,
@@ -423,11 +424,20 @@ impl Api {
         Ok(())
     }
 
-    fn put_vsock(&mut self, _v: &Vsock) -> Result<(), Response> {
-        Err(vmm_error(
-            "Vsock config error: Cannot create vsock device",
-            "virtio-vsock is not available in this rhyve yet",
-        ))
+    /// Firecracker binds the socket here, so a taken path fails this request: the bind is
+    /// made and undone (rhyve's device binds it again when the machine is built).
+    fn put_vsock(&mut self, v: &Vsock) -> Result<(), Response> {
+        let backend = "Vsock config error: Cannot create backend for vsock device";
+        std::os::unix::net::UnixListener::bind(&v.uds_path)
+            .map_err(|e| {
+                vmm_error(
+                    backend,
+                    format!("Error binding to the host-side Unix socket: {e}"),
+                )
+            })
+            .map(|_| {
+                let _ = std::fs::remove_file(&v.uds_path);
+            })
     }
 
     fn put_drive(&mut self, d: Drive) -> Result<(), Response> {

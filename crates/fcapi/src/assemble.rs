@@ -170,6 +170,12 @@ pub fn config_tree(id: &str, res: &VmResources) -> Result<ConfigTree, String> {
         let p = next_slot()?;
         t.set(&format!("{p}.device"), "virtio-rnd");
     }
+    if let Some(v) = &res.vsock {
+        let p = next_slot()?;
+        t.set(&format!("{p}.device"), "virtio-vsock");
+        t.set(&format!("{p}.cid"), &v.guest_cid.to_string());
+        t.set(&format!("{p}.path"), &v.uds_path);
+    }
     Ok(t)
 }
 

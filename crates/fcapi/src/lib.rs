@@ -153,11 +153,21 @@ fn run_with_api(opts: &cli::Options, resources: VmResources, start: Instant) -> 
             .map_err(|_| "the VMM ended while starting".to_string())?
     });
     let boot_at_once = opts.config_file.is_some();
+    // The configuration file's metrics file, as a PUT /metrics would open it.
+    let mut host = instance::HostEffects::default();
+    if let Some(m) = &resources.metrics {
+        if let Err(e) = api::Host::configure_metrics(&mut host, m) {
+            log::error!(
+                "Metrics error: Cannot initialize the metrics system due to bad user input: {e}"
+            );
+            return exit_code::BAD_CONFIGURATION;
+        }
+    }
     let api = Arc::new(Mutex::new(Api::new(
         &opts.id,
         resources,
         starter,
-        Box::new(instance::HostEffects::default()),
+        Box::new(host),
     )));
     let max_payload = opts.max_payload;
     let spawned = devices::threads::spawn(devices::threads::ThreadKind::Api, "fc_api", {

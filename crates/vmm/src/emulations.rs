@@ -10,6 +10,7 @@ use devices::pci::root::SharedPciDevice;
 use devices::pci::InterruptSink;
 use devices::virtio::block::{self, Block, BlockConfig};
 use devices::virtio::net::{self, Net, NetConfig};
+use devices::virtio::vsock::{self, Vsock, VsockConfig};
 use devices::virtio::{IoEventRegistrar, Rng, VirtioDevice, VirtioPci};
 use vmm_sys_util::eventfd::EventFd;
 use vmmapi::Vm;
@@ -191,6 +192,19 @@ static VIRTIO_NET: Emulation = Emulation {
     },
 };
 
+static VIRTIO_VSOCK: Emulation = Emulation {
+    name: "virtio-vsock",
+    description: "virtio socket device, Firecracker's host side: cid=N,path=SOCKET (host programs \
+                  connect to SOCKET and send CONNECT PORT; guest connections to port P go to SOCKET_P)",
+    keys: vsock::KEYS,
+    build: |ctx| {
+        let cfg = VsockConfig::from_keys(ctx.opts.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let dev = Vsock::new(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+        log::info!("virtio-vsock: guest cid {} on {}", cfg.cid, cfg.path.display());
+        virtio_pci(ctx, Box::new(dev))
+    },
+};
+
 /// Every emulation, in `-s help` order.
 pub static EMULATIONS: &[&Emulation] = &[
     &HOSTBRIDGE,
@@ -199,6 +213,7 @@ pub static EMULATIONS: &[&Emulation] = &[
     &VIRTIO_BLK,
     &VIRTIO_NET,
     &VIRTIO_RND,
+    &VIRTIO_VSOCK,
 ];
 
 /// Looks an emulation up by name.

@@ -69,6 +69,7 @@ const PROFILES: &[Profile] = &[
     Profile::Thread(ThreadKind::DeviceWorker(WorkerClass::Block)),
     Profile::Thread(ThreadKind::DeviceWorker(WorkerClass::Net)),
     Profile::Thread(ThreadKind::DeviceWorker(WorkerClass::Rng)),
+    Profile::Thread(ThreadKind::DeviceWorker(WorkerClass::Vsock)),
     Profile::Thread(ThreadKind::Console),
     Profile::Thread(ThreadKind::Control),
     Profile::Thread(ThreadKind::Signal),
@@ -300,6 +301,15 @@ fn rules_for(profile: Profile) -> Result<Rules> {
                     allow_exact(&mut r, SYS_ioctl, 1, TUNSETOFFLOAD)?;
                 }
                 WorkerClass::Rng => {}
+                WorkerClass::Vsock => {
+                    // Host programs connecting to the listening socket, and the guest's
+                    // connections out to `path_PORT`: unix sockets only.
+                    socket_server(&mut r);
+                    allow_when(&mut r, SYS_socket, &[(0, AF_UNIX as u64)])?;
+                    allow(&mut r, &[SYS_connect]);
+                    // std's set_nonblocking on an accepted stream.
+                    allow_exact(&mut r, SYS_ioctl, 1, FIONBIO)?;
+                }
             }
         }
         Profile::Thread(ThreadKind::Console) => {
@@ -689,6 +699,15 @@ mod tests {
             ] {
                 assert!(!r.contains_key(&nr), "{class:?} allows {nr}");
             }
+        }
+        // virtio-vsock makes unix sockets only, and opens no files.
+        let vsock = rules_for(Profile::Thread(ThreadKind::DeviceWorker(
+            WorkerClass::Vsock,
+        )))
+        .unwrap();
+        assert!(vsock.get(&libc::SYS_socket).is_some_and(|r| !r.is_empty()));
+        for nr in [libc::SYS_openat, libc::SYS_execve, libc::SYS_clone] {
+            assert!(!vsock.contains_key(&nr), "vsock allows {nr}");
         }
         let vcpu = rules_for(Profile::Thread(ThreadKind::Vcpu)).unwrap();
         assert!(!vcpu.contains_key(&libc::SYS_openat));

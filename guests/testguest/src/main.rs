@@ -16,6 +16,7 @@ mod net;
 mod pci;
 mod smp;
 mod virtio;
+mod vsock;
 
 use boot::BootInfo;
 use core::arch::asm;
@@ -603,24 +604,23 @@ extern "C" fn rhyve_main() -> ! {
             exit(args.exit)
         }
         b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" | b"irq" | b"virtio-net"
-        | b"net-bench" | b"hostile" => {
+        | b"net-bench" | b"hostile" | b"vsock" => {
             let mut window = args.mmio;
             match args.test {
                 b"pci" => pci::test(args.ecam),
-                b"virtio-blk" => {
-                    blk::test(
-                        &mut window,
-                        args.reassign,
-                        args.blk_ro,
-                        args.blk_empty_ok,
-                        args.blk_swap,
-                    )
-                }
+                b"virtio-blk" => blk::test(
+                    &mut window,
+                    args.reassign,
+                    args.blk_ro,
+                    args.blk_empty_ok,
+                    args.blk_swap,
+                ),
                 b"blk-bench" => bench::run(&mut window, bi.cmdline),
                 b"irq" => irq::test(&mut window),
                 b"virtio-net" => net::test(&mut window, bi.cmdline),
                 b"net-bench" => net::bench(&mut window, bi.cmdline),
                 b"hostile" => hostile::test(&mut window),
+                b"vsock" => vsock::test(&mut window, bi.cmdline),
                 _ => virtio::rng_test(&mut window, args.reassign),
             }
             line(&[P::S("checks fail="), P::D(fails())]);

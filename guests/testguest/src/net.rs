@@ -52,13 +52,13 @@ const RX_BUF: u64 = BASE + 0x20_0000;
 const RX_SLOT_MAX: u64 = 0x2400;
 
 const PM_TMR: u16 = 0x408;
-const PM_HZ: u64 = 3_579_545;
+pub(crate) const PM_HZ: u64 = 3_579_545;
 
 /// A split ring at a fixed page (§2.7), polled.
-struct Ring {
+pub(crate) struct Ring {
     base: u64,
     index: u16,
-    size: u16,
+    pub(crate) size: u16,
     notify: u64,
     next_avail: u16,
     next_used: u16,
@@ -69,7 +69,7 @@ struct Ring {
 }
 
 impl Ring {
-    fn setup(d: &Dev, index: u16, base: u64) -> Option<Ring> {
+    pub(crate) fn setup(d: &Dev, index: u16, base: u64) -> Option<Ring> {
         let (size, notify) = d.queue_at("net", index, base, 0x1000)?;
         Some(Ring {
             base,
@@ -84,7 +84,7 @@ impl Ring {
     }
 
     /// Descriptor `i`: `flags` bit 0 NEXT (to i + 1), bit 1 WRITE.
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16) {
+    pub(crate) fn desc(&self, i: u16, addr: u64, len: u32, flags: u16) {
         let d = self.base + R_DESC + 16 * i as u64;
         io::mmio_write(d, addr);
         io::mmio_write(d + 8, len);
@@ -93,7 +93,7 @@ impl Ring {
     }
 
     /// Puts `head` in the available ring (published by `publish`).
-    fn offer(&mut self, head: u16) {
+    pub(crate) fn offer(&mut self, head: u16) {
         let at = self.base + R_AVAIL + 4 + 2 * (self.next_avail % self.size) as u64;
         io::mmio_write(at, head);
         self.next_avail = self.next_avail.wrapping_add(1);
@@ -102,7 +102,7 @@ impl Ring {
     /// Publishes avail.idx and notifies the device if it asked for it (§2.7.10): with
     /// EVENT_IDX when the new entries cross avail_event (the `le16` after the used ring),
     /// otherwise unless it set VIRTQ_USED_F_NO_NOTIFY.
-    fn publish(&mut self, force_kick: bool) {
+    pub(crate) fn publish(&mut self, force_kick: bool) {
         compiler_fence(Ordering::SeqCst);
         io::mmio_write(self.base + R_AVAIL + 2, self.next_avail);
         compiler_fence(Ordering::SeqCst);
@@ -125,7 +125,7 @@ impl Ring {
     }
 
     /// The next used element (id, len), if any.
-    fn used(&mut self) -> Option<(u16, u32)> {
+    pub(crate) fn used(&mut self) -> Option<(u16, u32)> {
         let idx: u16 = io::mmio_read(self.base + R_USED + 2);
         if idx == self.next_used {
             return None;
@@ -152,19 +152,19 @@ impl Ring {
 }
 
 /// Elapsed PM-timer ticks, wrap-safe however long it runs.
-struct Clock {
+pub(crate) struct Clock {
     last: u32,
     total: u64,
 }
 
 impl Clock {
-    fn new() -> Clock {
+    pub(crate) fn new() -> Clock {
         Clock {
             last: io::inl(PM_TMR),
             total: 0,
         }
     }
-    fn elapsed(&mut self) -> u64 {
+    pub(crate) fn elapsed(&mut self) -> u64 {
         let now = io::inl(PM_TMR);
         self.total += now.wrapping_sub(self.last) as u64;
         self.last = now;
@@ -204,7 +204,7 @@ fn arg<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
         .map(|w| &w[key.len() + 1..])
 }
 
-fn num_arg(cmdline: &[u8], key: &[u8], default: u64) -> u64 {
+pub(crate) fn num_arg(cmdline: &[u8], key: &[u8], default: u64) -> u64 {
     match arg(cmdline, key) {
         None => default,
         Some(v) => crate::parse_num(v).unwrap_or_else(|| {

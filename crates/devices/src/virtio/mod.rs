@@ -15,6 +15,7 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 pub mod worker;
 
 use std::fmt;
@@ -37,6 +38,7 @@ pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
 pub use net::{Net, NetConfig, NetConfigError, NetStats, TYPE_NET};
 pub use pci::{IoEventRegistrar, VirtioPci};
 pub use rng::{Rng, RngStats};
+pub use vsock::{Vsock, VsockConfig, TYPE_VSOCK};
 
 /// Guest memory as the devices see it (the same type as `vmmapi::GuestMemoryMmap`).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

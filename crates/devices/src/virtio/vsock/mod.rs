@@ -1,0 +1,546 @@
+//! virtio-vsock (virtio 1.2 section 5.10), with Firecracker's host side (see [`muxer`]):
+//! stream sockets between the guest (its CID from `cid=`) and unix sockets on the host.
+//! Three queues: receive (device to guest), transmit (guest to device), and the event queue,
+//! which this device holds but never fills (its one event, TRANSPORT_RESET, follows a
+//! snapshot restore).
+//!
+//! `-s N,virtio-vsock,cid=3,path=/run/vm0.vsock`: the device listens on `path` (it must not
+//! exist) and removes it when the VM ends.
+
+pub mod muxer;
+pub mod packet;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::chain::{self, ChainLimits, Segment};
+use super::worker::WorkerCtl;
+use super::{
+    check_queues, clear_expired, drain_queue, guest_error, rate_timer, read_config_bytes,
+    ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, Worker, CTL_TOKEN, TIMER_TOKEN,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::lifecycle::{LifecycleError, Stat};
+use crate::threads::WorkerClass;
+pub use muxer::VsockStats;
+use muxer::{Muxer, TOKEN_LISTENER};
+use packet::{Header, HDR_LEN, MAX_PAYLOAD};
+
+/// Device type of virtio-vsock.
+pub const TYPE_VSOCK: u32 = 19;
+/// Queue size offered (each of the three).
+pub const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+/// Receive chains filled per round before the worker looks at its other events.
+const RX_BATCH: usize = 256;
+
+/// Configuration keys below `pci.B.S.F.`.
+pub const KEYS: &[&str] = &["cid", "path"];
+
+/// The device's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID.
+    pub cid: u32,
+    /// The listening unix socket; guest connections to host port P go to `path_P`.
+    pub path: PathBuf,
+}
+
+/// A bad `cid=` or `path=`.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockConfigError {
+    #[error("missing {0}= (e.g. -s 4,virtio-vsock,cid=3,path=/run/vm0.vsock)")]
+    Missing(&'static str),
+    #[error("cid={0}: expected a context ID from 3 to 4294967294 (1 and 2 are the host's)")]
+    BadCid(String),
+    #[error(
+        "path={0}: too long for a unix socket (at most 100 bytes, leaving room for _PORT names)"
+    )]
+    PathTooLong(String),
+    #[error("unknown option {0}")]
+    Unknown(String),
+}
+
+impl VsockConfig {
+    /// From the slot's keys. CID 0 is accepted (firecracker-containerd sends it; the guest
+    /// then has no address of its own to be reached at).
+    pub fn from_keys<'a>(
+        keys: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<VsockConfig, VsockConfigError> {
+        let (mut cid, mut path) = (None, None);
+        for (k, v) in keys {
+            match k {
+                "cid" => {
+                    let n = v
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|&n| !matches!(n, 1 | 2 | u32::MAX))
+                        .ok_or_else(|| VsockConfigError::BadCid(v.to_string()))?;
+                    cid = Some(n);
+                }
+                "path" => {
+                    // sun_path is 108 bytes: `_4294967295` must still fit after it.
+                    if v.len() > 96 {
+                        return Err(VsockConfigError::PathTooLong(v.to_string()));
+                    }
+                    path = Some(PathBuf::from(v));
+                }
+                other => return Err(VsockConfigError::Unknown(other.to_string())),
+            }
+        }
+        Ok(VsockConfig {
+            cid: cid.ok_or(VsockConfigError::Missing("cid"))?,
+            path: path
+                .filter(|p| !p.as_os_str().is_empty())
+                .ok_or(VsockConfigError::Missing("path"))?,
+        })
+    }
+}
+
+/// The listening socket could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("path={}: cannot listen on the unix socket: {source}", path.display())]
+pub struct VsockBindError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The virtio-vsock device.
+pub struct Vsock {
+    cfg: VsockConfig,
+    listener: Arc<UnixListener>,
+    stats: Arc<VsockStats>,
+    acked: u64,
+    thread: Option<Worker>,
+}
+
+impl Vsock {
+    /// Binds the listening socket at `cfg.path` (refused if the file exists, as Firecracker).
+    pub fn new(cfg: &VsockConfig) -> Result<Vsock, VsockBindError> {
+        let listener = UnixListener::bind(&cfg.path)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| VsockBindError {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        Ok(Vsock {
+            cfg: cfg.clone(),
+            listener: Arc::new(listener),
+            stats: Arc::new(VsockStats::default()),
+            acked: 0,
+            thread: None,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn cid(&self) -> u32 {
+        self.cfg.cid
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<VsockStats> {
+        self.stats.clone()
+    }
+
+    /// Whether the worker runs.
+    pub fn is_active(&self) -> bool {
+        self.thread.is_some()
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            t.stop();
+        }
+        // Ours: a new VM on the same path must be able to bind it.
+        let _ = std::fs::remove_file(&self.cfg.path);
+    }
+}
+
+/// Writes `parts` one after the other across `segs`; false if guest memory refused.
+fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], parts: &[&[u8]]) -> bool {
+    let mut segs = segs.iter().copied();
+    let mut cur: Option<Segment> = None;
+    for part in parts {
+        let mut data = *part;
+        while !data.is_empty() {
+            let seg = match cur.take().or_else(|| segs.next()) {
+                Some(s) => s,
+                None => return false,
+            };
+            let n = seg.len.min(data.len());
+            if mem.write_slice(&data[..n], seg.addr).is_err() {
+                return false;
+            }
+            data = &data[n..];
+            if n < seg.len {
+                cur = Some(Segment {
+                    addr: seg.addr.unchecked_add(n as u64),
+                    len: seg.len - n,
+                });
+            }
+        }
+    }
+    true
+}
+
+/// Reads `out.len()` bytes from the start of `segs`; false when they are shorter.
+fn gather(mem: &GuestMemoryMmap, segs: &[Segment], out: &mut [u8]) -> bool {
+    let mut done = 0;
+    for seg in segs {
+        if done == out.len() {
+            break;
+        }
+        let n = seg.len.min(out.len() - done);
+        if mem.read_slice(&mut out[done..done + n], seg.addr).is_err() {
+            return false;
+        }
+        done += n;
+    }
+    done == out.len()
+}
+
+/// The device thread's state.
+struct VsockWorker {
+    mem: GuestMemoryMmap,
+    irq: Arc<dyn VirtioInterrupt>,
+    rx: Queue,
+    tx: Queue,
+    epoll: Epoll,
+    timer: TimerFd,
+    muxer: Muxer,
+    stats: Arc<VsockStats>,
+    /// One packet's payload, either way.
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+}
+
+impl VsockWorker {
+    /// Hands every transmitted packet to the muxer.
+    fn process_tx(&mut self) -> bool {
+        let limits = ChainLimits::queue(QUEUE_SIZE).with_total((HDR_LEN + MAX_PAYLOAD) as u64);
+        let (mem, muxer, epoll, buf, stats) = (
+            &self.mem,
+            &mut self.muxer,
+            &self.epoll,
+            &mut self.tx_buf,
+            &self.stats,
+        );
+        let done = drain_queue(&mut self.tx, mem, &stats.guest_errors, |chain| {
+            let c = match chain::parse(chain, mem, limits).checked() {
+                Ok(c) => c,
+                Err(why) => {
+                    guest_error(&stats.guest_errors, format_args!("virtio-vsock: tx: {why}"));
+                    return 0;
+                }
+            };
+            let mut hdr = [0u8; HDR_LEN];
+            let Some(h) = gather(mem, &c.readable, &mut hdr)
+                .then(|| Header::parse(&hdr))
+                .flatten()
+            else {
+                guest_error(
+                    &stats.guest_errors,
+                    format_args!("virtio-vsock: tx: packet shorter than its header"),
+                );
+                return 0;
+            };
+            let len = h.len as usize;
+            if len > MAX_PAYLOAD || (HDR_LEN + len) as u64 > c.readable_len {
+                guest_error(
+                    &stats.guest_errors,
+                    format_args!("virtio-vsock: tx: payload length {len} beyond the buffers"),
+                );
+                return 0;
+            }
+            buf.resize(HDR_LEN + len, 0);
+            if !gather(mem, &c.readable, buf) {
+                return 0;
+            }
+            muxer.handle_tx(epoll, &h, &buf[HDR_LEN..]);
+            0
+        });
+        if done.notify {
+            self.irq.queue_used(TXQ as u16);
+        }
+        done.more
+    }
+
+    /// Fills receive buffers with what the muxer has; true when the batch ran out first.
+    fn process_rx(&mut self) -> bool {
+        if !self.muxer.has_rx() {
+            return false;
+        }
+        let limits = ChainLimits::queue(QUEUE_SIZE);
+        let mut used = false;
+        let mut more = false;
+        let mut filled = 0;
+        while self.muxer.has_rx() {
+            if filled == RX_BATCH {
+                more = true;
+                break;
+            }
+            let _ = self.rx.disable_notification(&self.mem);
+            let start = self.rx.next_avail();
+            let chain = match self.rx.iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    guest_error(
+                        &self.stats.guest_errors,
+                        format_args!("virtio-vsock: unusable receive ring: {e}"),
+                    );
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
+                // No buffers: wait for the guest's kick (unless some arrived meanwhile).
+                match self.rx.enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let len = match chain::parse(chain, &self.mem, limits).checked() {
+                Ok(c) if c.readable.is_empty() && c.writable_len >= HDR_LEN as u64 => {
+                    let room = (c.writable_len as usize - HDR_LEN).min(MAX_PAYLOAD);
+                    match self.muxer.next_rx(room, &mut self.rx_buf) {
+                        Some((h, n)) => {
+                            let bytes = h.to_bytes();
+                            if !scatter(&self.mem, &c.writable, &[&bytes, &self.rx_buf[..n]]) {
+                                bump_errors(&self.stats);
+                            }
+                            (HDR_LEN + n) as u32
+                        }
+                        None => {
+                            // Nothing fits this buffer: it stays for later.
+                            self.rx.set_next_avail(start);
+                            let _ = self.rx.enable_notification(&self.mem);
+                            break;
+                        }
+                    }
+                }
+                Ok(_) => {
+                    guest_error(
+                        &self.stats.guest_errors,
+                        format_args!("virtio-vsock: receive buffer readable or under 44 bytes"),
+                    );
+                    0
+                }
+                Err(why) => {
+                    guest_error(
+                        &self.stats.guest_errors,
+                        format_args!("virtio-vsock: rx: {why}"),
+                    );
+                    0
+                }
+            };
+            match self.rx.add_used(&self.mem, head, len) {
+                Ok(()) => used = true,
+                Err(e) => guest_error(
+                    &self.stats.guest_errors,
+                    format_args!("virtio-vsock: cannot return descriptor {head}: {e}"),
+                ),
+            }
+            filled += 1;
+        }
+        if used && self.rx.needs_notification(&self.mem).unwrap_or(true) {
+            self.irq.queue_used(RXQ as u16);
+        }
+        more
+    }
+
+    fn arm_deadline(&mut self) {
+        if let Some(at) = self.muxer.expire(Instant::now()) {
+            let after = at.saturating_duration_since(Instant::now());
+            super::arm_at_most(
+                &mut self.timer,
+                after.max(std::time::Duration::from_millis(1)),
+            );
+        }
+    }
+
+    fn run(mut self, kicks: Vec<EventFd>, ctl: &WorkerCtl) {
+        if let Err(e) = self.muxer.register(&self.epoll) {
+            log::error!("virtio-vsock: epoll: {e}");
+            return;
+        }
+        self.muxer.accept(&self.epoll);
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut tx_due = true;
+        loop {
+            if tx_due {
+                tx_due = self.process_tx();
+            }
+            // Expired connections owe the guest an RST: before the receive queue is filled.
+            self.arm_deadline();
+            let rx_more = self.process_rx();
+            let timeout = if tx_due || rx_more { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("virtio-vsock: epoll_wait failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    CTL_TOKEN => {
+                        if !ctl.on_event() {
+                            return;
+                        }
+                    }
+                    TIMER_TOKEN => clear_expired(&mut self.timer),
+                    TOKEN_LISTENER => self.muxer.accept(&self.epoll),
+                    q if q <= EVQ as u64 => {
+                        if let Some(k) = kicks.get(q as usize) {
+                            let _ = k.read();
+                        }
+                        if q == TXQ as u64 {
+                            tx_due = true;
+                        }
+                    }
+                    token => self.muxer.stream_event(token, ev.event_set()),
+                }
+            }
+        }
+    }
+}
+
+fn bump_errors(stats: &VsockStats) {
+    stats.host_errors.fetch_add(1, Ordering::Relaxed);
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        read_config_bytes(&u64::from(self.cfg.cid).to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if self.thread.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        check_queues(&mem, &queues, &kicks, 3)?;
+        let _event = queues.pop();
+        let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
+            return Err(ActivateError::InvalidQueue(0));
+        };
+        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
+        let timer = rate_timer(&epoll).map_err(ActivateError::Worker)?;
+        for (i, k) in kicks.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    k.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, i as u64),
+                )
+                .map_err(ActivateError::Worker)?;
+        }
+        let worker = VsockWorker {
+            mem,
+            irq: interrupt.clone(),
+            rx,
+            tx,
+            epoll,
+            timer,
+            muxer: Muxer::new(
+                u64::from(self.cfg.cid),
+                self.cfg.path.clone(),
+                self.listener.clone(),
+                self.stats.clone(),
+            ),
+            stats: self.stats.clone(),
+            rx_buf: vec![0u8; MAX_PAYLOAD],
+            tx_buf: Vec::with_capacity(HDR_LEN + MAX_PAYLOAD),
+        };
+        let thread = Worker::spawn(WorkerClass::Vsock, interrupt, move |ctl| {
+            match worker.epoll.ctl(
+                ControlOperation::Add,
+                ctl.fd(),
+                EpollEvent::new(EventSet::IN, CTL_TOKEN),
+            ) {
+                Ok(()) => worker.run(kicks, ctl),
+                Err(e) => log::error!("virtio-vsock: epoll: {e}"),
+            }
+        })
+        .map_err(ActivateError::Worker)?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    /// Stops the worker; every connection is closed (the guest's driver forgot them too).
+    fn reset(&mut self) {
+        if let Some(t) = self.thread.take() {
+            t.stop();
+        }
+        self.acked = 0;
+    }
+
+    fn pause(&mut self) -> Result<(), LifecycleError> {
+        self.thread.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(t) = &self.thread {
+            t.resume();
+        }
+    }
+
+    fn counters(&self) -> Vec<Stat> {
+        let s = &*self.stats;
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("rx_packets", l(&s.rx_packets)),
+            ("rx_bytes", l(&s.rx_bytes)),
+            ("tx_packets", l(&s.tx_packets)),
+            ("tx_bytes", l(&s.tx_bytes)),
+            ("host_connects", l(&s.host_connects)),
+            ("guest_connects", l(&s.guest_connects)),
+            ("resets_sent", l(&s.resets_sent)),
+            ("refused", l(&s.refused)),
+            ("guest_errors", l(&s.guest_errors)),
+            ("host_errors", l(&s.host_errors)),
+        ]
+    }
+}
