@@ -90,3 +90,12 @@ fn seabios_and_grub_boot_stock_linux_from_virtio_blk() {
 fn ovmf_boots_stock_linux_and_keeps_uefi_variables() {
     scenario("ovmf");
 }
+
+/// Linux's vsock driver (vmw_vsock_virtio_transport) on rhyve's virtio-vsock with Firecracker's
+/// unix-socket host side: 1 MiB each way at once, host-initiated (CONNECT/OK on the socket,
+/// half-close) and guest-initiated (to `<path>_6000`), every byte checked on both ends, and a
+/// refused connect to a port nothing listens on.
+#[test]
+fn stock_linux_talks_vsock_both_ways() {
+    scenario("vsock");
+}
