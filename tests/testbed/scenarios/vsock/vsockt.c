@@ -558,8 +558,9 @@ static int mode_send(unsigned cid, unsigned port, uint64_t bytes)
     }
     memset(&me, 0, sizeof me);
     getsockname(fd, (struct sockaddr *)&me, &ml);
-    snprintf(who, sizeof who, "cid=%u port=%u local=%u:%u attempts=%u connect-ms=%.0f", cid,
-             port, me.svm_cid, me.svm_port, attempts, (now_s() - t0) * 1000);
+    /* (an autobound socket's own CID reads as VMADDR_CID_ANY: only the port is shown) */
+    snprintf(who, sizeof who, "cid=%u port=%u local-port=%u attempts=%u connect-ms=%.0f", cid,
+             port, me.svm_port, attempts, (now_s() - t0) * 1000);
     memset(&x, 0, sizeof x);
     x.bytes = bytes;
     x.seed = seed_for(port);
