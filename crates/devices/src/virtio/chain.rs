@@ -6,7 +6,7 @@
 //! every fault is reported: the device answers with its error status, it never panics.
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::GuestMemoryMmap;
 
@@ -153,6 +153,36 @@ pub fn parse(
         c.note_fault(ChainError::Broken);
     }
     c
+}
+
+/// Copies `data` into `segs` laid end to end; false if guest memory refused a write.
+pub(crate) fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], data: &[u8]) -> bool {
+    let mut done = 0;
+    for &Segment { addr: a, len: n } in segs {
+        if done == data.len() {
+            break;
+        }
+        let k = n.min(data.len() - done);
+        if mem.write_slice(&data[done..done + k], a).is_err() {
+            return false;
+        }
+        done += k;
+    }
+    true
+}
+
+/// Fills `out` from the start of `segs` laid end to end (which must hold that much).
+pub(crate) fn gather_prefix(mem: &GuestMemoryMmap, segs: &[Segment], out: &mut [u8]) -> Option<()> {
+    let mut done = 0;
+    for &Segment { addr: a, len: n } in segs {
+        if done == out.len() {
+            break;
+        }
+        let k = n.min(out.len() - done);
+        mem.read_slice(&mut out[done..done + k], a).ok()?;
+        done += k;
+    }
+    (done == out.len()).then_some(())
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::chain::{self, ChainError, ChainLimits, Segment as Seg};
+use super::chain::{self, gather_prefix, scatter, ChainError, ChainLimits, Segment as Seg};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use super::worker::{
     arm_at_most, clear_expired, rate_timer, Worker as DeviceThread, WorkerCtl, CTL_TOKEN,
@@ -357,22 +357,6 @@ fn seg_len(segs: &[Seg]) -> usize {
     segs.iter().map(|s| s.len).sum()
 }
 
-/// Copies `data` into `segs` laid end to end; false if guest memory refused a write.
-fn scatter(mem: &GuestMemoryMmap, segs: &[Seg], data: &[u8]) -> bool {
-    let mut done = 0;
-    for &Seg { addr: a, len: n } in segs {
-        if done == data.len() {
-            break;
-        }
-        let k = n.min(data.len() - done);
-        if mem.write_slice(&data[done..done + k], a).is_err() {
-            return false;
-        }
-        done += k;
-    }
-    true
-}
-
 /// Copies `segs` laid end to end into `out` (which must be at least as long); the length.
 fn gather(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<usize> {
     let mut done = 0;
@@ -381,20 +365,6 @@ fn gather(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<usize> 
         done += n;
     }
     Some(done)
-}
-
-/// Fills `out` from the start of `segs` laid end to end (which must hold that much).
-fn gather_prefix(mem: &GuestMemoryMmap, segs: &[Seg], out: &mut [u8]) -> Option<()> {
-    let mut done = 0;
-    for &Seg { addr: a, len: n } in segs {
-        if done == out.len() {
-            break;
-        }
-        let k = n.min(out.len() - done);
-        mem.read_slice(&mut out[done..done + k], a).ok()?;
-        done += k;
-    }
-    (done == out.len()).then_some(())
 }
 
 /// Host iovecs for `segs` laid end to end, without their first `skip` bytes; None if a

@@ -19,12 +19,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::chain::{self, ChainLimits, Segment};
+use super::chain::{self, gather_prefix, scatter, ChainLimits};
 use super::worker::WorkerCtl;
 use super::{
     check_queues, clear_expired, drain_queue, guest_error, rate_timer, read_config_bytes,
@@ -173,49 +172,6 @@ impl Drop for Vsock {
     }
 }
 
-/// Writes `parts` one after the other across `segs`; false if guest memory refused.
-fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], parts: &[&[u8]]) -> bool {
-    let mut segs = segs.iter().copied();
-    let mut cur: Option<Segment> = None;
-    for part in parts {
-        let mut data = *part;
-        while !data.is_empty() {
-            let seg = match cur.take().or_else(|| segs.next()) {
-                Some(s) => s,
-                None => return false,
-            };
-            let n = seg.len.min(data.len());
-            if mem.write_slice(&data[..n], seg.addr).is_err() {
-                return false;
-            }
-            data = &data[n..];
-            if n < seg.len {
-                cur = Some(Segment {
-                    addr: seg.addr.unchecked_add(n as u64),
-                    len: seg.len - n,
-                });
-            }
-        }
-    }
-    true
-}
-
-/// Reads `out.len()` bytes from the start of `segs`; false when they are shorter.
-fn gather(mem: &GuestMemoryMmap, segs: &[Segment], out: &mut [u8]) -> bool {
-    let mut done = 0;
-    for seg in segs {
-        if done == out.len() {
-            break;
-        }
-        let n = seg.len.min(out.len() - done);
-        if mem.read_slice(&mut out[done..done + n], seg.addr).is_err() {
-            return false;
-        }
-        done += n;
-    }
-    done == out.len()
-}
-
 /// The device thread's state.
 struct VsockWorker {
     mem: GuestMemoryMmap,
@@ -226,7 +182,7 @@ struct VsockWorker {
     timer: TimerFd,
     muxer: Muxer,
     stats: Arc<VsockStats>,
-    /// One packet's payload, either way.
+    /// One packet, header then payload, either way.
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
 }
@@ -251,9 +207,8 @@ impl VsockWorker {
                 }
             };
             let mut hdr = [0u8; HDR_LEN];
-            let Some(h) = gather(mem, &c.readable, &mut hdr)
-                .then(|| Header::parse(&hdr))
-                .flatten()
+            let Some(h) =
+                gather_prefix(mem, &c.readable, &mut hdr).and_then(|()| Header::parse(&hdr))
             else {
                 guest_error(
                     &stats.guest_errors,
@@ -270,7 +225,7 @@ impl VsockWorker {
                 return 0;
             }
             buf.resize(HDR_LEN + len, 0);
-            if !gather(mem, &c.readable, buf) {
+            if gather_prefix(mem, &c.readable, buf).is_none() {
                 return 0;
             }
             muxer.handle_tx(epoll, &h, &buf[HDR_LEN..]);
@@ -319,11 +274,12 @@ impl VsockWorker {
             let len = match chain::parse(chain, &self.mem, limits).checked() {
                 Ok(c) if c.readable.is_empty() && c.writable_len >= HDR_LEN as u64 => {
                     let room = (c.writable_len as usize - HDR_LEN).min(MAX_PAYLOAD);
-                    match self.muxer.next_rx(room, &mut self.rx_buf) {
+                    // The payload lands after the header's room: one buffer to copy out.
+                    match self.muxer.next_rx(room, &mut self.rx_buf[HDR_LEN..]) {
                         Some((h, n)) => {
-                            let bytes = h.to_bytes();
-                            if !scatter(&self.mem, &c.writable, &[&bytes, &self.rx_buf[..n]]) {
-                                bump_errors(&self.stats);
+                            self.rx_buf[..HDR_LEN].copy_from_slice(&h.to_bytes());
+                            if !scatter(&self.mem, &c.writable, &self.rx_buf[..HDR_LEN + n]) {
+                                self.stats.host_errors.fetch_add(1, Ordering::Relaxed);
                             }
                             (HDR_LEN + n) as u32
                         }
@@ -423,10 +379,6 @@ impl VsockWorker {
     }
 }
 
-fn bump_errors(stats: &VsockStats) {
-    stats.host_errors.fetch_add(1, Ordering::Relaxed);
-}
-
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
@@ -491,7 +443,7 @@ impl VirtioDevice for Vsock {
                 self.stats.clone(),
             ),
             stats: self.stats.clone(),
-            rx_buf: vec![0u8; MAX_PAYLOAD],
+            rx_buf: vec![0u8; HDR_LEN + MAX_PAYLOAD],
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_PAYLOAD),
         };
         let thread = Worker::spawn(WorkerClass::Vsock, interrupt, move |ctl| {
