@@ -20,19 +20,21 @@ pub mod worker;
 
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::lifecycle::{LifecycleError, Stat};
 use crate::rate_limiter::RateLimiter;
 use crate::threads::WorkerClass;
-pub(crate) use worker::{arm_at_most, clear_expired, rate_timer, Worker, CTL_TOKEN, TIMER_TOKEN};
+pub(crate) use worker::{
+    arm_at_most, clear_expired, rate_timer, watch_kicks, Worker, CTL_TOKEN, TIMER_TOKEN,
+};
 
 pub use block::{Block, BlockConfig, BlockConfigError, BlockError, BlockStats};
 pub use net::{Net, NetConfig, NetConfigError, NetStats, TYPE_NET};
@@ -340,19 +342,9 @@ where
 {
     let epoll = Epoll::new()?;
     let timer = rate_timer(&epoll)?;
-    for (i, k) in kicks.iter().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            k.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, i as u64),
-        )?;
-    }
+    watch_kicks(&epoll, &kicks)?;
     Worker::spawn(class, interrupt, move |ctl| {
-        if let Err(e) = epoll.ctl(
-            ControlOperation::Add,
-            ctl.fd(),
-            EpollEvent::new(EventSet::IN, CTL_TOKEN),
-        ) {
+        if let Err(e) = ctl.watch(&epoll) {
             log::error!("virtio worker: epoll: {e}");
             return;
         }

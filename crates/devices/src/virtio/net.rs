@@ -33,8 +33,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::chain::{self, gather_prefix, scatter, ChainError, ChainLimits, Segment as Seg};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use super::worker::{
-    arm_at_most, clear_expired, rate_timer, Worker as DeviceThread, WorkerCtl, CTL_TOKEN,
-    TIMER_TOKEN,
+    arm_at_most, clear_expired, rate_timer, watch_kicks, Worker as DeviceThread, WorkerCtl,
+    CTL_TOKEN, TIMER_TOKEN,
 };
 use super::{
     check_queues, drain_queue, guest_error, overlapping, read_config_bytes, ActivateError,
@@ -1199,23 +1199,10 @@ impl VirtioDevice for Net {
             ctrl,
         )
         .map_err(ActivateError::Worker)?;
-        for (i, k) in kicks.iter().enumerate() {
-            worker
-                .epoll
-                .ctl(
-                    ControlOperation::Add,
-                    k.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, i as u64),
-                )
-                .map_err(ActivateError::Worker)?;
-        }
+        watch_kicks(&worker.epoll, &kicks).map_err(ActivateError::Worker)?;
         worker.poll_tap(true);
         let thread = DeviceThread::spawn(WorkerClass::Net, interrupt, move |ctl| {
-            match worker.epoll.ctl(
-                ControlOperation::Add,
-                ctl.fd(),
-                EpollEvent::new(EventSet::IN, CTL_TOKEN),
-            ) {
+            match ctl.watch(&worker.epoll) {
                 Ok(()) => worker.run(kicks, ctl),
                 Err(e) => log::error!("virtio-net: epoll: {e}"),
             }

@@ -62,6 +62,15 @@ impl WorkerCtl {
         self.event.as_raw_fd()
     }
 
+    /// Puts the control eventfd in the worker's `epoll` under [`CTL_TOKEN`].
+    pub(crate) fn watch(&self, epoll: &Epoll) -> io::Result<()> {
+        epoll.ctl(
+            ControlOperation::Add,
+            self.fd(),
+            EpollEvent::new(EventSet::IN, CTL_TOKEN),
+        )
+    }
+
     /// Called by the worker when the control eventfd is readable: parks while paused;
     /// false when the worker must return.
     pub(crate) fn on_event(&self) -> bool {
@@ -92,6 +101,18 @@ impl WorkerCtl {
             log::error!("virtio worker: cannot signal the worker: {e}");
         }
     }
+}
+
+/// Puts each queue's kick eventfd in `epoll`, its token the queue's index.
+pub(crate) fn watch_kicks(epoll: &Epoll, kicks: &[EventFd]) -> io::Result<()> {
+    for (i, k) in kicks.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            k.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, i as u64),
+        )?;
+    }
+    Ok(())
 }
 
 /// A timer for a worker's rate limits, in `epoll` under [`TIMER_TOKEN`].

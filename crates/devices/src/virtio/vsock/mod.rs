@@ -11,7 +11,7 @@ pub mod muxer;
 pub mod packet;
 
 use std::io;
-use std::os::fd::AsRawFd;
+
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -27,8 +27,8 @@ use super::chain::{self, gather_prefix, scatter, ChainLimits};
 use super::worker::WorkerCtl;
 use super::{
     check_queues, clear_expired, drain_queue, guest_error, rate_timer, read_config_bytes,
-    ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, Worker, CTL_TOKEN, TIMER_TOKEN,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    watch_kicks, ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, Worker, CTL_TOKEN,
+    TIMER_TOKEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::lifecycle::{LifecycleError, Stat};
 use crate::threads::WorkerClass;
@@ -420,15 +420,7 @@ impl VirtioDevice for Vsock {
         };
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;
         let timer = rate_timer(&epoll).map_err(ActivateError::Worker)?;
-        for (i, k) in kicks.iter().enumerate() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    k.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, i as u64),
-                )
-                .map_err(ActivateError::Worker)?;
-        }
+        watch_kicks(&epoll, &kicks).map_err(ActivateError::Worker)?;
         let worker = VsockWorker {
             mem,
             irq: interrupt.clone(),
@@ -447,11 +439,7 @@ impl VirtioDevice for Vsock {
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_PAYLOAD),
         };
         let thread = Worker::spawn(WorkerClass::Vsock, interrupt, move |ctl| {
-            match worker.epoll.ctl(
-                ControlOperation::Add,
-                ctl.fd(),
-                EpollEvent::new(EventSet::IN, CTL_TOKEN),
-            ) {
+            match ctl.watch(&worker.epoll) {
                 Ok(()) => worker.run(kicks, ctl),
                 Err(e) => log::error!("virtio-vsock: epoll: {e}"),
             }
