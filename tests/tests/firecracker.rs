@@ -771,9 +771,8 @@ fn the_command_line_is_firecracker_s() {
 /// 6000 reaches `<uds_path>_6000`.
 #[test]
 fn put_vsock_connects_both_ways() {
-    require_kvm();
-    let dir = scratch_dir("fc-vsock");
-    let sock = dir.join("api.sock");
+    let mut fc = Fc::start("fcvsock", &[], &[]);
+    let (sock, dir) = (fc.sock.clone(), fc.dir.clone());
     let vsock = dir.join("v.sock");
     let out_listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_6000")).unwrap();
     let host_side = std::thread::spawn(move || {
@@ -785,17 +784,6 @@ fn put_vsock_connects_both_ways() {
         s.shutdown(std::net::Shutdown::Write).unwrap();
         String::from_utf8_lossy(&hello).into_owned()
     });
-    let mut rhyve = Spawned::spawn(
-        Command::new(rhyve_bin())
-            .env("RHYVE_RUNDIR", dir.join("run"))
-            .args(["--id", "fcvsock", "--api-sock"])
-            .arg(&sock),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let body = |cid: u32, path: &Path| {
         format!(
             r#"{{"vsock_id": "vsock0", "guest_cid": {cid}, "uds_path": "{}"}}"#,
@@ -838,7 +826,7 @@ fn put_vsock_connects_both_ways() {
         "/actions",
         r#"{"action_type": "InstanceStart"}"#,
     );
-    rhyve.wait_for("vsock cid=3");
+    fc.rhyve.wait_for("vsock cid=3");
     let mut s = UnixStream::connect(&vsock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(b"CONNECT 5000\n").unwrap();
@@ -851,9 +839,9 @@ fn put_vsock_connects_both_ways() {
     let mut back = String::new();
     r.read_to_string(&mut back).unwrap();
     assert_eq!(back, "echo me\n");
-    rhyve.wait_for("vsock done");
+    fc.rhyve.wait_for("vsock done");
     assert_eq!(host_side.join().unwrap(), "hello from the guest\n");
-    let out = rhyve.stdout();
+    let out = fc.rhyve.stdout();
     for line in [
         "vsock out got=hello from the host",
         "vsock echo port=5000 bytes=8",
@@ -865,12 +853,5 @@ fn put_vsock_connects_both_ways() {
         out.contains("vsock done\nrhyve-guest: checks fail=0"),
         "{out}"
     );
-    unsafe_kill(&rhyve);
-    let code = wait_exit(&mut rhyve.child.0, Duration::from_secs(30)).map(|s| s.code());
-    assert_eq!(code, Some(Some(0)), "{}", rhyve.stderr());
-}
-
-fn unsafe_kill(vm: &Spawned) {
-    // SAFETY: a signal to our own child process.
-    unsafe { libc::kill(vm.child.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(fc.terminate(), 0, "{}", fc.rhyve.stderr());
 }
