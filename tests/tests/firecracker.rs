@@ -839,7 +839,8 @@ fn put_vsock_connects_both_ways() {
     let mut back = String::new();
     r.read_to_string(&mut back).unwrap();
     assert_eq!(back, "echo me\n");
-    fc.rhyve.wait_for("vsock done");
+    // The whole end of the report (the stream is read as it comes).
+    fc.rhyve.wait_for("vsock done\nrhyve-guest: checks fail=0");
     assert_eq!(host_side.join().unwrap(), "hello from the guest\n");
     let out = fc.rhyve.stdout();
     for line in [
