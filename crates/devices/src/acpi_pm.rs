@@ -235,6 +235,62 @@ impl BusDevice for PmTimer {
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
+/// PM1 status and enable; the SCI is driven again from them (the line is level-triggered
+/// and the new process starts with it low).
+impl crate::lifecycle::Lifecycle for Pm1Event {
+    fn save_state(&self) -> Result<Vec<u8>, crate::lifecycle::LifecycleError> {
+        let mut w = platform::codec::Writer::new();
+        w.u16(self.status).u16(self.enable);
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::lifecycle::LifecycleError> {
+        let mut r = platform::codec::Reader::new(state);
+        let (status, enable) = (r.u16("pm1 status")?, r.u16("pm1 enable")?);
+        r.finish()?;
+        (self.status, self.enable) = (status, enable);
+        self.sci_level = false;
+        self.update_sci();
+        Ok(())
+    }
+}
+
+/// PM1 control (SLP_TYP and friends, SCI_EN).
+impl crate::lifecycle::Lifecycle for Pm1Control {
+    fn save_state(&self) -> Result<Vec<u8>, crate::lifecycle::LifecycleError> {
+        let mut w = platform::codec::Writer::new();
+        w.u16(self.value);
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::lifecycle::LifecycleError> {
+        let mut r = platform::codec::Reader::new(state);
+        let value = r.u16("pm1 control")?;
+        r.finish()?;
+        self.value = value;
+        Ok(())
+    }
+}
+
+/// The count: it goes on from where it was (the guest sees no jump while it was saved).
+impl crate::lifecycle::Lifecycle for PmTimer {
+    fn save_state(&self) -> Result<Vec<u8>, crate::lifecycle::LifecycleError> {
+        let mut w = platform::codec::Writer::new();
+        w.u64(self.start.elapsed().as_nanos() as u64);
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::lifecycle::LifecycleError> {
+        let mut r = platform::codec::Reader::new(state);
+        let elapsed = std::time::Duration::from_nanos(r.u64("pm timer")?);
+        r.finish()?;
+        let now = std::time::Instant::now();
+        // A count from before this host booted cannot be expressed: start from now.
+        self.start = now.checked_sub(elapsed).unwrap_or(now);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -307,6 +307,64 @@ impl BusDevice for I8042 {
     }
 }
 
+/// The controller's registers and output buffer.
+impl crate::lifecycle::Lifecycle for I8042 {
+    fn save_state(&self) -> Result<Vec<u8>, crate::lifecycle::LifecycleError> {
+        let out: Vec<u8> = self.out.iter().copied().collect();
+        let dest = match self.dest {
+            DataDest::Keyboard => (0, 0),
+            DataDest::Ctr => (1, 0),
+            DataDest::OutputPort => (2, 0),
+            DataDest::KbdOutput => (3, 0),
+            DataDest::AuxLoop => (4, 0),
+            DataDest::AuxWrite => (5, 0),
+            DataDest::KbdParam(cmd) => (6, cmd),
+        };
+        let mut w = platform::codec::Writer::new();
+        w.bytes(&out)
+            .u8(self.last)
+            .u8(self.ctr)
+            .u8(self.outport)
+            .bool(self.last_was_cmd)
+            .u8(dest.0)
+            .u8(dest.1);
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::lifecycle::LifecycleError> {
+        use crate::lifecycle::LifecycleError;
+        let mut r = platform::codec::Reader::new(state);
+        let out = r.bytes("i8042 output")?;
+        if out.len() > OUTPUT_CAP {
+            return Err(LifecycleError::BadState(
+                "i8042: output buffer too long".into(),
+            ));
+        }
+        let (last, ctr, outport) = (r.u8("i8042")?, r.u8("i8042 ctr")?, r.u8("i8042 port")?);
+        let last_was_cmd = r.bool("i8042 cmd")?;
+        let (dest, cmd) = (r.u8("i8042 dest")?, r.u8("i8042 param")?);
+        let dest = match dest {
+            0 => DataDest::Keyboard,
+            1 => DataDest::Ctr,
+            2 => DataDest::OutputPort,
+            3 => DataDest::KbdOutput,
+            4 => DataDest::AuxLoop,
+            5 => DataDest::AuxWrite,
+            6 => DataDest::KbdParam(cmd),
+            v => {
+                return Err(LifecycleError::BadState(format!(
+                    "i8042: data destination {v}"
+                )))
+            }
+        };
+        r.finish()?;
+        self.out = out.iter().copied().collect();
+        (self.last, self.ctr, self.outport) = (last, ctr, outport);
+        (self.last_was_cmd, self.dest) = (last_was_cmd, dest);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

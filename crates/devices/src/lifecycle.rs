@@ -1,6 +1,7 @@
 //! What the VMM can do with any device besides emulating it: pause and resume (a paused
 //! device touches neither guest memory nor its backend), ask its state and counters, and save
-//! or restore its state (the snapshot hooks; devices fill them in as snapshots arrive).
+//! or restore its state (snapshots: [`platform::codec`] bytes, put back into a device built
+//! the same way, before any vCPU runs).
 //! In the spirit of Cloud Hypervisor's Pausable/Snapshottable and crosvm's sleep/wake.
 
 use std::fmt;
@@ -44,6 +45,15 @@ pub enum LifecycleError {
     /// the device cannot save or restore its state yet
     #[error("the device cannot save or restore its state yet")]
     Unsupported,
+    /// the saved state does not fit this device
+    #[error("{0}")]
+    BadState(String),
+}
+
+impl From<platform::codec::DecodeError> for LifecycleError {
+    fn from(e: platform::codec::DecodeError) -> Self {
+        LifecycleError::BadState(e.to_string())
+    }
 }
 
 /// A change to a running device's backend (Firecracker's `PATCH /drives/{id}`).

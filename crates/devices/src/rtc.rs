@@ -272,12 +272,60 @@ impl BusDevice for Rtc {
     }
 }
 
+/// The selected register, CMOS and the guest's offset from host time; the clock goes on
+/// from host time, as a real RTC keeps time while the machine is off.
+impl crate::lifecycle::Lifecycle for Rtc {
+    fn save_state(&self) -> Result<Vec<u8>, crate::lifecycle::LifecycleError> {
+        let mut w = platform::codec::Writer::new();
+        w.u8(self.index as u8).bytes(&self.cmos).i64(self.offset);
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::lifecycle::LifecycleError> {
+        let mut r = platform::codec::Reader::new(state);
+        let index = usize::from(r.u8("rtc index")?);
+        let cmos: [u8; 128] = r.bytes("cmos")?.try_into().map_err(|_| {
+            crate::lifecycle::LifecycleError::BadState("cmos: not 128 bytes".into())
+        })?;
+        let offset = r.i64("rtc offset")?;
+        r.finish()?;
+        if index >= cmos.len() {
+            return Err(crate::lifecycle::LifecycleError::BadState(format!(
+                "rtc index {index} out of range"
+            )));
+        }
+        (self.index, self.cmos, self.offset) = (index, cmos, offset);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn rtc_at(t: i64) -> Rtc {
         Rtc::new(0, 512 << 20, Box::new(move || t))
+    }
+
+    #[test]
+    fn saved_cmos_and_selected_register_come_back_and_bad_state_is_refused() {
+        use crate::lifecycle::Lifecycle;
+        let mut a = rtc_at(1_000_000);
+        a.write(0, &[0x40]);
+        a.write(1, &[0x5a]); // a CMOS byte the guest owns
+        a.write(0, &[0x40]);
+        let saved = a.save_state().unwrap();
+        let mut b = rtc_at(1_000_000);
+        b.restore_state(&saved).unwrap();
+        let mut v = [0u8];
+        b.read(1, &mut v);
+        assert_eq!(v[0], 0x5a, "the selected register and its byte");
+        for n in 0..saved.len() {
+            assert!(b.restore_state(&saved[..n]).is_err(), "{n} bytes accepted");
+        }
+        let mut bad = saved.clone();
+        bad[0] = 200; // register index out of range
+        assert!(b.restore_state(&bad).is_err());
     }
 
     fn reg(rtc: &mut Rtc, r: u8) -> u8 {

@@ -94,6 +94,61 @@ impl BusDevice for Uart {
     }
 }
 
+/// The 16550's registers and receive FIFO (vm-superio's `SerialState`).
+impl crate::lifecycle::Lifecycle for Uart {
+    fn save_state(&self) -> Result<Vec<u8>, crate::lifecycle::LifecycleError> {
+        let s = self.serial.state();
+        let mut w = platform::codec::Writer::new();
+        w.u8(s.baud_divisor_low)
+            .u8(s.baud_divisor_high)
+            .u8(s.interrupt_enable)
+            .u8(s.interrupt_identification)
+            .u8(s.line_control)
+            .u8(s.line_status)
+            .u8(s.modem_control)
+            .u8(s.modem_status)
+            .u8(s.scratch)
+            .bytes(&s.in_buffer);
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::lifecycle::LifecycleError> {
+        use crate::lifecycle::LifecycleError;
+        let mut r = platform::codec::Reader::new(state);
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: r.u8("uart divisor")?,
+            baud_divisor_high: r.u8("uart divisor")?,
+            interrupt_enable: r.u8("uart IER")?,
+            interrupt_identification: r.u8("uart IIR")?,
+            line_control: r.u8("uart LCR")?,
+            line_status: r.u8("uart LSR")?,
+            modem_control: r.u8("uart MCR")?,
+            modem_status: r.u8("uart MSR")?,
+            scratch: r.u8("uart SCR")?,
+            in_buffer: r.bytes("uart FIFO")?.to_vec(),
+        };
+        r.finish()?;
+        let irq = self
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| LifecycleError::BadState(format!("uart: eventfd: {e}")))?;
+        // Serial keeps its trigger and writer: move the writer into the restored one.
+        let placeholder = Serial::new(
+            IrqTrigger(
+                irq.try_clone()
+                    .map_err(|e| LifecycleError::BadState(format!("uart: eventfd: {e}")))?,
+            ),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut self.serial, placeholder).into_writer();
+        self.serial = Serial::from_state(&s, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| LifecycleError::BadState(format!("uart: {e:?}")))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

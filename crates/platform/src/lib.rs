@@ -18,6 +18,7 @@
 
 pub mod acpi;
 pub mod alloc;
+pub mod codec;
 pub mod irq;
 pub mod map;
 pub mod ports;

@@ -28,6 +28,7 @@ pub mod irq_routing;
 mod memory;
 mod object;
 mod rundir;
+mod state;
 mod vcpu;
 mod vm;
 
@@ -42,6 +43,7 @@ pub use object::{
     BOOT_STATE_FILE, CONFIG_FILE, MEMORY_FILE, PID_FILE,
 };
 pub use rundir::{valid_name as valid_vm_name, RunDir, RUNDIR_ENV};
+pub use state::{VcpuState, VmState};
 pub use vcpu::{InternalError, MpState, Registers, Vcpu, VmExit};
 pub use vm::{HostMemory, MemorySlot, Vm, IDENTITY_MAP_ADDRESS, KVM_PRIVATE_LEN};
 
@@ -95,6 +97,9 @@ pub enum Error {
     /// GSI routing problem
     #[error("interrupt routing: {0}")]
     IrqRouting(String),
+    /// saved state that this KVM does not accept
+    #[error("{0}")]
+    State(String),
     /// bad VM name
     #[error("invalid VM name {0:?}: use letters, digits, '-', '_' and '.', at most 64 characters")]
     BadName(String),

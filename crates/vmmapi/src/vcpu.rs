@@ -118,8 +118,8 @@ pub struct Registers {
 
 /// One vCPU. Not `Sync`: it belongs to its thread.
 pub struct Vcpu {
-    id: u32,
-    fd: VcpuFd,
+    pub(crate) id: u32,
+    pub(crate) fd: VcpuFd,
     ram: GuestRam,
     /// Bytes of the mmap'ed `kvm_run` (bounds the I/O data KVM points into it).
     run_size: usize,

@@ -29,7 +29,7 @@ pub const KVM_PRIVATE_LEN: u64 = 0x4000;
 /// A virtual machine (bhyve: `vm_create` + `vm_setup_memory`).
 pub struct Vm {
     name: String,
-    fd: VmFd,
+    pub(crate) fd: VmFd,
     ram: GuestRam,
     /// Read-only slots (boot ROMs), after RAM's slots.
     roms: Vec<RomMapping>,
@@ -38,6 +38,8 @@ pub struct Vm {
     /// Memory slots by number: RAM's first, then ROMs, flash and device memory as they come.
     slots: Mutex<Vec<Slot>>,
     supported_cpuid: CpuId,
+    /// The MSRs KVM can save and restore (KVM_GET_MSR_INDEX_LIST), for snapshots.
+    msr_indices: Vec<u32>,
     /// The GSI routing table: the PC's pins, then MSI routes (None: KVM cannot route).
     routing: Option<IrqRouting>,
     // Dropped last: releases (or, if ephemeral, removes) the VM object once KVM objects
@@ -126,6 +128,12 @@ impl Vm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_indices = hv
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
         let slots = Mutex::new(vec![Slot::Fixed; ram.regions().len()]);
         Ok(Self {
             name,
@@ -135,6 +143,7 @@ impl Vm {
             flash: Vec::new(),
             slots,
             supported_cpuid,
+            msr_indices,
             routing,
             object,
         })
@@ -348,6 +357,21 @@ impl Vm {
         vcpu.setup_lapic()?;
         vcpu.set_boot_msrs()?;
         Ok(vcpu)
+    }
+
+    /// The MSRs a vCPU snapshot holds.
+    pub fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+
+    /// The CPUID vCPU `index` gets, as (function, index, eax, ebx, ecx, edx) per leaf: what
+    /// a snapshot records so that a restore on another CPU can be refused.
+    pub fn cpuid_leaves(&self, index: u32, topo: &Topology) -> Vec<[u32; 6]> {
+        cpuid::for_vcpu(&self.supported_cpuid, index, topo)
+            .as_slice()
+            .iter()
+            .map(|e| [e.function, e.index, e.eax, e.ebx, e.ecx, e.edx])
+            .collect()
     }
 
     /// Signals `fd` → GSI `gsi` in the in-kernel irqchip (KVM_IRQFD): a write to the eventfd

@@ -497,6 +497,39 @@ impl PciConfig {
     }
 }
 
+impl PciConfig {
+    /// The config space as the guest left it, for a snapshot (the layout — BARs,
+    /// capabilities, write masks — is the device's and is rebuilt by it).
+    pub fn save_state(&self, w: &mut platform::codec::Writer) {
+        w.bytes(&self.data[..]);
+    }
+
+    /// Puts back what [`save_state`](Self::save_state) wrote into a function built the same
+    /// way; the identity (vendor, device, class) must match.
+    pub fn restore_state(
+        &mut self,
+        r: &mut platform::codec::Reader<'_>,
+    ) -> Result<(), crate::lifecycle::LifecycleError> {
+        let data = r.bytes("PCI config space")?;
+        let data: &[u8; CONFIG_SPACE_SIZE] = data.try_into().map_err(|_| {
+            crate::lifecycle::LifecycleError::BadState(format!(
+                "PCI config space of {} bytes",
+                data.len()
+            ))
+        })?;
+        // Vendor/device ids, revision and class code: what the function is.
+        if data[..4] != self.data[..4] || data[8..12] != self.data[8..12] {
+            return Err(crate::lifecycle::LifecycleError::BadState(format!(
+                "the saved function is {:02x}{:02x}:{:02x}{:02x}, this one {:02x}{:02x}:{:02x}{:02x}",
+                data[1], data[0], data[3], data[2], self.data[1], self.data[0], self.data[3],
+                self.data[2]
+            )));
+        }
+        self.data.copy_from_slice(data);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,8 +116,20 @@ impl ConfigOnlyFunction {
     }
 }
 
-/// Configuration space only: nothing to pause, no counters.
-impl Lifecycle for ConfigOnlyFunction {}
+/// Configuration space only: nothing to pause, no counters; the state is the config space.
+impl Lifecycle for ConfigOnlyFunction {
+    fn save_state(&self) -> Result<Vec<u8>, crate::lifecycle::LifecycleError> {
+        let mut w = platform::codec::Writer::new();
+        self.config.save_state(&mut w);
+        Ok(w.finish())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::lifecycle::LifecycleError> {
+        let mut r = platform::codec::Reader::new(state);
+        self.config.restore_state(&mut r)?;
+        Ok(r.finish()?)
+    }
+}
 
 impl PciDevice for ConfigOnlyFunction {
     fn config(&self) -> &PciConfig {

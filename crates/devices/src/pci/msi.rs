@@ -149,6 +149,14 @@ impl Msi {
     }
 }
 
+impl Msi {
+    /// Takes registers and pending bit from a restored config space (both live there).
+    pub fn restore_from(&mut self, cfg: &PciConfig) {
+        self.regs = MsiRegs::read(cfg, self.cap);
+        self.pending = self.regs.enabled && cfg.read_u32(self.cap.offset + MSI_PENDING) & 1 != 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

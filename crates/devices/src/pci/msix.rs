@@ -231,6 +231,41 @@ impl MsixTable {
     }
 }
 
+impl MsixTable {
+    /// The table and pending bits (enable and function mask live in config space).
+    pub fn save_state(&self, w: &mut platform::codec::Writer) {
+        w.bytes(&self.table);
+        w.u32(self.pending.len() as u32);
+        for p in &self.pending {
+            w.u64(*p);
+        }
+    }
+
+    /// Puts back [`save_state`](Self::save_state)'s table; call
+    /// [`control_written`](Self::control_written) afterwards with the restored config
+    /// space, which announces every live vector's route to the (new) sink.
+    pub fn restore_state(
+        &mut self,
+        r: &mut platform::codec::Reader<'_>,
+    ) -> Result<(), crate::lifecycle::LifecycleError> {
+        let table = r.bytes("MSI-X table")?;
+        let n = r.count(8, "MSI-X pending")?;
+        if table.len() != self.table.len() || n != self.pending.len() {
+            return Err(crate::lifecycle::LifecycleError::BadState(format!(
+                "MSI-X table of {} bytes, this function's has {}",
+                table.len(),
+                self.table.len()
+            )));
+        }
+        self.table.copy_from_slice(table);
+        for p in self.pending.iter_mut() {
+            *p = r.u64("MSI-X pending")?;
+        }
+        self.routed.fill(None);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Mutex;

@@ -257,6 +257,33 @@ impl PciRoot {
         t.extend(entries);
     }
 
+    /// Puts a snapshot's state back into function `slot:func` (bus 0), then decodes its BARs
+    /// where the saved config space has them (the device hears of each move, as after a
+    /// guest write).
+    pub fn restore_function(
+        &self,
+        slot: u8,
+        func: u8,
+        state: &[u8],
+    ) -> Result<(), crate::lifecycle::LifecycleError> {
+        let i = self.find(slot, func).ok_or_else(|| {
+            crate::lifecycle::LifecycleError::BadState(format!("no function at 0:{slot}:{func}"))
+        })?;
+        {
+            let mut d = lock(&self.functions[i].dev);
+            let before = decoded_bars(&*d);
+            d.restore_state(state)?;
+            let after = decoded_bars(&*d);
+            for b in 0..NUM_BARS {
+                if before[b] != after[b] {
+                    d.bar_moved(b, after[b]);
+                }
+            }
+        }
+        self.update_decode(i);
+        Ok(())
+    }
+
     /// Reads `data.len()` bytes of function `slot:func`'s config space at `reg` (bus 0);
     /// absent functions and other buses read all-ones.
     pub fn config_read(&self, bus: u8, slot: u8, func: u8, reg: u64, data: &mut [u8]) {

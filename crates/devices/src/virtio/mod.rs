@@ -129,6 +129,23 @@ pub trait VirtioDevice: Send {
         Err("this device cannot be changed while it runs".into())
     }
     fn counters(&self) -> Vec<Stat>;
+    /// The device's own state for a snapshot, besides what the transport saves (features,
+    /// queues); none for most devices.
+    fn save_state(&self) -> Result<Vec<u8>, LifecycleError> {
+        Ok(Vec::new())
+    }
+    /// Puts [`save_state`](Self::save_state)'s bytes back, before activation.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), LifecycleError> {
+        match state {
+            [] => Ok(()),
+            _ => Err(LifecycleError::BadState(format!(
+                "{} bytes of device state for a device that has none",
+                state.len()
+            ))),
+        }
+    }
+    /// Activated again from a snapshot (e.g. vsock tells the driver its connections are gone).
+    fn restored(&mut self) {}
 }
 
 /// Checks the queue and kick counts and that every queue is usable in `mem`.

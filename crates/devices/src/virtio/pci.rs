@@ -48,6 +48,8 @@ use crate::lifecycle::{DeviceState, Lifecycle, LifecycleError, Stat};
 use crate::limited_log::LimitedWarning;
 use crate::pci::config::{CAP_ID_VENDOR, CMD_INTX_DISABLE};
 use crate::pci::{BarKind, BarSpec, InterruptSink, Msi, MsixTable, PciConfig, PciDevice};
+use platform::codec::{Reader, Writer};
+use vm_memory::Bytes;
 
 /// Red Hat's virtio vendor ID.
 pub const VENDOR_ID: u16 = 0x1af4;
@@ -223,6 +225,9 @@ pub struct VirtioPci {
     guest_errors: AtomicU64,
     /// Paused by the VMM.
     paused: bool,
+    /// Restored from a snapshot with DRIVER_OK: the device starts at the next resume, once
+    /// the vCPUs' and the irqchip's state are back.
+    start_on_resume: bool,
 }
 
 fn vendor_cap(cfg_type: u8, bar: u8, offset: u32, length: u32, extra: &[u8]) -> Vec<u8> {
@@ -363,6 +368,7 @@ impl VirtioPci {
             pci_cfg_cap,
             guest_errors: AtomicU64::new(0),
             paused: false,
+            start_on_resume: false,
         })
     }
 
@@ -547,6 +553,14 @@ impl VirtioPci {
     }
 
     fn activate(&mut self) -> Result<(), String> {
+        self.start_device(false)
+    }
+
+    /// Hands the device its queues. `restored`: they were running when the snapshot was
+    /// taken; a paused device has used every chain it took (its workers finish the batch in
+    /// hand before parking), so the next chain to take and the next used slot are both where
+    /// the used ring's index (in the restored guest RAM) says.
+    fn start_device(&mut self, restored: bool) -> Result<(), String> {
         let event_idx = self.driver_features & self.dev.features() & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         let mut kicks = Vec::with_capacity(self.queues.len());
@@ -563,6 +577,15 @@ impl VirtioPci {
                     .map_err(|e| format!("queue {i} device area {:#x}: {e}", r.device))?;
                 q.set_event_idx(event_idx);
                 q.set_ready(true);
+                if restored {
+                    let at = GuestAddress(r.device.wrapping_add(2));
+                    let used: u16 = self
+                        .mem
+                        .read_obj(at)
+                        .map_err(|e| format!("queue {i} used index at {at:#x?}: {e}"))?;
+                    q.set_next_avail(used);
+                    q.set_next_used(used);
+                }
             }
             queues.push(q);
             kicks.push(
@@ -695,8 +718,163 @@ impl Lifecycle for VirtioPci {
     }
 
     fn resume(&mut self) {
+        if std::mem::take(&mut self.start_on_resume) {
+            match self.start_device(true) {
+                Ok(()) => self.dev.restored(),
+                Err(e) => {
+                    log::warn!("{}: cannot restart the restored device: {e}", self.name());
+                    self.status |= STATUS_NEEDS_RESET;
+                    self.irq.config_changed();
+                }
+            }
+        }
         self.dev.resume();
         self.paused = false;
+    }
+
+    /// Config space, transport registers, interrupt state and what the device offers (its
+    /// features and configuration, checked on restore: the backend given again must look the
+    /// same to the driver), then the device's own state.
+    fn save_state(&self) -> Result<Vec<u8>, LifecycleError> {
+        let mut w = Writer::new();
+        self.config.save_state(&mut w);
+        w.u64(self.dev.features());
+        let mut devcfg = vec![0u8; DEVICE_LEN as usize];
+        self.dev.read_config(0, &mut devcfg);
+        w.bytes(&devcfg);
+        w.u32(self.device_feature_select)
+            .u32(self.driver_feature_select)
+            .u64(self.driver_features)
+            .u8(self.device_status())
+            .u8(self.config_generation)
+            .u16(self.queue_select);
+        w.u32(self.queues.len() as u32);
+        for q in &self.queues {
+            w.u16(q.size)
+                .bool(q.enable)
+                .u64(q.desc)
+                .u64(q.driver)
+                .u64(q.device);
+        }
+        {
+            let s = self.irq.lock();
+            s.msix.save_state(&mut w);
+            w.u8(s.isr).bool(s.intx).u16(s.config_vector);
+            w.u32(s.queue_vectors.len() as u32);
+            for v in &s.queue_vectors {
+                w.u16(*v);
+            }
+        }
+        w.bytes(&self.dev.save_state()?);
+        Ok(w.finish())
+    }
+
+    /// Puts [`save_state`](Self::save_state)'s bytes into this freshly built, never started
+    /// transport. A device that was running comes back paused and starts at [`resume`].
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), LifecycleError> {
+        let bad = |m: String| LifecycleError::BadState(format!("{}: {m}", self.name()));
+        if self.status != 0 {
+            return Err(bad("restore into a device that already runs".into()));
+        }
+        let mut r = Reader::new(state);
+        let mut config = self.config.clone();
+        config.restore_state(&mut r)?;
+        let features = r.u64("virtio features")?;
+        if features != self.dev.features() {
+            return Err(bad(format!(
+                "it offers features {:#x}, the saved device offered {features:#x} (were its options changed?)",
+                self.dev.features()
+            )));
+        }
+        let devcfg = r.bytes("virtio device config")?;
+        let mut mine = vec![0u8; DEVICE_LEN as usize];
+        self.dev.read_config(0, &mut mine);
+        if devcfg != mine.as_slice() {
+            return Err(bad(
+                "its configuration differs from the saved device's (disk size, MAC address or CID changed?)"
+                    .into(),
+            ));
+        }
+        let device_feature_select = r.u32("feature select")?;
+        let driver_feature_select = r.u32("feature select")?;
+        let driver_features = r.u64("driver features")?;
+        let status = r.u8("status")?;
+        let config_generation = r.u8("config generation")?;
+        let queue_select = r.u16("queue select")?;
+        let n = r.count(27, "queues")?;
+        if n != self.queues.len() {
+            return Err(bad(format!(
+                "{n} queues saved, the device has {}",
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(n);
+        for _ in 0..n {
+            queues.push(QueueRegs {
+                size: r.u16("queue size")?,
+                enable: r.bool("queue enable")?,
+                desc: r.u64("queue desc")?,
+                driver: r.u64("queue driver")?,
+                device: r.u64("queue device")?,
+            });
+        }
+        let mut msix = MsixTable::new(self.irq.lock().msix.vectors() as u16);
+        msix.restore_state(&mut r)?;
+        let (isr, intx, config_vector) = (r.u8("isr")?, r.bool("intx")?, r.u16("vector")?);
+        let nv = r.count(2, "queue vectors")?;
+        if nv != n {
+            return Err(bad(format!("{nv} queue vectors for {n} queues")));
+        }
+        let mut queue_vectors = Vec::with_capacity(nv);
+        for _ in 0..nv {
+            queue_vectors.push(r.u16("queue vector")?);
+        }
+        let dev_state = r.bytes("device state")?;
+        r.finish()?;
+        let vectors = msix.vectors();
+        if std::iter::once(config_vector)
+            .chain(queue_vectors.iter().copied())
+            .any(|v| v != NO_VECTOR && usize::from(v) >= vectors)
+        {
+            return Err(bad("an MSI-X vector beyond the table".into()));
+        }
+        self.dev.restore_state(dev_state)?;
+        // Everything checked: apply.
+        self.config = config;
+        self.device_feature_select = device_feature_select;
+        self.driver_feature_select = driver_feature_select;
+        self.driver_features = driver_features;
+        self.config_generation = config_generation;
+        self.queue_select = queue_select;
+        self.queues = queues;
+        if status & STATUS_FEATURES_OK != 0 {
+            self.dev.ack_features(driver_features & features);
+        }
+        self.status = status;
+        let intx_off = self.config.command() & CMD_INTX_DISABLE != 0;
+        self.irq.intx_disabled.store(intx_off, Ordering::Relaxed);
+        {
+            let sink = self.irq.sink.clone();
+            let mut s = self.irq.lock();
+            s.msix = msix;
+            // Announces every live vector's route to this process's sink.
+            s.msix.control_written(&self.config, &*sink);
+            if let Some(msi) = s.msi.as_mut() {
+                msi.restore_from(&self.config);
+            }
+            s.isr = isr;
+            s.config_vector = config_vector;
+            s.queue_vectors = queue_vectors;
+            s.intx = intx && !intx_off;
+            if s.intx {
+                sink.intx(true);
+            }
+        }
+        if status & STATUS_DRIVER_OK != 0 && status & STATUS_NEEDS_RESET == 0 {
+            self.start_on_resume = true;
+            self.paused = true;
+        }
+        Ok(())
     }
 
     fn state(&self) -> DeviceState {

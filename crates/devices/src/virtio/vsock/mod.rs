@@ -1,8 +1,7 @@
 //! virtio-vsock (virtio 1.2 section 5.10), with Firecracker's host side (see [`muxer`]):
 //! stream sockets between the guest (its CID from `cid=`) and unix sockets on the host.
 //! Three queues: receive (device to guest), transmit (guest to device), and the event queue,
-//! which this device holds but never fills (its one event, TRANSPORT_RESET, follows a
-//! snapshot restore).
+//! which this device fills only after a snapshot restore, with its one event, TRANSPORT_RESET.
 //!
 //! `-s N,virtio-vsock,cid=3,path=/run/vm0.vsock`: the device listens on `path` (it must not
 //! exist) and removes it when the VM ends.
@@ -126,6 +125,9 @@ pub struct Vsock {
     stats: Arc<VsockStats>,
     acked: u64,
     thread: Option<Worker>,
+    /// Restored from a snapshot: the next activation tells the driver that every connection
+    /// is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), as Firecracker does after a restore.
+    transport_reset: bool,
 }
 
 impl Vsock {
@@ -143,6 +145,7 @@ impl Vsock {
             stats: Arc::new(VsockStats::default()),
             acked: 0,
             thread: None,
+            transport_reset: false,
         })
     }
 
@@ -185,9 +188,50 @@ struct VsockWorker {
     /// One packet, header then payload, either way.
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
+    /// The event queue, when a TRANSPORT_RESET is owed to the driver.
+    event: Option<Queue>,
 }
 
+/// virtio_vsock_event.id of a transport reset (the only event).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
 impl VsockWorker {
+    /// Puts a TRANSPORT_RESET in the driver's first event buffer (Linux posts them at
+    /// probe): its sockets learn that the peer forgot them and the CID is read again.
+    fn send_transport_reset(&mut self) {
+        let Some(mut q) = self.event.take() else {
+            return;
+        };
+        let chain = match q.iter(&self.mem) {
+            Ok(mut it) => it.next(),
+            Err(_) => None,
+        };
+        let Some(chain) = chain else {
+            log::warn!("virtio-vsock: no event buffer for the transport reset after a restore");
+            return;
+        };
+        let head = chain.head_index();
+        let limits = ChainLimits::queue(QUEUE_SIZE);
+        let len = match chain::parse(chain, &self.mem, limits).checked() {
+            Ok(c) if c.writable_len >= 4 => {
+                if !scatter(&self.mem, &c.writable, &EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                    self.stats.host_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                4
+            }
+            _ => {
+                guest_error(
+                    &self.stats.guest_errors,
+                    format_args!("virtio-vsock: event buffer not writable or under 4 bytes"),
+                );
+                0
+            }
+        };
+        if q.add_used(&self.mem, head, len).is_ok() {
+            self.irq.queue_used(EVQ as u16);
+        }
+    }
+
     /// Hands every transmitted packet to the muxer.
     fn process_tx(&mut self) -> bool {
         let limits = ChainLimits::queue(QUEUE_SIZE).with_total((HDR_LEN + MAX_PAYLOAD) as u64);
@@ -337,6 +381,7 @@ impl VsockWorker {
             return;
         }
         self.muxer.accept(&self.epoll);
+        self.send_transport_reset();
         let mut events = vec![EpollEvent::default(); 64];
         let mut tx_due = true;
         loop {
@@ -414,7 +459,7 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::AlreadyActive);
         }
         check_queues(&mem, &queues, &kicks, 3)?;
-        let _event = queues.pop();
+        let event = queues.pop();
         let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
             return Err(ActivateError::InvalidQueue(0));
         };
@@ -437,6 +482,7 @@ impl VirtioDevice for Vsock {
             stats: self.stats.clone(),
             rx_buf: vec![0u8; HDR_LEN + MAX_PAYLOAD],
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_PAYLOAD),
+            event: event.filter(|_| std::mem::take(&mut self.transport_reset)),
         };
         let thread = Worker::spawn(WorkerClass::Vsock, interrupt, move |ctl| {
             match ctl.watch(&worker.epoll) {
@@ -455,6 +501,18 @@ impl VirtioDevice for Vsock {
             t.stop();
         }
         self.acked = 0;
+    }
+
+    /// No state of its own: connections do not survive a snapshot (their host ends are
+    /// gone with the old process); the driver hears so at activation.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), LifecycleError> {
+        if !state.is_empty() {
+            return Err(LifecycleError::BadState(
+                "virtio-vsock: unexpected state".into(),
+            ));
+        }
+        self.transport_reset = true;
+        Ok(())
     }
 
     fn pause(&mut self) -> Result<(), LifecycleError> {
