@@ -179,17 +179,7 @@ impl Vcpu {
         if msrs.is_empty() {
             return Ok(());
         }
-        let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
-            .iter()
-            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let list = kvm_bindings::Msrs::from_entries(&entries)
-            .map_err(|_| Error::Memory("too many MSRs".into()))?;
-        let n = self.fd.set_msrs(&list).map_err(kvm_err("KVM_SET_MSRS"))?;
+        let n = self.write_msrs(msrs)?;
         match msrs.get(n) {
             None => Ok(()),
             Some((index, value)) => Err(Error::State(format!(

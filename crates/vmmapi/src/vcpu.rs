@@ -334,8 +334,8 @@ impl Vcpu {
             .collect())
     }
 
-    /// Writes MSRs; fails unless KVM accepted all of them.
-    pub fn set_msrs(&self, values: &[(u32, u64)]) -> Result<()> {
+    /// Writes MSRs in order until KVM refuses one; returns how many it accepted.
+    pub(crate) fn write_msrs(&self, values: &[(u32, u64)]) -> Result<usize> {
         let entries: Vec<kvm_msr_entry> = values
             .iter()
             .map(|&(index, data)| kvm_msr_entry {
@@ -346,7 +346,12 @@ impl Vcpu {
             .collect();
         let msrs =
             Msrs::from_entries(&entries).map_err(|_| Error::Memory("too many MSRs".into()))?;
-        let n = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))
+    }
+
+    /// Writes MSRs; fails unless KVM accepted all of them.
+    pub fn set_msrs(&self, values: &[(u32, u64)]) -> Result<()> {
+        let n = self.write_msrs(values)?;
         if n != values.len() {
             let bad = values.get(n).map(|v| v.0).unwrap_or(0);
             return Err(Error::Kvm {

@@ -552,6 +552,13 @@ impl VirtioPci {
         self.status = new;
     }
 
+    /// The whole device-specific config window as the driver reads it.
+    fn device_config_image(&self) -> Vec<u8> {
+        let mut b = vec![0u8; DEVICE_LEN as usize];
+        self.dev.read_config(0, &mut b);
+        b
+    }
+
     fn activate(&mut self) -> Result<(), String> {
         self.start_device(false)
     }
@@ -739,9 +746,7 @@ impl Lifecycle for VirtioPci {
         let mut w = Writer::new();
         self.config.save_state(&mut w);
         w.u64(self.dev.features());
-        let mut devcfg = vec![0u8; DEVICE_LEN as usize];
-        self.dev.read_config(0, &mut devcfg);
-        w.bytes(&devcfg);
+        w.bytes(&self.device_config_image());
         w.u32(self.device_feature_select)
             .u32(self.driver_feature_select)
             .u64(self.driver_features)
@@ -787,9 +792,7 @@ impl Lifecycle for VirtioPci {
             )));
         }
         let devcfg = r.bytes("virtio device config")?;
-        let mut mine = vec![0u8; DEVICE_LEN as usize];
-        self.dev.read_config(0, &mut mine);
-        if devcfg != mine.as_slice() {
+        if devcfg != self.device_config_image().as_slice() {
             return Err(bad(
                 "its configuration differs from the saved device's (disk size, MAC address or CID changed?)"
                     .into(),
