@@ -19,13 +19,15 @@ pub enum StopReason {
     GuestExit(i32),
     /// VMM-side failure (KVM error, emulation failure): exit 4.
     Error(String),
+    /// Saved to a snapshot and stopped (bhyvectl --suspend): exit 0, as bhyve.
+    Suspended,
 }
 
 impl StopReason {
     /// bhyve(8)'s exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::Reset => 0,
+            StopReason::Reset | StopReason::Suspended => 0,
             StopReason::PowerOff => 1,
             StopReason::Halt => 2,
             StopReason::TripleFault => 3,

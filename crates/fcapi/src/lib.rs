@@ -242,6 +242,6 @@ pub fn exit_status(reason: &devices::StopReason) -> i32 {
         TripleFault => exit_code::GENERIC_ERROR,
         // pc-testdev's exit, as in bhyve's mode (tests).
         GuestExit(code) => *code,
-        Reset | PowerOff | Halt => exit_code::OK,
+        Reset | PowerOff | Halt | Suspended => exit_code::OK,
     }
 }

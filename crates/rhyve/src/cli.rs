@@ -160,7 +160,7 @@ fn short_with_arg(t: &mut ConfigTree, c: char, v: &str) -> Result<Option<Command
         }
         'G' => return err(format!("-G {v}: the gdb stub is not supported yet")),
         'K' => return err(format!("-K {v}: keyboard layouts are not supported yet")),
-        'r' => return err(format!("-r {v}: snapshot restore is not supported yet")),
+        'r' => t.set("restore.file", v),
         _ => return err(format!("-{c}: unknown option")),
     }
     Ok(None)

@@ -49,6 +49,9 @@ pub struct Args {
     pub inject_nmi: bool,
     pub force_reset: bool,
     pub force_poweroff: bool,
+    /// `--checkpoint=FILE` or `--suspend=FILE` (then `suspend`).
+    pub checkpoint: Option<std::path::PathBuf>,
+    pub suspend: bool,
 }
 
 impl Args {
@@ -64,6 +67,7 @@ impl Args {
             || self.inject_nmi
             || self.force_reset
             || self.force_poweroff
+            || self.checkpoint.is_some()
     }
 }
 
@@ -123,7 +127,13 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
         // Options that take a value accept `--opt=V` and `--opt V`.
         let takes_value = matches!(
             opt,
-            "vm" | "cpu" | "set-mem" | "desc-base" | "desc-limit" | "desc-access"
+            "vm" | "cpu"
+                | "set-mem"
+                | "desc-base"
+                | "desc-limit"
+                | "desc-access"
+                | "checkpoint"
+                | "suspend"
         ) || (opt.starts_with("set-") && !opt.starts_with("set-desc-"));
         let value = if takes_value {
             match inline {
@@ -166,6 +176,17 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
             "inject-nmi" => a.inject_nmi = true,
             "force-reset" => a.force_reset = true,
             "force-poweroff" => a.force_poweroff = true,
+            "checkpoint" | "suspend" => {
+                let v = val();
+                if v.is_empty() {
+                    return Err(format!("--{opt}: needs a FILE"));
+                }
+                if a.checkpoint.is_some() {
+                    return Err(format!("--{opt}: give one --checkpoint or --suspend"));
+                }
+                a.checkpoint = Some(v.into());
+                a.suspend = opt == "suspend";
+            }
             "desc-base" => a.desc_base = Some(number(opt, &val())?),
             "desc-limit" => a.desc_limit = Some(number(opt, &val())?),
             "desc-access" => a.desc_access = Some(number(opt, &val())?),
@@ -217,6 +238,9 @@ pub fn parse(argv: &[String]) -> Result<Args, String> {
     }
     if a.mem_bytes.is_some() && !a.create {
         return Err("--set-mem: only with --create".into());
+    }
+    if a.suspend && (a.force_reset || a.force_poweroff) {
+        return Err("--suspend: the VM stops after it; no --force-reset/--force-poweroff".into());
     }
     if a.force_reset && a.force_poweroff {
         return Err("--force-reset and --force-poweroff: give one of them".into());
@@ -288,5 +312,9 @@ mod tests {
         assert!(e(&["--vm=x", "--set-mem=5X", "--create"]).starts_with("--set-mem"));
         assert!(e(&["--vm=x", "--set-desc-cs"]).contains("--desc-base"));
         assert!(e(&["--vm=x", "--force-reset", "--force-poweroff"]).contains("one of"));
+        assert!(e(&["--vm=x", "--checkpoint="]).starts_with("--checkpoint: needs"));
+        assert!(e(&["--vm=x", "--checkpoint=a", "--suspend=b"]).starts_with("--suspend"));
+        let a = p(&["--vm=x", "--suspend", "snap"]).unwrap();
+        assert!(a.suspend && a.checkpoint.as_deref() == Some(std::path::Path::new("snap")));
     }
 }

@@ -45,6 +45,11 @@ impl Client {
         }
     }
 
+    /// Waits up to `d` for each response from now on (a snapshot of a large guest).
+    pub fn set_response_timeout(&mut self, d: Duration) {
+        let _ = self.reader.get_ref().set_read_timeout(Some(d));
+    }
+
     /// Sends request `name` with `fields`; the response's fields on success, its error
     /// message otherwise.
     pub fn call(

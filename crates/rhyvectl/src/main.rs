@@ -34,11 +34,14 @@ A running VM (through RUNDIR/NAME/control.sock):
   --set-desc-SEG --desc-base=B --desc-limit=L --desc-access=A
   --pause, --resume           stop and restart every vCPU
   --inject-nmi                send an NMI to --cpu
+  --checkpoint=FILE           save the VM to FILE (guest memory) and FILE.kern (vCPUs,
+                              devices); it pauses meanwhile. rhyve -r FILE restores it
+  --suspend=FILE              the same, then rhyve exits (status 0)
   --force-reset               end rhyve as if the guest reset (exit status 0)
   --force-poweroff            end rhyve as if the guest powered off (exit status 1)
 
-Actions run in this order: create, pause, set, inject-nmi, get, stats, resume,
-force-reset/force-poweroff, destroy. Output is human-readable; --json prints one JSON
+Actions run in this order: create, pause, set, inject-nmi, get, stats, checkpoint,
+resume, force-reset/force-poweroff, destroy. Output is human-readable; --json prints one JSON
 object. Errors: one line on stderr, exit status 1 (2 for bad arguments).
 ";
 
@@ -217,6 +220,38 @@ fn control(a: &Args, c: &mut Client, out: &mut Out) -> Result<(), String> {
         s.remove("ok");
         s.remove("version");
         out.json.insert("stats".into(), Value::Object(s));
+    }
+    if let Some(file) = &a.checkpoint {
+        // rhyve opens the file: give it an absolute path.
+        let file = if file.is_absolute() {
+            file.clone()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| format!("--checkpoint: the current directory: {e}"))?
+                .join(file)
+        };
+        c.set_response_timeout(Duration::from_secs(600));
+        let r = c.call(
+            Request::Checkpoint,
+            fields(json!({ "file": file.display().to_string(), "suspend": a.suspend })),
+        )?;
+        let mut r = fields(r);
+        r.remove("ok");
+        r.remove("version");
+        out.line(format!(
+            "{} {}: {} MiB of memory, {} KiB of state, {:.1} ms{}",
+            if a.suspend {
+                "suspended to"
+            } else {
+                "checkpoint"
+            },
+            file.display(),
+            r.get("memory_bytes").and_then(Value::as_u64).unwrap_or(0) >> 20,
+            r.get("state_bytes").and_then(Value::as_u64).unwrap_or(0) >> 10,
+            r.get("ms").and_then(Value::as_f64).unwrap_or(0.0),
+            if a.suspend { "; rhyve exits" } else { "" }
+        ));
+        out.json.insert("checkpoint".into(), Value::Object(r));
     }
     if a.resume {
         c.call(Request::Resume, Map::new())?;

@@ -50,6 +50,7 @@ const KNOWN_KEYS: &[&str] = &[
     "fwcfg.*",
     "boot.kernel",
     "boot.initrd",
+    "restore.file",
     "boot.cmdline",
     "vcpu.*.cpuset",
     "pci.*.*.*.device",
@@ -271,6 +272,8 @@ pub struct VmConfig {
     pub pci: Vec<PciSlot>,
     /// `-l bootrom,ROM`: boot through firmware instead of a kernel.
     pub bootrom: Option<PathBuf>,
+    /// `-r FILE`: restore the snapshot FILE (+ FILE.kern) instead of booting.
+    pub restore: Option<PathBuf>,
     /// `-l bootrom,ROM,VARSFILE`: the firmware's variable store, a CFI flash right below
     /// the ROM, kept in this file.
     pub bootvars: Option<PathBuf>,
@@ -338,6 +341,7 @@ impl VmConfig {
                 "cmdline": self.cmdline,
                 "bootrom": path_json(&self.bootrom),
                 "bootvars": path_json(&self.bootvars),
+                "restore": path_json(&self.restore),
             },
             "pci": pci,
             "com": com,
@@ -634,6 +638,21 @@ impl VmConfig {
         if bootvars.is_some() && bootrom.is_none() {
             return err("lpc.bootvars: a VARSFILE needs a boot ROM (-l bootrom,ROM,VARSFILE)");
         }
+        let restore = t.get("restore.file").map(PathBuf::from);
+        if let Some(file) = &restore {
+            let refuse = |what: &str| {
+                err(format!(
+                    "-r {}: {what} cannot be given with a restore (the guest is in the snapshot)",
+                    file.display()
+                ))
+            };
+            if t.get("boot.kernel").is_some() {
+                return refuse("--kernel");
+            }
+            if bootrom.is_some() {
+                return refuse("-l bootrom");
+            }
+        }
         if bootrom.is_some() && t.get("boot.kernel").is_some() {
             return err(
                 "-l bootrom and --kernel exclude each other: boot through firmware or a kernel",
@@ -688,6 +707,7 @@ impl VmConfig {
             topology,
             memory,
             kernel: t.get("boot.kernel").map(PathBuf::from),
+            restore,
             initrd: t.get("boot.initrd").map(PathBuf::from),
             cmdline: t.get("boot.cmdline").unwrap_or("").to_string(),
             com,

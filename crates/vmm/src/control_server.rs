@@ -422,6 +422,7 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
                 .map_err(|e| e.to_string())?;
             done(json!({ "cpu": cpu }))
         }
+        Request::Checkpoint => checkpoint(&req, vm),
         Request::Reset | Request::PowerOff => {
             let reason = if request == Request::Reset {
                 StopReason::Reset
@@ -441,6 +442,49 @@ fn dispatch(line: &str, shared: &Shared) -> Reply {
             ))
         }
     }
+}
+
+/// `{"request":"checkpoint","file":PATH,"suspend":BOOL}`: writes the snapshot PATH (+
+/// PATH.kern; PATH as rhyve sees it: absolute, and inside its chroot if it has one); with
+/// `suspend`, the VM stops once the answer is out (bhyve exits 0).
+fn checkpoint(req: &Map<String, Value>, vm: &VmHandles) -> Reply {
+    let file = match req.get("file") {
+        Some(Value::String(s)) if Path::new(s).is_absolute() => PathBuf::from(s),
+        Some(Value::String(s)) => {
+            return Err(format!("\"file\" must be an absolute path, not {s:?}"))
+        }
+        Some(v) => return Err(format!("\"file\" must be a string, not {v}")),
+        None => return Err("checkpoint needs a \"file\"".into()),
+    };
+    let suspend = match req.get("suspend") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err(format!("\"suspend\" must be true or false, not {v}")),
+    };
+    let report = vm
+        .controller
+        .checkpoint(&file, suspend)
+        .map_err(|e| e.to_string())?;
+    log::info!(
+        "snapshot {}: {} MiB of memory data, {} KiB of state, in {:.1} ms",
+        file.display(),
+        report.memory_bytes >> 20,
+        report.state_bytes >> 10,
+        report.duration.as_secs_f64() * 1e3
+    );
+    let fields = obj(json!({
+        "file": file.display().to_string(),
+        "memory_bytes": report.memory_bytes,
+        "state_bytes": report.state_bytes,
+        "ms": report.duration.as_secs_f64() * 1e3,
+        "suspended": suspend,
+    }));
+    let after = if suspend {
+        After::Stop(StopReason::Suspended)
+    } else {
+        After::Nothing
+    };
+    Ok((fields, after))
 }
 
 /// The `cpu` field: a vCPU index of this VM (default 0).

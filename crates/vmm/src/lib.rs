@@ -10,6 +10,7 @@
 //! - [`registry`]: the machine's devices by id (pause, state, counters).
 //! - [`runtime`]: the VM's states and the actions on it (pause, resume, stop), in one place.
 //! - [`control_server`]: the VM's control socket (rhyvectl).
+//! - [`snapshot`]: checkpoints (FILE + FILE.kern) and what a restore checks and reads.
 //! - [`console`], [`terminal`], [`signals`]: the host side of the consoles and the signals.
 //! - [`adopt`], [`boot`], [`firmware`]: what runs first: rhyveload's load, a kernel, a ROM.
 
@@ -29,6 +30,7 @@ pub mod registry;
 pub mod runtime;
 pub mod sandbox;
 pub mod signals;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod vcpu_ctl;

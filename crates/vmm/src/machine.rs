@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use devices::pci::{root as pci_root, InterruptSink, PciRoot};
 use devices::threads::ThreadKind;
 use devices::{acpi_pm, i8042, pc_testdev, post, rtc, uart, Bus, BusDevice, StopReason, VmControl};
@@ -22,6 +22,7 @@ use crate::exit::ExitHandler;
 use crate::irq_lines::{IrqLines, IrqSource};
 use crate::registry::{DeviceRegistry, RegisteredDevice};
 use crate::runtime::VmController;
+use crate::snapshot::{MachineInfo, Restore, SavedDevice, SnapshotParts};
 use crate::vcpu::{all_halted, HaltProbe, VcpuContext, VcpuStats};
 use crate::vcpu_ctl::VcpuCtl;
 use crate::{adopt, console, control_server, signals, terminal};
@@ -42,6 +43,18 @@ struct Buses {
     registry: DeviceRegistry,
     /// The placed devices' own ACPI descriptions, for the DSDT.
     acpi: Vec<platform::acpi::AcpiDevice>,
+    /// The devices outside PCI whose state a snapshot holds, by name.
+    saved: Vec<SavedDevice>,
+    /// The PCI root (None: no `-s`), for restoring functions.
+    pci_root: Option<Arc<PciRoot>>,
+}
+
+/// `dev` as a snapshot sees it.
+fn saved<T: devices::lifecycle::Lifecycle + Send + 'static>(
+    name: &str,
+    dev: &Arc<Mutex<T>>,
+) -> SavedDevice {
+    (name.to_string(), dev.clone())
 }
 
 /// What the ACPI tables describe: the vCPUs, and the devices the machine has, as they
@@ -74,6 +87,7 @@ fn build_buses(
     // Level-triggered lines, wire-ORed: the SCI, pc-testdev's lines and every INTx pin.
     let lines = IrqLines::new(vm.clone());
     let mut acpi = vec![i8042::acpi_device(), rtc::acpi_device()];
+    let mut saved_devices = Vec::new();
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.register_irqfd(&kbd_irq, platform::irq::KBD_IRQ)?;
     let keyboard = Arc::new(Mutex::new(i8042::I8042::new(
@@ -90,6 +104,7 @@ fn build_buses(
         i8042::I8042_LEN,
         keyboard.clone(),
     )?;
+    saved_devices.push(saved("i8042", &keyboard));
     pio.insert(
         "post",
         u64::from(post::POST_PORT),
@@ -107,40 +122,51 @@ fn build_buses(
     })));
     let pm_base = u64::from(pci_layout(cfg).pm_base());
     pio.insert("pm1a-evt", pm_base, acpi_pm::PM1A_EVT_LEN, pm1_evt.clone())?;
+    saved_devices.push(saved("pm1a-evt", &pm1_evt));
+    let pm1_cnt = Arc::new(Mutex::new(acpi_pm::Pm1Control::new(control.clone())));
     pio.insert(
         "pm1a-cnt",
         pm_base + acpi_pm::PM1A_CNT_OFFSET,
         acpi_pm::PM1A_CNT_LEN,
-        shared(acpi_pm::Pm1Control::new(control.clone())),
+        pm1_cnt.clone(),
     )?;
+    saved_devices.push(saved("pm1a-cnt", &pm1_cnt));
+    let pm_timer = Arc::new(Mutex::new(acpi_pm::PmTimer::new()));
     pio.insert(
         "pm-timer",
         pm_base + acpi_pm::PM_TIMER_OFFSET,
         acpi_pm::PM_TIMER_LEN,
-        shared(acpi_pm::PmTimer::new()),
+        pm_timer.clone(),
     )?;
+    saved_devices.push(saved("pm-timer", &pm_timer));
     let rtc_offset = if cfg.rtc_localtime {
         local_utc_offset()
     } else {
         0
     };
-    pio.insert(
-        "rtc",
-        u64::from(rtc::RTC_PORT),
-        rtc::RTC_LEN,
-        shared(rtc::Rtc::new(
-            rtc_offset,
-            cfg.memory,
-            Box::new(rtc::host_now),
-        )),
-    )?;
+    let rtc = Arc::new(Mutex::new(rtc::Rtc::new(
+        rtc_offset,
+        cfg.memory,
+        Box::new(rtc::host_now),
+    )));
+    pio.insert("rtc", u64::from(rtc::RTC_PORT), rtc::RTC_LEN, rtc.clone())?;
+    saved_devices.push(saved("rtc", &rtc));
     let reset = shared(acpi_pm::ResetControl::new(control.clone()));
-    if cfg.pci.is_empty() {
+    let pci_root = if cfg.pci.is_empty() {
         pio.insert("reset", u64::from(acpi_pm::RESET_PORT), 1, reset)?;
+        None
     } else {
         // 0xCF9 sits inside configuration mechanism #1's ports: the PCI device forwards it.
-        attach_pci(vm, &lines, cfg, &mut pio, &mut mmio, reset, &mut registry)?;
-    }
+        Some(attach_pci(
+            vm,
+            &lines,
+            cfg,
+            &mut pio,
+            &mut mmio,
+            reset,
+            &mut registry,
+        )?)
+    };
 
     if let Some(path) = &cfg.debugcon {
         let file = std::fs::OpenOptions::new()
@@ -187,6 +213,7 @@ fn build_buses(
             Box::new(console::ConsoleOut::new(name, host.out, start)),
         )));
         pio.insert(name, u64::from(port), uart::UART_REGS, dev.clone())?;
+        saved_devices.push(saved(name, &dev));
         acpi.extend(uart::acpi_device(*index));
         host.input.start(name, dev).context("console thread")?;
     }
@@ -227,6 +254,8 @@ fn build_buses(
         pm1_evt,
         registry,
         acpi,
+        saved: saved_devices,
+        pci_root,
     };
     // Last: fw_cfg carries the ACPI tables, which describe the devices placed above.
     if cfg.fw_cfg {
@@ -388,7 +417,7 @@ fn attach_pci(
     mmio: &mut Bus,
     reset: Arc<Mutex<dyn BusDevice>>,
     registry: &mut DeviceRegistry,
-) -> Result<()> {
+) -> Result<Arc<PciRoot>> {
     let mut root = PciRoot::new();
     let layout = pci_layout(cfg);
     for s in &cfg.pci {
@@ -487,7 +516,7 @@ fn attach_pci(
         mem64_end - mem64_base,
         shared(root.mem_window(mem64_base)),
     )?;
-    Ok(())
+    Ok(root)
 }
 
 /// The host's offset from UTC in seconds, for a local-time RTC.
@@ -531,8 +560,59 @@ pub struct Machine {
     _rom: Option<crate::firmware::BootRom>,
     buses: Buses,
     entry: Option<loader::EntryState>,
+    /// A restore: each vCPU's saved state (put back once it is created).
+    restored_vcpus: Option<Vec<vmmapi::VcpuState>>,
     control: Arc<VmControl>,
     start: Instant,
+}
+
+/// What a snapshot of this machine must match.
+fn machine_info(
+    vm: &Vm,
+    cfg: &VmConfig,
+    registry: &DeviceRegistry,
+    saved: &[SavedDevice],
+) -> MachineInfo {
+    MachineInfo {
+        writer: format!("rhyve {}", env!("CARGO_PKG_VERSION")),
+        cpus: cfg.cpus,
+        regions: vm.ram().regions().iter().map(|r| (r.0, r.2)).collect(),
+        pci: registry.layout(),
+        legacy: saved.iter().map(|(n, _)| n.clone()).collect(),
+        cpuid: vm.cpuid_leaves(0, &cfg.topology),
+    }
+}
+
+/// Puts the snapshot's VM and device state back into the machine just built from the same
+/// options (after checking it is the same machine); returns the vCPUs' states.
+fn restore_devices(
+    restore: &Restore,
+    vm: &Vm,
+    cfg: &VmConfig,
+    buses: &Buses,
+) -> Result<Vec<vmmapi::VcpuState>> {
+    restore.check(&machine_info(vm, cfg, &buses.registry, &buses.saved))?;
+    let vm_state = restore.decode("vm", vmmapi::VmState::decode)?;
+    vm.restore_state(&vm_state)
+        .with_context(|| format!("-r {}: the VM's state", restore.file.display()))?;
+    for (name, dev) in &buses.saved {
+        let dev = dev.clone();
+        restore.decode(&format!("dev.{name}"), |b| {
+            dev.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(b)
+        })?;
+    }
+    if let Some(root) = &buses.pci_root {
+        for (b, d, f) in buses.registry.addresses() {
+            restore.decode(&format!("pci.{b}:{d}:{f}"), |bytes| {
+                root.restore_function(d, f, bytes)
+            })?;
+        }
+    }
+    (0..cfg.cpus)
+        .map(|i| restore.decode(&format!("vcpu.{i}"), vmmapi::VcpuState::decode))
+        .collect()
 }
 
 impl Machine {
@@ -543,9 +623,33 @@ impl Machine {
         }
         // Direct boot (--kernel) or what rhyveload loaded into the VM object: see adopt.rs.
         let phase = |what: &str| log::debug!("boot: {what} at {:.1} ms", ms_since(start));
-        let mut boot = adopt::Boot::prepare(&cfg)?;
+        // A restore (-r): the snapshot is read and checked before anything is built.
+        let restore = cfg.restore.as_deref().map(Restore::open).transpose()?;
+        let mut boot = match restore {
+            Some(_) => None,
+            None => Some(adopt::Boot::prepare(&cfg)?),
+        };
         let hv = Hypervisor::open()?;
-        let mut vm = boot.create_vm(&hv, &cfg)?;
+        let mut vm = match (&mut boot, &restore) {
+            (Some(boot), _) => boot.create_vm(&hv, &cfg)?,
+            (None, Some(r)) => {
+                if r.machine.regions != loader::layout::ram_regions(cfg.memory) {
+                    let m = r.machine.regions.iter().map(|r| r.1).sum();
+                    bail!(
+                        "-r {}: -m {}: the snapshot has {} of memory",
+                        r.file.display(),
+                        crate::memsize::show(cfg.memory),
+                        crate::memsize::show(m)
+                    );
+                }
+                let memory = vmmapi::MemoryOptions {
+                    huge_pages: cfg.huge_pages,
+                    wired: cfg.wired,
+                };
+                Vm::create_from_image(&hv, &cfg.name, &r.machine.regions, &memory, &r.image)?
+            }
+            (None, None) => unreachable!("a boot or a restore"),
+        };
         phase("VM and guest RAM created");
         let rom = match &cfg.bootrom {
             Some(path) => {
@@ -585,6 +689,23 @@ impl Machine {
         // Devices first: the ACPI tables describe the devices that exist.
         let buses = build_buses(&vm, &cfg, rom.as_ref(), &control, start)?;
         phase("devices built");
+        if let Some(r) = &restore {
+            let vcpus = restore_devices(r, &vm, &cfg, &buses)?;
+            phase("state restored");
+            return Ok(Machine {
+                cfg,
+                vm,
+                _rom: rom,
+                buses,
+                entry: None,
+                restored_vcpus: Some(vcpus),
+                control,
+                start,
+            });
+        }
+        let Some(boot) = boot else {
+            bail!("nothing to boot");
+        };
         // With a boot ROM the firmware builds the tables (ACPI from fw_cfg) and the vCPU
         // starts at the reset vector. Otherwise boot tables first: the loader hands the RSDP
         // address to the kernel. ACPI tables are always generated, as bhyve does on amd64
@@ -607,6 +728,7 @@ impl Machine {
             _rom: rom,
             buses,
             entry,
+            restored_vcpus: None,
             control,
             start,
         })
@@ -642,13 +764,17 @@ impl Machine {
             _rom,
             buses,
             entry,
+            restored_vcpus,
             control,
             start,
         } = self;
+        let snapshots = _rom.is_none();
         let result = run_vcpus(
             &vm,
             &cfg,
             entry.as_ref(),
+            restored_vcpus,
+            snapshots,
             buses,
             &control,
             start,
@@ -740,23 +866,32 @@ fn wait_for_stop(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_vcpus(
     vm: &Arc<Vm>,
     cfg: &VmConfig,
     entry: Option<&loader::EntryState>,
+    restored_vcpus: Option<Vec<vmmapi::VcpuState>>,
+    snapshots: bool,
     buses: Buses,
     control: &Arc<VmControl>,
     start: Instant,
     on_running: Option<OnRunning>,
 ) -> Result<StopReason> {
+    let info = machine_info(vm, cfg, &buses.registry, &buses.saved);
     let pio = Arc::new(buses.pio);
     let mmio = Arc::new(buses.mmio);
     let keyboard = buses.keyboard;
     let mut vcpus = Vec::new();
+    let restoring = restored_vcpus.is_some();
+    let mut states = restored_vcpus.map(Vec::into_iter);
     for id in 0..cfg.cpus {
         let vcpu = vm.create_vcpu(id, &cfg.topology)?;
-        // Without an entry state (a boot ROM) the vCPU keeps KVM's power-on state.
-        if let (0, Some(entry)) = (id, entry) {
+        if let Some(state) = states.as_mut().and_then(Iterator::next) {
+            vcpu.restore_state(&state)
+                .with_context(|| format!("-r: vCPU {id}'s state"))?;
+        } else if let (0, Some(entry)) = (id, entry) {
+            // Without an entry state (a boot ROM) the vCPU keeps KVM's power-on state.
             boot::set_entry_state(&vcpu, entry)?;
         }
         vcpus.push(vcpu);
@@ -773,11 +908,16 @@ fn run_vcpus(
         .iter()
         .map(|v| Arc::new(VcpuCtl::new(v.id())))
         .collect();
-    let controller = Arc::new(VmController::new(
-        ctls.clone(),
-        Arc::new(buses.registry),
-        control.clone(),
-    ));
+    let mut controller = VmController::new(ctls.clone(), Arc::new(buses.registry), control.clone());
+    // A firmware boot's ROM, flash and fw_cfg are not saved yet: such a VM refuses.
+    if snapshots {
+        controller = controller.with_snapshots(SnapshotParts {
+            vm: vm.clone(),
+            machine: info,
+            legacy: buses.saved,
+        });
+    }
+    let controller = Arc::new(controller);
     let stats: Vec<Arc<VcpuStats>> = vcpus
         .iter()
         .map(|_| Arc::new(VcpuStats::for_buses(pio.len(), mmio.len())))
@@ -799,6 +939,10 @@ fn run_vcpus(
     crate::adopt::consume_boot_state(vm)?;
     // Everything is open: the guest never runs with more than the sandbox leaves.
     crate::sandbox::drop_privileges(cfg.user, cfg.chroot.as_deref())?;
+    // Restored devices wait paused for the vCPUs and irqchip to be back: they start now.
+    if restoring {
+        controller.devices().resume_all();
+    }
     for (((vcpu, probe), ctl), stats) in vcpus.into_iter().zip(&probes).zip(&ctls).zip(&stats) {
         let id = vcpu.id();
         let pins = cfg
@@ -827,6 +971,14 @@ fn run_vcpus(
     }
     controller.started();
     log::debug!("boot: vCPUs started at {:.1} ms", ms_since(start));
+    if let Some(file) = cfg.restore.as_deref().filter(|_| restoring) {
+        log::info!(
+            "VM {} restored from {}: running {:.1} ms after rhyve started",
+            cfg.name,
+            file.display(),
+            ms_since(start)
+        );
+    }
     if let Some(f) = on_running {
         f(RunningVm {
             controller: controller.clone(),

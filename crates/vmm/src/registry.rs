@@ -114,6 +114,37 @@ impl DeviceRegistry {
         dev.update(update)
     }
 
+    /// Every function's saved state, by address (the VM is paused); a function that cannot
+    /// be saved fails the whole snapshot, naming it.
+    pub fn save_all(&self) -> Result<Vec<((u8, u8, u8), Vec<u8>)>, String> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let state = d.lock().save_state().map_err(|e| {
+                    let (b, s, f) = d.address;
+                    format!("{} ({b}:{s}:{f} {}): {e}", d.id, d.emulation)
+                })?;
+                Ok((d.address, state))
+            })
+            .collect()
+    }
+
+    /// The functions as a snapshot lists them: `B:D:F emulation`.
+    pub fn layout(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let (b, s, f) = d.address;
+                format!("{b}:{s}:{f} {}", d.emulation)
+            })
+            .collect()
+    }
+
+    /// The functions' addresses.
+    pub fn addresses(&self) -> Vec<(u8, u8, u8)> {
+        self.devices.iter().map(|d| d.address).collect()
+    }
+
     /// Every device's state and counters.
     pub fn reports(&self) -> Vec<DeviceReport> {
         self.devices

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use devices::{StopReason, VmControl};
 
 use crate::registry::DeviceRegistry;
+use crate::snapshot::{CheckpointReport, SnapshotParts};
 use crate::vcpu_ctl::VcpuCtl;
 
 /// How long a pause waits for every vCPU to park.
@@ -63,6 +64,9 @@ pub enum ActionError {
     /// cannot pause: {0}
     #[error("cannot pause: {0}")]
     Pause(String),
+    /// the snapshot failed: {0}
+    #[error("the snapshot failed: {0}")]
+    Snapshot(String),
 }
 
 /// What carrying out an action takes.
@@ -95,6 +99,8 @@ pub struct VmController {
     vcpus: Vec<Arc<VcpuCtl>>,
     devices: Arc<DeviceRegistry>,
     control: Arc<VmControl>,
+    /// What a checkpoint saves besides vCPUs and PCI functions (None: cannot be saved).
+    snapshot: Option<SnapshotParts>,
 }
 
 impl VmController {
@@ -109,7 +115,46 @@ impl VmController {
             vcpus,
             devices,
             control,
+            snapshot: None,
         }
+    }
+
+    /// Lets [`checkpoint`](Self::checkpoint) save this machine.
+    pub fn with_snapshots(mut self, parts: SnapshotParts) -> Self {
+        self.snapshot = Some(parts);
+        self
+    }
+
+    /// Writes the snapshot `file` (+ FILE.kern), pausing a running VM for it. Afterwards the
+    /// VM runs again as it was, except with `suspend`: then it stays paused and the caller
+    /// requests [`StopReason::Suspended`] once it has answered.
+    pub fn checkpoint(
+        &self,
+        file: &std::path::Path,
+        suspend: bool,
+    ) -> Result<CheckpointReport, ActionError> {
+        let mut state = self.lock();
+        let parts = self.snapshot.as_ref().ok_or_else(|| {
+            ActionError::Snapshot("this VM cannot be saved (a firmware boot)".into())
+        })?;
+        let was_running = match *state {
+            VmState::Running => {
+                self.pause_all()?;
+                *state = VmState::Paused;
+                true
+            }
+            VmState::Paused => false,
+            VmState::Stopped => return Err(ActionError::Stopping),
+            VmState::Configured => return Err(ActionError::NotStarted),
+        };
+        let result = crate::snapshot::checkpoint(parts, &self.vcpus, &self.devices, file)
+            .map_err(|e| ActionError::Snapshot(format!("{e:#}")));
+        if was_running && !(suspend && result.is_ok()) {
+            self.devices.resume_all();
+            self.vcpus.iter().for_each(|v| v.resume());
+            *state = VmState::Running;
+        }
+        result
     }
 
     fn lock(&self) -> MutexGuard<'_, VmState> {

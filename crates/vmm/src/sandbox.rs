@@ -243,6 +243,33 @@ fn socket_server(rules: &mut Rules) {
     );
 }
 
+/// Writing a snapshot (rhyvectl --checkpoint, the API's /snapshot/create): FILE and
+/// FILE.kern created under temporary names, written, synced and renamed into place.
+fn snapshot_files(rules: &mut Rules) {
+    use libc::*;
+    allow(
+        rules,
+        &[
+            SYS_openat,
+            SYS_write,
+            SYS_pwrite64,
+            SYS_ftruncate,
+            SYS_fsync,
+            SYS_fdatasync,
+            SYS_lseek,
+            SYS_fstat,
+            SYS_newfstatat,
+            SYS_statx,
+            SYS_rename,
+            SYS_renameat,
+            SYS_renameat2,
+            SYS_unlink,
+            SYS_unlinkat,
+            SYS_close,
+        ],
+    );
+}
+
 fn rules_for(profile: Profile) -> Result<Rules> {
     use libc::*;
     let pid = u64::from(std::process::id());
@@ -322,6 +349,7 @@ fn rules_for(profile: Profile) -> Result<Rules> {
             // Kicks a vCPU out of KVM_RUN (pause, registers: the vCPU thread itself does
             // the KVM calls).
             allow_own_signals(&mut r, pid)?;
+            snapshot_files(&mut r);
         }
         Profile::Thread(ThreadKind::Signal) => {
             allow(&mut r, &[SYS_rt_sigtimedwait, SYS_read]);

@@ -82,6 +82,11 @@ impl VcpuCtl {
         }
     }
 
+    /// The vCPU's index.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

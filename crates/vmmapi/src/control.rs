@@ -21,11 +21,12 @@ pub enum Request {
     Reset,
     PowerOff,
     Nmi,
+    Checkpoint,
 }
 
 impl Request {
     /// Every request, in `hello`'s order.
-    pub const ALL: [Request; 10] = [
+    pub const ALL: [Request; 11] = [
         Request::Hello,
         Request::Info,
         Request::Stats,
@@ -36,6 +37,7 @@ impl Request {
         Request::Reset,
         Request::PowerOff,
         Request::Nmi,
+        Request::Checkpoint,
     ];
 
     /// The wire name.
@@ -51,6 +53,7 @@ impl Request {
             Request::Reset => "reset",
             Request::PowerOff => "poweroff",
             Request::Nmi => "nmi",
+            Request::Checkpoint => "checkpoint",
         }
     }
 

@@ -48,25 +48,58 @@ pub struct GuestRam {
     /// (guest physical address, offset into the file, length) per region.
     regions: Vec<(u64, u64, u64)>,
     huge_pages: bool,
+    /// The shared RAM file (None: a private mapping of a snapshot's image), whose holes a
+    /// snapshot skips without touching them.
+    shared_file: Option<Arc<File>>,
 }
 
 impl GuestRam {
     /// Sizes `file` to the sum of `regions` and maps it; `regions` are (gpa, len) pairs,
     /// consecutive in the file in the order given.
     pub fn new(file: &File, regions: &[(u64, u64)], options: &MemoryOptions) -> Result<Self> {
-        let total = regions
-            .iter()
-            .try_fold(0u64, |acc, (_, len)| acc.checked_add(*len))
-            .ok_or_else(|| Error::Memory("region sizes overflow".into()))?;
-        if total == 0 {
-            return Err(Error::Memory("no guest RAM requested".into()));
-        }
-        let len = usize::try_from(total).map_err(|_| Error::Memory("too large".into()))?;
+        let total = total_size(regions)?;
         file.set_len(total).map_err(|e| {
             Error::Memory(format!("cannot size the RAM file to {total} bytes: {e}"))
         })?;
+        Self::map(file, regions, options, true)
+    }
+
+    /// Guest RAM from a snapshot's memory image, mapped `MAP_PRIVATE`: a page is read from
+    /// the image only when first touched (a restore costs no copy), and the guest's writes
+    /// stay in this process, so the image is never changed and can be restored again.
+    pub fn from_image(
+        image: &File,
+        regions: &[(u64, u64)],
+        options: &MemoryOptions,
+    ) -> Result<Self> {
+        let total = total_size(regions)?;
+        let len = image
+            .metadata()
+            .map_err(|e| Error::Memory(format!("memory image: {e}")))?
+            .len();
+        if len != total {
+            return Err(Error::Memory(format!(
+                "the memory image has {len} bytes, the snapshot's RAM is {total}"
+            )));
+        }
+        Self::map(image, regions, options, false)
+    }
+
+    fn map(
+        file: &File,
+        regions: &[(u64, u64)],
+        options: &MemoryOptions,
+        shared: bool,
+    ) -> Result<Self> {
+        let total = total_size(regions)?;
+        let len = usize::try_from(total).map_err(|_| Error::Memory("too large".into()))?;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
-        let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        let sharing = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let flags = sharing | libc::MAP_NORESERVE;
         // SAFETY: mapping a file we own with a length we just set; the result is checked.
         let addr =
             unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, file.as_raw_fd(), 0) };
@@ -80,7 +113,16 @@ impl GuestRam {
             addr: addr.cast(),
             len,
         });
-        let huge_pages = hugepages::advise(addr, len, file, options.huge_pages)?;
+        // A private image mapping is the page cache of a regular file: 4 KiB pages.
+        let huge_pages = shared && hugepages::advise(addr, len, file, options.huge_pages)?;
+        let shared_file = if shared {
+            Some(Arc::new(
+                file.try_clone()
+                    .map_err(|e| Error::Memory(format!("RAM file: {e}")))?,
+            ))
+        } else {
+            None
+        };
         let mut guest_regions = Vec::new();
         let mut layout = Vec::new();
         let mut offset = 0u64;
@@ -105,6 +147,7 @@ impl GuestRam {
             memory,
             regions: layout,
             huge_pages,
+            shared_file,
         };
         if options.wired {
             ram.wire()?;
@@ -137,6 +180,45 @@ impl GuestRam {
         self.mapping.len as u64
     }
 
+    /// Writes all of guest RAM to `out` (a snapshot's memory image, laid out as the RAM
+    /// file): sized to the RAM, zero pages left as holes. Returns the bytes written. Holes of
+    /// the shared RAM file are skipped unread (reading them would allocate them); the guest
+    /// must not run meanwhile.
+    pub fn write_image(&self, out: &File) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let total = self.mapping.len as u64;
+        let io = |e: std::io::Error| Error::Memory(format!("writing the memory image: {e}"));
+        out.set_len(0).map_err(io)?;
+        out.set_len(total).map_err(io)?;
+        let ranges = match &self.shared_file {
+            Some(f) => data_ranges(f, total).map_err(io)?,
+            None => vec![(0, total)],
+        };
+        // SAFETY: the mapping is live for &self and `total` bytes long; the guest is paused,
+        // and the bytes are only copied out.
+        let ram = unsafe { std::slice::from_raw_parts(self.mapping.addr, self.mapping.len) };
+        let mut written = 0u64;
+        for (start, end) in ranges {
+            let mut page = start & !(PAGE - 1);
+            while page < end {
+                // The longest run of non-zero pages from here.
+                let run_start = page;
+                while page < end && !is_zero(&ram[page as usize..(page + PAGE).min(total) as usize])
+                {
+                    page += PAGE;
+                }
+                if page > run_start {
+                    let run_end = page.min(total);
+                    out.write_all_at(&ram[run_start as usize..run_end as usize], run_start)
+                        .map_err(io)?;
+                    written += run_end - run_start;
+                }
+                page += PAGE;
+            }
+        }
+        Ok(written)
+    }
+
     /// Wires the RAM (bhyve `-S`): every page allocated and mapped writable now, then locked
     /// so it is never swapped or reclaimed. Populating for write first means the guest's first
     /// store to a page costs no host fault at all (mlock alone maps shared pages read-only).
@@ -160,6 +242,55 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+const PAGE: u64 = 4096;
+
+fn total_size(regions: &[(u64, u64)]) -> Result<u64> {
+    let total = regions
+        .iter()
+        .try_fold(0u64, |acc, (_, len)| acc.checked_add(*len))
+        .ok_or_else(|| Error::Memory("region sizes overflow".into()))?;
+    if total == 0 {
+        return Err(Error::Memory("no guest RAM requested".into()));
+    }
+    Ok(total)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
+/// The (start, end) ranges of `file` below `len` that hold data (SEEK_DATA/SEEK_HOLE).
+fn data_ranges(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on a descriptor we hold; the results are checked.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data after pos.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(ranges)
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(len));
+        if hole <= data {
+            break;
+        }
+        ranges.push((data, hole));
+        pos = hole;
+    }
+    Ok(ranges)
 }
 
 #[cfg(test)]
@@ -217,6 +348,67 @@ mod tests {
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
         assert_eq!(ram.size(), 0x20000);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn an_image_restores_lazily_and_privately() {
+        use std::os::unix::fs::MetadataExt;
+        let (path, file) = scratch_file("img-src");
+        let regions = [(0, 0x40_0000), (0x1_0000_0000, 0x10_0000)];
+        let ram = GuestRam::new(&file, &regions, &MemoryOptions::default()).unwrap();
+        let mem = ram.memory();
+        mem.write_obj(0x1122_3344u32, GuestAddress(0x1234)).unwrap();
+        mem.write_obj(0x5566_7788u32, GuestAddress(0x1_0000_0ff0))
+            .unwrap();
+        // Written and zeroed again: a zero page, left as a hole in the image.
+        mem.write_obj(7u64, GuestAddress(0x20_0000)).unwrap();
+        mem.write_obj(0u64, GuestAddress(0x20_0000)).unwrap();
+        let (img_path, img) = scratch_file("img");
+        assert_eq!(ram.write_image(&img).unwrap(), 2 * PAGE);
+        assert_eq!(img.metadata().unwrap().len(), 0x50_0000);
+        assert!(
+            img.metadata().unwrap().blocks() * 512 <= 4 * PAGE,
+            "zero pages are holes"
+        );
+
+        let back = GuestRam::from_image(&img, &regions, &MemoryOptions::default()).unwrap();
+        let m = back.memory();
+        assert_eq!(
+            m.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0x1122_3344
+        );
+        assert_eq!(
+            m.read_obj::<u32>(GuestAddress(0x1_0000_0ff0)).unwrap(),
+            0x5566_7788
+        );
+        assert_eq!(m.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 0);
+        // The restored guest's writes stay private: the image can be restored again.
+        m.write_obj(0xffu32, GuestAddress(0x1234)).unwrap();
+        let again = GuestRam::from_image(&img, &regions, &MemoryOptions::default()).unwrap();
+        assert_eq!(
+            again
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x1234))
+                .unwrap(),
+            0x1122_3344
+        );
+        // A restored RAM is saved in turn (a snapshot of a restored VM).
+        let (img2_path, img2) = scratch_file("img2");
+        back.write_image(&img2).unwrap();
+        let third = GuestRam::from_image(&img2, &regions, &MemoryOptions::default()).unwrap();
+        assert_eq!(
+            third
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x1234))
+                .unwrap(),
+            0xff
+        );
+        // An image of another size is refused.
+        let wrong = GuestRam::from_image(&img, &regions[..1], &MemoryOptions::default());
+        assert!(wrong.is_err());
+        for p in [path, img_path, img2_path] {
+            std::fs::remove_file(p).unwrap();
+        }
     }
 
     #[test]

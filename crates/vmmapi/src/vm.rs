@@ -73,6 +73,33 @@ impl Vm {
         ram_regions: &[(u64, u64)],
         memory: &MemoryOptions,
     ) -> Result<Self> {
+        Self::create_inner(hv, object, ram_regions, memory, None)
+    }
+
+    /// Creates VM `name` (an ephemeral object) whose guest RAM is a snapshot's memory
+    /// `image`, mapped privately ([`GuestRam::from_image`]); the regions must add up to the
+    /// image's size.
+    pub fn create_from_image(
+        hv: &Hypervisor,
+        name: &str,
+        ram_regions: &[(u64, u64)],
+        memory: &MemoryOptions,
+        image: &std::fs::File,
+    ) -> Result<Self> {
+        let object = VmObject::create_ephemeral(name)?;
+        if let Some(pid) = object.stale_pid() {
+            log::warn!("VM {name}: cleared a stale runtime directory left by pid {pid}");
+        }
+        Self::create_inner(hv, object, ram_regions, memory, Some(image))
+    }
+
+    fn create_inner(
+        hv: &Hypervisor,
+        object: VmObject,
+        ram_regions: &[(u64, u64)],
+        memory: &MemoryOptions,
+        image: Option<&std::fs::File>,
+    ) -> Result<Self> {
         let name = object.name().to_string();
         let total: u64 = ram_regions.iter().map(|r| r.1).sum();
         if object.persistent() && total != object.ram_bytes() {
@@ -82,7 +109,9 @@ impl Vm {
                 total >> 20
             )));
         }
-        warn_if_ram_may_not_fit(object.path(), total);
+        if image.is_none() {
+            warn_if_ram_may_not_fit(object.path(), total);
+        }
         let fd = hv.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Only needed on Intel hosts for real-mode emulation; some KVMs refuse it.
         if let Err(e) = fd.set_tss_address(TSS_ADDRESS) {
@@ -109,8 +138,10 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let file = object.memory_file()?;
-        let ram = GuestRam::new(&file, ram_regions, memory)?;
+        let ram = match image {
+            Some(image) => GuestRam::from_image(image, ram_regions, memory)?,
+            None => GuestRam::new(&object.memory_file()?, ram_regions, memory)?,
+        };
         for (slot, &(gpa, offset, len)) in ram.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
