@@ -14,12 +14,15 @@
 //!    Skipped with `--quick`.
 //! 6. In the test bed (`l2net`): Linux in L2 moving TCP over virtio-net to/from L1's tap, rhyve
 //!    against QEMU+KVM's userspace virtio-net. Skipped with `--quick`.
+//! 7. Snapshots (`snapshot`): checkpoint time and size, restore to running vCPUs, against the
+//!    same machine's fresh boot and Firecracker's published figures.
 
 mod blk;
 mod boot;
 mod l2blk;
 mod l2net;
 mod net;
+mod snapshot;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -135,6 +138,11 @@ fn ms_after(stderr: &str, marker: &str) -> Option<f64> {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `cargo run --release -p rhyve-bench -- snapshot`: that part alone.
+    if std::env::args().any(|a| a == "snapshot") {
+        snapshot::run();
+        return;
+    }
     let pio = format!("rhyve.test=pio rhyve.count={EXITS}");
     let (mut raw_best, mut rhyve_best, mut open_best) = (f64::MAX, f64::MAX, f64::MAX);
     let no_filters = ["-o", "sandbox.seccomp=off"];
@@ -181,6 +189,7 @@ fn main() {
 
     blk::run();
     net::run(quick);
+    snapshot::run();
 
     if quick {
         return;

@@ -856,3 +856,115 @@ fn put_vsock_connects_both_ways() {
     );
     assert_eq!(fc.terminate(), 0, "{}", fc.rhyve.stderr());
 }
+
+/// The last `tick N` the guest printed.
+fn last_tick(out: &str) -> u64 {
+    out.lines()
+        .filter_map(|l| l.split("rhyve-guest: tick ").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+#[test]
+fn snapshot_create_then_load_in_a_new_process_continues_the_guest() {
+    let mut fc = Fc::start("fc-snap", &[], &[]);
+    let s = fc.sock.clone();
+    ok(
+        &s,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{TESTGUEST_BZIMAGE}", "boot_args": "console=ttyS0 rhyve.test=ctrlaltdel"}}"#
+        ),
+    );
+    ok(
+        &s,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
+    ok(&s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    fc.rhyve.wait_for("rhyve-guest: tick 3");
+    let (state, mem) = (fc.dir.join("vm.snap"), fc.dir.join("vm.mem"));
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    assert!(
+        fault(&s, "PUT", "/snapshot/create", Some(&create)).contains("must be paused"),
+        "a running VM is not snapshotted"
+    );
+    ok(&s, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    ok(&s, "PUT", "/snapshot/create", &create);
+    let before = last_tick(&fc.rhyve.stdout());
+    assert!(before >= 3);
+    // The first process goes; a second one loads the snapshot, paused until resumed.
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(fc.rhyve.child.0.id() as i32, libc::SIGKILL) };
+    let _ = fc.exit_code(Duration::from_secs(10));
+
+    let mut fc2 = Fc::start("fc-snap", &[], &[]);
+    let s2 = fc2.sock.clone();
+    assert!(fault(
+        &s2,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(r#"{{"snapshot_path": "{}"}}"#, state.display()))
+    )
+    .starts_with("missing field"));
+    ok(
+        &s2,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    let (status, info) = http(&s2, "GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(info.contains(r#""state":"Paused""#), "{info}");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        last_tick(&fc2.rhyve.stdout()),
+        0,
+        "the loaded VM ran before its resume"
+    );
+    assert_eq!(
+        fault(
+            &s2,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        ),
+        "The requested operation is not supported after starting the microVM."
+    );
+    ok(&s2, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // The guest's count goes on from where it was (its memory, vCPUs and PM timer).
+    fc2.rhyve
+        .wait_for(&format!("rhyve-guest: tick {}", before + 2));
+    let after = fc2.rhyve.stdout();
+    let first = after
+        .lines()
+        .find_map(|l| l.split("rhyve-guest: tick ").nth(1))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .expect("a tick after the load");
+    assert_eq!(first, before + 1, "{after}");
+    // Its keyboard works: Ctrl-Alt-Del resets it and Firecracker's process exits 0.
+    ok(
+        &s2,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    fc2.rhyve.wait_for("ctrl-alt-del pressed");
+    assert_eq!(
+        fc2.exit_code(Duration::from_secs(30)),
+        0,
+        "{}",
+        fc2.rhyve.stderr()
+    );
+}

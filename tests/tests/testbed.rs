@@ -99,3 +99,12 @@ fn ovmf_boots_stock_linux_and_keeps_uefi_variables() {
 fn stock_linux_talks_vsock_both_ways() {
     scenario("vsock");
 }
+
+/// Stock Linux with virtio-blk and virtio-net, mid-workload (writes read back and md5-checked,
+/// pings): suspended (rhyve exits 0), restored by a second rhyve process, checkpointed and
+/// killed, restored by a third from that checkpoint; the workload ends with every round's
+/// data as written and Linux never booted again.
+#[test]
+fn stock_linux_survives_suspend_restore_checkpoint_kill_restore() {
+    scenario("snapshot");
+}

@@ -73,10 +73,33 @@ pub trait Instance: Send {
         rx: Option<&RateLimiter>,
         tx: Option<&RateLimiter>,
     ) -> Result<(), String>;
+    /// `PUT /snapshot/create` of the paused VM: the state file (with `resources`, what
+    /// a load rebuilds the machine from) and the memory file.
+    fn create_snapshot(
+        &self,
+        state: &std::path::Path,
+        memory: &std::path::Path,
+        resources: Vec<u8>,
+    ) -> Result<(), String>;
 }
 
-/// Builds and starts the machine (InstanceStart); its error is the fault message.
-pub type Starter = Box<dyn FnMut(&str, &VmResources) -> Result<Box<dyn Instance>, String> + Send>;
+/// The snapshot a `PUT /snapshot/load` starts the machine from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreFrom {
+    pub state: std::path::PathBuf,
+    pub memory: std::path::PathBuf,
+    /// `resume_vm`: run at once (else the VM waits paused for `PATCH /vm`).
+    pub resume: bool,
+}
+
+/// The section of a snapshot's state file that holds the API's resources (JSON).
+pub const RESOURCES_SECTION: &str = "fcapi.resources";
+
+/// Builds and starts the machine (InstanceStart, or a snapshot load); its error is the
+/// fault message.
+pub type Starter = Box<
+    dyn FnMut(&str, &VmResources, Option<&RestoreFrom>) -> Result<Box<dyn Instance>, String> + Send,
+>;
 
 /// Effects outside the VM: the logger and the metrics file.
 pub trait Host: Send {
@@ -256,9 +279,13 @@ impl Api {
             ("PUT", "metrics") => {
                 let m: Metrics = parse(body)?;
                 self.pre_boot()?;
-                let bad_input = "Metrics error: Cannot initialize the metrics system due to bad user input";
+                let bad_input =
+                    "Metrics error: Cannot initialize the metrics system due to bad user input";
                 if self.metrics_set {
-                    return Err(vmm_error(bad_input, "Reinitialization of metrics not allowed."));
+                    return Err(vmm_error(
+                        bad_input,
+                        "Reinitialization of metrics not allowed.",
+                    ));
                 }
                 self.host
                     .configure_metrics(&m)
@@ -271,7 +298,9 @@ impl Api {
                 let e: Entropy = parse(body)?;
                 self.pre_boot()?;
                 self.check_room(self.resources.entropy.is_none())
-                    .map_err(|m| vmm_error("Entropy config error: Could not create Entropy device", m))?;
+                    .map_err(|m| {
+                        vmm_error("Entropy config error: Could not create Entropy device", m)
+                    })?;
                 self.resources.entropy = Some(e);
                 Ok(Response::no_content())
             }
@@ -292,18 +321,26 @@ impl Api {
             }
             ("PUT", "snapshot") => match second {
                 None => Err(Response::bad_request("Missing snapshot operation type.")),
-                Some("create" | "load") => Err(Response::bad_request(
-                    "The requested operation is not supported: snapshots are not available in this rhyve yet.",
-                )),
+                Some("create") => {
+                    let p: SnapshotCreateParams = parse(body)?;
+                    self.post_boot()?;
+                    self.create_snapshot(&p)
+                }
+                Some("load") => {
+                    let p: SnapshotLoadParams = parse(body)?;
+                    self.pre_boot()?;
+                    self.load_snapshot(p)
+                }
                 Some(op) => Err(Response::bad_request(format!(
                     "Invalid request method and/or path: PUT /snapshot/{op}."
                 ))),
             },
-            ("GET" | "PUT" | "PATCH", "mmds" | "balloon" | "cpu-config" | "serial" | "pmem" | "hotplug") => {
-                Err(Response::bad_request(format!(
-                    "The requested operation is not supported: /{first} is not available in rhyve."
-                )))
-            }
+            (
+                "GET" | "PUT" | "PATCH",
+                "mmds" | "balloon" | "cpu-config" | "serial" | "pmem" | "hotplug",
+            ) => Err(Response::bad_request(format!(
+                "The requested operation is not supported: /{first} is not available in rhyve."
+            ))),
             _ => Err(Response::bad_request(format!(
                 "Invalid request method and/or path: {method} {first}."
             ))),
@@ -639,6 +676,130 @@ impl Api {
         }
     }
 
+    /// `PUT /snapshot/create`: a full snapshot of the paused VM.
+    fn create_snapshot(&self, p: &SnapshotCreateParams) -> Result<Response, Response> {
+        let prefix = "Create snapshot error";
+        if p.snapshot_type == SnapshotType::Diff {
+            return Err(Response::bad_request(
+                "The requested operation is not supported: rhyve does not track dirty pages, so it takes Full snapshots only.",
+            ));
+        }
+        let instance = self.instance.as_ref().ok_or_else(not_started)?;
+        if !instance.is_paused() {
+            return Err(vmm_error(
+                prefix,
+                "the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})",
+            ));
+        }
+        // What a load rebuilds the machine from; the logger and metrics are the host's.
+        let mut res = self.resources.clone();
+        res.logger = None;
+        res.metrics = None;
+        let json = serde_json::to_vec(&res).map_err(|e| vmm_error(prefix, e))?;
+        instance
+            .create_snapshot(
+                std::path::Path::new(&p.snapshot_path),
+                std::path::Path::new(&p.mem_file_path),
+                json,
+            )
+            .map_err(|e| vmm_error(prefix, e))?;
+        Ok(Response::no_content())
+    }
+
+    /// `PUT /snapshot/load`: only on a fresh process (the logger and metrics aside), as
+    /// Firecracker; the machine is the snapshot's, with the overridden taps and socket.
+    fn load_snapshot(&mut self, p: SnapshotLoadParams) -> Result<Response, Response> {
+        let prefix = "Load snapshot error";
+        let r = &self.resources;
+        if r.boot_source.is_some()
+            || !r.drives.is_empty()
+            || !r.network_interfaces.is_empty()
+            || r.vsock.is_some()
+            || r.entropy.is_some()
+            || r.machine_config != MachineConfig::default()
+        {
+            return Err(vmm_error(
+                prefix,
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            ));
+        }
+        let memory = match (p.mem_file_path, p.mem_backend) {
+            (Some(_), Some(_)) => {
+                return Err(Response::bad_request(
+                    "too many fields: either `mem_backend` or `mem_file_path` exclusively is required.",
+                ))
+            }
+            (None, None) => {
+                return Err(Response::bad_request(
+                    "missing field: either `mem_backend` or `mem_file_path` is required.",
+                ))
+            }
+            (Some(path), None) => path,
+            (None, Some(b)) if b.backend_type == MemBackendType::File => b.backend_path,
+            (None, Some(_)) => {
+                return Err(Response::bad_request(
+                    "The requested operation is not supported: rhyve maps the memory file itself (backend_type File); Uffd is not available.",
+                ))
+            }
+        };
+        if p.enable_diff_snapshots || p.track_dirty_pages {
+            log::warn!("snapshot load: rhyve does not track dirty pages; later snapshots are Full");
+        }
+        let state = std::path::PathBuf::from(&p.snapshot_path);
+        let snap = vmm::snapshot::Snapshot::read(&state)
+            .map_err(|e| vmm_error(prefix, format!("{e:#}")))?;
+        let bytes = snap.section(RESOURCES_SECTION).map_err(|_| {
+            vmm_error(
+                prefix,
+                format!(
+                    "{}: not a snapshot of this API (rhyvectl --checkpoint's are restored with rhyve -r)",
+                    p.snapshot_path
+                ),
+            )
+        })?;
+        let mut res: VmResources = serde_json::from_slice(bytes)
+            .map_err(|e| vmm_error(prefix, format!("{}: {e}", p.snapshot_path)))?;
+        for o in p.network_overrides {
+            let iface = res
+                .network_interfaces
+                .iter_mut()
+                .find(|n| n.iface_id == o.iface_id)
+                .ok_or_else(|| {
+                    vmm_error(
+                        prefix,
+                        format!(
+                            "Invalid network override: the snapshot has no interface {}",
+                            o.iface_id
+                        ),
+                    )
+                })?;
+            iface.host_dev_name = o.host_dev_name;
+        }
+        if let Some(v) = p.vsock_override {
+            match &mut res.vsock {
+                Some(vsock) => vsock.uds_path = v.uds_path,
+                None => {
+                    return Err(vmm_error(
+                        prefix,
+                        "Invalid vsock override: the snapshot has no vsock device",
+                    ))
+                }
+            }
+        }
+        res.logger = self.resources.logger.clone();
+        res.metrics = self.resources.metrics.clone();
+        let from = RestoreFrom {
+            state,
+            memory: memory.into(),
+            resume: p.resume_vm,
+        };
+        let instance =
+            (self.starter)(&self.id, &res, Some(&from)).map_err(|e| vmm_error(prefix, e))?;
+        self.resources = res;
+        self.instance = Some(instance);
+        Ok(Response::no_content())
+    }
+
     /// InstanceStart: builds and starts the machine. A failure leaves the API before boot,
     /// so the client may fix the resources and try again.
     pub fn start(&mut self) -> Result<(), Response> {
@@ -656,8 +817,8 @@ impl Api {
                 "Invalid kernel command line: Inserting string would make command line too long.",
             ));
         }
-        let instance =
-            (self.starter)(&self.id, &self.resources).map_err(|e| vmm_error(start_error, e))?;
+        let instance = (self.starter)(&self.id, &self.resources, None)
+            .map_err(|e| vmm_error(start_error, e))?;
         self.instance = Some(instance);
         Ok(())
     }
@@ -792,7 +953,7 @@ pub fn check_resources(res: &VmResources) -> Result<(), String> {
     let mut api = Api::new(
         "check",
         VmResources::default(),
-        Box::new(|_, _| Err("not started".into())),
+        Box::new(|_, _, _| Err("not started".into())),
         Box::new(NoHost),
     );
     for d in &res.drives {
@@ -880,13 +1041,27 @@ mod tests {
         ) -> Result<(), String> {
             Ok(())
         }
+        /// A state file with just the resources (rhyve's VMM writes the rest).
+        fn create_snapshot(
+            &self,
+            state: &std::path::Path,
+            memory: &std::path::Path,
+            resources: Vec<u8>,
+        ) -> Result<(), String> {
+            let mut snap = vmm::snapshot::Snapshot::default();
+            snap.add(RESOURCES_SECTION, resources);
+            std::fs::write(state, snap.encode()).map_err(|e| e.to_string())?;
+            std::fs::write(memory, []).map_err(|e| e.to_string())?;
+            self.0.calls.lock().unwrap().push("snapshot".into());
+            Ok(())
+        }
     }
 
     fn api() -> (Api, Arc<Recorded>, Arc<Mutex<Option<VmResources>>>) {
         let rec = Arc::new(Recorded::default());
         let started = Arc::new(Mutex::new(None));
         let (r, s) = (rec.clone(), started.clone());
-        let starter: Starter = Box::new(move |_, res| {
+        let starter: Starter = Box::new(move |_, res, _| {
             *s.lock().unwrap() = Some(res.clone());
             Ok(Box::new(Handle(r.clone())))
         });
@@ -1034,5 +1209,101 @@ mod tests {
             fault_of(a.handle("GET", "/vm", b"")),
             "Invalid request method and/or path: GET vm."
         );
+    }
+
+    #[test]
+    fn snapshots_are_created_paused_and_loaded_on_a_fresh_api() {
+        let (mut a, rec, _) = api();
+        let k = image("snap-kernel");
+        let put = |a: &mut Api, path: &str, body: &str| a.handle("PUT", path, body.as_bytes());
+        let dir = std::env::temp_dir().join(format!("fcapi-snap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+        let create = format!(
+            r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            state.display(),
+            mem.display()
+        );
+        assert_eq!(
+            fault_of(put(&mut a, "/snapshot/create", &create)),
+            NOT_ALLOWED_PRE_BOOT
+        );
+        let boot = format!(r#"{{"kernel_image_path":"{k}"}}"#);
+        assert_eq!(put(&mut a, "/boot-source", &boot).status, 204);
+        // (PUT /network-interfaces opens the tap: a unit test has none.)
+        a.resources
+            .network_interfaces
+            .push(serde_json::from_str(r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#).unwrap());
+        let start = r#"{"action_type":"InstanceStart"}"#;
+        assert_eq!(put(&mut a, "/actions", start).status, 204);
+        assert!(fault_of(put(&mut a, "/snapshot/create", &create))
+            .starts_with("Create snapshot error: the microVM must be paused"));
+        assert_eq!(
+            a.handle("PATCH", "/vm", br#"{"state":"Paused"}"#).status,
+            204
+        );
+        let diff = create.replacen('{', r#"{"snapshot_type":"Diff","#, 1);
+        assert!(fault_of(put(&mut a, "/snapshot/create", &diff)).contains("Full snapshots only"));
+        assert_eq!(put(&mut a, "/snapshot/create", &create).status, 204);
+        assert_eq!(rec.calls.lock().unwrap().as_slice(), ["snapshot"]);
+
+        // A fresh API loads it, with the interface on another tap.
+        let loaded = Arc::new(Mutex::new(None));
+        let l = loaded.clone();
+        let starter: Starter = Box::new(move |_, res, from| {
+            *l.lock().unwrap() = Some((res.clone(), from.cloned()));
+            Ok(Box::new(Handle(Arc::default())))
+        });
+        let mut b = Api::new("vm2", VmResources::default(), starter, Box::new(NoHost));
+        let load = |mem: &str, extra: &str| {
+            format!(
+                r#"{{"snapshot_path":"{}",{mem}"network_overrides":[{{"iface_id":"eth0","host_dev_name":"tap9"}}]{extra}}}"#,
+                state.display()
+            )
+        };
+        let mem_file = format!(r#""mem_file_path":"{}","#, mem.display());
+        let backend = format!(
+            r#""mem_backend":{{"backend_type":"File","backend_path":"{}"}},"#,
+            mem.display()
+        );
+        assert!(fault_of(put(&mut b, "/snapshot/load", &load("", ""))).starts_with("missing field"));
+        let both = format!("{mem_file}{backend}");
+        assert!(fault_of(put(&mut b, "/snapshot/load", &load(&both, ""))).starts_with("too many"));
+        let uffd = backend.replace("File", "Uffd");
+        assert!(fault_of(put(&mut b, "/snapshot/load", &load(&uffd, ""))).contains("Uffd"));
+        assert_eq!(
+            put(
+                &mut b,
+                "/snapshot/load",
+                &load(&backend, r#","resume_vm":true"#)
+            )
+            .status,
+            204
+        );
+        let (res, from) = loaded.lock().unwrap().clone().unwrap();
+        assert_eq!(res.network_interfaces[0].host_dev_name, "tap9");
+        assert_eq!(res.boot_source.unwrap().kernel_image_path, k);
+        assert_eq!(
+            from,
+            Some(RestoreFrom {
+                state: state.clone(),
+                memory: mem.clone(),
+                resume: true
+            })
+        );
+        // Loaded: no InstanceStart, no second load.
+        assert_eq!(
+            fault_of(put(&mut b, "/actions", start)),
+            NOT_ALLOWED_POST_BOOT
+        );
+
+        // Not on an API that was configured first.
+        let (mut c, _, _) = api();
+        assert_eq!(put(&mut c, "/boot-source", &boot).status, 204);
+        assert_eq!(
+            fault_of(put(&mut c, "/snapshot/load", &load(&mem_file, ""))),
+            "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources."
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

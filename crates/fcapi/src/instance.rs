@@ -118,6 +118,33 @@ impl Instance for FcInstance {
             )
             .map_err(|e| format!("Failed perform action on device: {e}"))
     }
+
+    fn create_snapshot(
+        &self,
+        state: &std::path::Path,
+        memory: &std::path::Path,
+        resources: Vec<u8>,
+    ) -> Result<(), String> {
+        let files = vmm::snapshot::SnapshotFiles {
+            memory: memory.to_path_buf(),
+            state: state.to_path_buf(),
+        };
+        let extra = vec![(crate::api::RESOURCES_SECTION.to_string(), resources)];
+        let report = self
+            .vm
+            .controller
+            .checkpoint(&files, false, extra)
+            .map_err(|e| e.to_string())?;
+        log::info!(
+            "snapshot {} + {}: {} MiB of memory data, {} KiB of state, in {:.1} ms",
+            state.display(),
+            memory.display(),
+            report.memory_bytes >> 20,
+            report.state_bytes >> 10,
+            report.duration.as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
 }
 
 /// `PUT /logger`'s effect.

@@ -141,8 +141,15 @@ fn run_with_api(opts: &cli::Options, resources: VmResources, start: Instant) -> 
     let (tx, rx) = mpsc::channel::<StartRequest>();
     let tx = Mutex::new(tx);
     let run_opts = opts.clone();
-    let starter: api::Starter = Box::new(move |id, res| {
-        let cfg = with_options(assemble::vm_config(id, res)?, &run_opts);
+    let starter: api::Starter = Box::new(move |id, res, from| {
+        let mut cfg = with_options(assemble::vm_config(id, res)?, &run_opts);
+        if let Some(from) = from {
+            cfg.restore = Some(vmm::snapshot::SnapshotFiles {
+                memory: from.memory.clone(),
+                state: from.state.clone(),
+            });
+            cfg.restore_paused = !from.resume;
+        }
         let (reply, answer) = mpsc::channel();
         tx.lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -17,7 +17,7 @@ SYNOPSIS
            [-f name,[string|file]=data] [-k config_file] [-l lpcdev[,conf]]
            [-m memsize[K|k|M|m|G|g|T|t]]
            [-o var=value] [-p vcpu:hostcpu] [-s slot,emulation[,conf]] [-U uuid]
-           [--kernel path] [--initrd path] [--append cmdline] vmname
+           [--kernel path] [--initrd path] [--append cmdline] [-r file] vmname
      rhyve -l help
      rhyve -s help
      rhyve --api-sock PATH [--id ID] [--config-file FILE] ...   (Firecracker's mode)
@@ -69,6 +69,13 @@ DESCRIPTION
              memory.size, lpc.comN.path, lpc.pc-testdev, pci.B.S.F.device, vcpu.N.cpuset, ...
      --kernel path, --initrd path, --append cmdline
              Same as -o boot.kernel=, -o boot.initrd=, -o boot.cmdline=.
+     -r file Restore the snapshot file (guest memory; the vCPU and device state are in
+             file.kern), as written by rhyvectl --checkpoint=file or --suspend=file. Give
+             the same -c, -m, -s and -l options as the saved VM (disks and taps are named
+             again, they are not in the snapshot); no --kernel. A snapshot of another
+             format version, a corrupt one, or one whose CPU features (CPUID), memory or
+             devices differ is refused (exit 4). The memory file is mapped privately: pages
+             are read when the guest touches them, and the file never changes.
      -p vcpu:hostcpu
              Pin a vCPU to a host CPU (may repeat).
      -e      Exit on unhandled I/O port or MMIO accesses.

@@ -51,6 +51,7 @@ const KNOWN_KEYS: &[&str] = &[
     "boot.kernel",
     "boot.initrd",
     "restore.file",
+    "restore.state",
     "boot.cmdline",
     "vcpu.*.cpuset",
     "pci.*.*.*.device",
@@ -272,8 +273,11 @@ pub struct VmConfig {
     pub pci: Vec<PciSlot>,
     /// `-l bootrom,ROM`: boot through firmware instead of a kernel.
     pub bootrom: Option<PathBuf>,
-    /// `-r FILE`: restore the snapshot FILE (+ FILE.kern) instead of booting.
-    pub restore: Option<PathBuf>,
+    /// `-r FILE`: restore the snapshot FILE (+ FILE.kern, or `restore.state`) instead of
+    /// booting.
+    pub restore: Option<crate::snapshot::SnapshotFiles>,
+    /// A restore waits paused for a resume (Firecracker's `resume_vm: false`).
+    pub restore_paused: bool,
     /// `-l bootrom,ROM,VARSFILE`: the firmware's variable store, a CFI flash right below
     /// the ROM, kept in this file.
     pub bootvars: Option<PathBuf>,
@@ -341,7 +345,10 @@ impl VmConfig {
                 "cmdline": self.cmdline,
                 "bootrom": path_json(&self.bootrom),
                 "bootvars": path_json(&self.bootvars),
-                "restore": path_json(&self.restore),
+                "restore": self.restore.as_ref().map_or(serde_json::Value::Null, |r| {
+                    json!({ "memory": r.memory.display().to_string(),
+                            "state": r.state.display().to_string() })
+                }),
             },
             "pci": pci,
             "com": com,
@@ -638,8 +645,15 @@ impl VmConfig {
         if bootvars.is_some() && bootrom.is_none() {
             return err("lpc.bootvars: a VARSFILE needs a boot ROM (-l bootrom,ROM,VARSFILE)");
         }
-        let restore = t.get("restore.file").map(PathBuf::from);
-        if let Some(file) = &restore {
+        let restore = t.get("restore.file").map(|f| {
+            let mut files = crate::snapshot::SnapshotFiles::bhyve(std::path::Path::new(f));
+            if let Some(state) = t.get("restore.state") {
+                files.state = state.into();
+            }
+            files
+        });
+        if let Some(files) = &restore {
+            let file = &files.memory;
             let refuse = |what: &str| {
                 err(format!(
                     "-r {}: {what} cannot be given with a restore (the guest is in the snapshot)",
@@ -708,6 +722,7 @@ impl VmConfig {
             memory,
             kernel: t.get("boot.kernel").map(PathBuf::from),
             restore,
+            restore_paused: false,
             initrd: t.get("boot.initrd").map(PathBuf::from),
             cmdline: t.get("boot.cmdline").unwrap_or("").to_string(),
             com,

@@ -463,7 +463,11 @@ fn checkpoint(req: &Map<String, Value>, vm: &VmHandles) -> Reply {
     };
     let report = vm
         .controller
-        .checkpoint(&file, suspend)
+        .checkpoint(
+            &crate::snapshot::SnapshotFiles::bhyve(&file),
+            suspend,
+            Vec::new(),
+        )
         .map_err(|e| e.to_string())?;
     log::info!(
         "snapshot {}: {} MiB of memory data, {} KiB of state, in {:.1} ms",

@@ -624,7 +624,7 @@ impl Machine {
         // Direct boot (--kernel) or what rhyveload loaded into the VM object: see adopt.rs.
         let phase = |what: &str| log::debug!("boot: {what} at {:.1} ms", ms_since(start));
         // A restore (-r): the snapshot is read and checked before anything is built.
-        let restore = cfg.restore.as_deref().map(Restore::open).transpose()?;
+        let restore = cfg.restore.as_ref().map(Restore::open).transpose()?;
         let mut boot = match restore {
             Some(_) => None,
             None => Some(adopt::Boot::prepare(&cfg)?),
@@ -939,9 +939,15 @@ fn run_vcpus(
     crate::adopt::consume_boot_state(vm)?;
     // Everything is open: the guest never runs with more than the sandbox leaves.
     crate::sandbox::drop_privileges(cfg.user, cfg.chroot.as_deref())?;
-    // Restored devices wait paused for the vCPUs and irqchip to be back: they start now.
-    if restoring {
+    // Restored devices wait paused for the vCPUs and irqchip to be back: they start now
+    // (or at the resume a paused restore waits for).
+    let start_paused = restoring && cfg.restore_paused;
+    if restoring && !start_paused {
         controller.devices().resume_all();
+    }
+    if start_paused {
+        // Before the threads exist: each parks before its first KVM_RUN.
+        ctls.iter().for_each(|c| c.request_pause());
     }
     for (((vcpu, probe), ctl), stats) in vcpus.into_iter().zip(&probes).zip(&ctls).zip(&stats) {
         let id = vcpu.id();
@@ -969,13 +975,18 @@ fn run_vcpus(
         )?;
         threads.push(handle);
     }
-    controller.started();
+    if start_paused {
+        controller.started_paused();
+    } else {
+        controller.started();
+    }
     log::debug!("boot: vCPUs started at {:.1} ms", ms_since(start));
-    if let Some(file) = cfg.restore.as_deref().filter(|_| restoring) {
+    if let Some(files) = cfg.restore.as_ref().filter(|_| restoring) {
         log::info!(
-            "VM {} restored from {}: running {:.1} ms after rhyve started",
+            "VM {} restored from {}: {} {:.1} ms after rhyve started",
             cfg.name,
-            file.display(),
+            files.memory.display(),
+            if start_paused { "paused" } else { "running" },
             ms_since(start)
         );
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use devices::{StopReason, VmControl};
 
 use crate::registry::DeviceRegistry;
-use crate::snapshot::{CheckpointReport, SnapshotParts};
+use crate::snapshot::{CheckpointReport, SnapshotFiles, SnapshotParts};
 use crate::vcpu_ctl::VcpuCtl;
 
 /// How long a pause waits for every vCPU to park.
@@ -130,8 +130,9 @@ impl VmController {
     /// requests [`StopReason::Suspended`] once it has answered.
     pub fn checkpoint(
         &self,
-        file: &std::path::Path,
+        files: &SnapshotFiles,
         suspend: bool,
+        extra: Vec<(String, Vec<u8>)>,
     ) -> Result<CheckpointReport, ActionError> {
         let mut state = self.lock();
         let parts = self.snapshot.as_ref().ok_or_else(|| {
@@ -147,7 +148,7 @@ impl VmController {
             VmState::Stopped => return Err(ActionError::Stopping),
             VmState::Configured => return Err(ActionError::NotStarted),
         };
-        let result = crate::snapshot::checkpoint(parts, &self.vcpus, &self.devices, file)
+        let result = crate::snapshot::checkpoint(parts, &self.vcpus, &self.devices, files, extra)
             .map_err(|e| ActionError::Snapshot(format!("{e:#}")));
         if was_running && !(suspend && result.is_ok()) {
             self.devices.resume_all();
@@ -170,6 +171,16 @@ impl VmController {
         let mut s = self.lock();
         if *s == VmState::Configured {
             *s = VmState::Running;
+        }
+    }
+
+    /// The vCPU threads exist but were asked to park before running guest code, and the
+    /// devices were left paused (a restore that waits for a resume).
+    pub fn started_paused(&self) {
+        let mut s = self.lock();
+        if *s == VmState::Configured {
+            self.vcpus.iter().for_each(|v| v.request_pause());
+            *s = VmState::Paused;
         }
     }
 

@@ -243,6 +243,17 @@ fn socket_server(rules: &mut Rules) {
     );
 }
 
+/// Activating a virtio device (the driver's DRIVER_OK on a vCPU, or the resume of a device
+/// restored from a snapshot): its worker's eventfds, epoll and rate-limit timer, copies of
+/// the queues' kick eventfds, the tap's offloads.
+fn device_activation(rules: &mut Rules) -> Result<()> {
+    use libc::*;
+    allow_exact(rules, SYS_ioctl, 1, TUNSETOFFLOAD)?;
+    allow_exact(rules, SYS_fcntl, 1, F_DUPFD_CLOEXEC as u64)?;
+    allow(rules, &[SYS_eventfd2, SYS_epoll_create1, SYS_timerfd_create]);
+    Ok(())
+}
+
 /// Writing a snapshot (rhyvectl --checkpoint, the API's /snapshot/create): FILE and
 /// FILE.kern created under temporary names, written, synced and renamed into place.
 fn snapshot_files(rules: &mut Rules) {
@@ -279,20 +290,12 @@ fn rules_for(profile: Profile) -> Result<Rules> {
         Profile::Thread(ThreadKind::Vcpu) => {
             event_loop(&mut r);
             allow_kvm_ioctls(&mut r)?;
-            // Activating or resetting virtio-net sets the tap's offloads.
-            allow_exact(&mut r, SYS_ioctl, 1, TUNSETOFFLOAD)?;
+            device_activation(&mut r)?;
             // -p vcpu:hostcpu, for this thread only.
             allow_when(&mut r, SYS_sched_setaffinity, &[(0, 0)])?;
-            // Activating a device hands its worker copies of the queues' kick eventfds.
-            allow_exact(&mut r, SYS_fcntl, 1, F_DUPFD_CLOEXEC as u64)?;
             allow(
                 &mut r,
                 &[
-                    // Activating a device builds its worker's eventfds, epoll and
-                    // rate-limit timer.
-                    SYS_eventfd2,
-                    SYS_epoll_create1,
-                    SYS_timerfd_create,
                     // The UEFI variable store (-l bootrom,ROM,VARSFILE) is written back.
                     SYS_pwrite64,
                     SYS_pread64,
@@ -376,6 +379,10 @@ fn rules_for(profile: Profile) -> Result<Rules> {
                     SYS_ftruncate,
                 ],
             );
+            // PUT /snapshot/create.
+            snapshot_files(&mut r);
+            // PATCH /vm's resume of a VM loaded paused starts its restored devices.
+            device_activation(&mut r)?;
         }
         Profile::Main => {
             event_loop(&mut r);

@@ -39,6 +39,23 @@ pub fn state_path(file: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A snapshot's two files: guest RAM and the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    pub memory: PathBuf,
+    pub state: PathBuf,
+}
+
+impl SnapshotFiles {
+    /// bhyve's naming: FILE and FILE.kern.
+    pub fn bhyve(file: &Path) -> Self {
+        Self {
+            memory: file.to_path_buf(),
+            state: state_path(file),
+        }
+    }
+}
+
 /// A snapshot's sections, by name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -142,10 +159,9 @@ impl Snapshot {
         Ok(Self { sections })
     }
 
-    /// Reads and checks FILE.kern.
-    pub fn read(file: &Path) -> Result<Self> {
-        let path = state_path(file);
-        let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+    /// Reads and checks a state file (FILE.kern).
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
         Self::decode(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
     }
 }
@@ -308,18 +324,23 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Writes the snapshot FILE (+ FILE.kern) of a paused machine. Both are written to temporary
-/// names and renamed at the end: a failure leaves no half snapshot, and a VM restored from
-/// an earlier FILE (which maps it) never sees it change under it.
+/// Writes the snapshot `files` of a paused machine, with `extra` sections (what a caller
+/// needs to rebuild the machine, e.g. Firecracker's resources). Both files are written to
+/// temporary names and renamed at the end: a failure leaves no half snapshot, and a VM
+/// restored from an earlier image (which maps it) never sees it change under it.
 pub fn checkpoint(
     parts: &SnapshotParts,
     vcpus: &[Arc<VcpuCtl>],
     registry: &DeviceRegistry,
-    file: &Path,
+    files: &SnapshotFiles,
+    extra: Vec<(String, Vec<u8>)>,
 ) -> Result<CheckpointReport> {
     let started = Instant::now();
     let mut snap = Snapshot::default();
     snap.add("machine", parts.machine.encode());
+    for (name, data) in extra {
+        snap.add(name, data);
+    }
     // The vCPUs' and the VM's KVM state, read on the vCPU threads (they own the KVM calls).
     let indices: Arc<[u32]> = parts.vm.msr_indices().into();
     for ctl in vcpus {
@@ -344,13 +365,13 @@ pub fn checkpoint(
     }
     let state = snap.encode();
 
-    let kern = state_path(file);
+    let (file, kern) = (&files.memory, &files.state);
     let tmp = |p: &Path| {
         let mut s = p.as_os_str().to_os_string();
         s.push(".tmp");
         PathBuf::from(s)
     };
-    let (mem_tmp, kern_tmp) = (tmp(file), tmp(&kern));
+    let (mem_tmp, kern_tmp) = (tmp(file), tmp(kern));
     let write = || -> Result<u64> {
         let mem = create(&mem_tmp)?;
         let memory_bytes = parts
@@ -365,7 +386,7 @@ pub fn checkpoint(
             .and_then(|_| k.sync_all())
             .with_context(|| kern_tmp.display().to_string())?;
         std::fs::rename(&mem_tmp, file).with_context(|| file.display().to_string())?;
-        std::fs::rename(&kern_tmp, &kern).with_context(|| kern.display().to_string())?;
+        std::fs::rename(&kern_tmp, kern).with_context(|| kern.display().to_string())?;
         Ok(memory_bytes)
     };
     match write() {
@@ -394,24 +415,31 @@ fn create(path: &Path) -> Result<File> {
         .with_context(|| format!("cannot create {}", path.display()))
 }
 
-/// A snapshot being restored: FILE.kern read and checked, FILE open.
+/// A snapshot being restored: its state read and checked, its memory image open.
 pub struct Restore {
+    /// The memory image (what `-r` names).
     pub file: PathBuf,
+    state: PathBuf,
     pub snapshot: Snapshot,
     pub machine: MachineInfo,
     pub image: File,
 }
 
 impl Restore {
-    /// Reads FILE.kern and opens FILE; a refusal names the file and is one line.
-    pub fn open(file: &Path) -> Result<Self> {
-        let snapshot = Snapshot::read(file)?;
-        let kern = state_path(file);
-        let machine = MachineInfo::decode(snapshot.section("machine")?)
-            .map_err(|e| anyhow!("{}: machine: {e}", kern.display()))?;
-        let image = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    /// Reads the state file and opens the image; a refusal names the file and is one line.
+    pub fn open(files: &SnapshotFiles) -> Result<Self> {
+        let snapshot = Snapshot::read(&files.state)?;
+        let machine = MachineInfo::decode(
+            snapshot
+                .section("machine")
+                .map_err(|e| anyhow!("{}: {e}", files.state.display()))?,
+        )
+        .map_err(|e| anyhow!("{}: machine: {e}", files.state.display()))?;
+        let image = File::open(&files.memory)
+            .with_context(|| format!("cannot open {}", files.memory.display()))?;
         Ok(Self {
-            file: file.to_path_buf(),
+            file: files.memory.clone(),
+            state: files.state.clone(),
             snapshot,
             machine,
             image,
@@ -424,7 +452,7 @@ impl Restore {
         name: &str,
         decode: impl FnOnce(&[u8]) -> std::result::Result<T, E>,
     ) -> Result<T> {
-        let kern = state_path(&self.file);
+        let kern = &self.state;
         let bytes = self
             .snapshot
             .section(name)

@@ -159,7 +159,11 @@ impl Vcpu {
         // been enlarged with ARCH_REQ_XCOMP_GUEST_PERM (rhyve never asks for AMX state), so
         // KVM reads no more than the struct.
         unsafe { fd.set_xsave(&state.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
-        fd.set_xcrs(&state.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        // A host without XSAVE has no XCRs: KVM_GET_XCRS gave none, KVM_SET_XCRS would
+        // refuse any (EINVAL).
+        if state.xcrs.nr_xcrs > 0 {
+            fd.set_xcrs(&state.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
         self.set_lapic(&state.lapic)?;
         let (tsc, others): (Vec<_>, Vec<_>) =
             state.msrs.iter().partition(|(i, _)| *i == MSR_IA32_TSC);

@@ -26,6 +26,9 @@ testbed_say() { echo "TESTBED: $*"; }
 #   --name NAME        VM name for rhyve                        (default vm0)
 #   --loaded           rhyve only: boot what rhyveload put into the named VM (no --kernel,
 #                      --initrd, --append are passed)
+#   --restore FILE     rhyve only: restore the snapshot FILE (+ FILE.kern) with -r FILE (no
+#                      --kernel, --initrd, --append are passed; the extra args must give the
+#                      snapshot's devices again)
 #   --firmware ROM     boot through firmware ROM instead of a kernel: rhyve -l bootrom,ROM,
 #                      QEMU -bios ROM (no --kernel, --initrd, --append are passed)
 #   --vars FILE        with --firmware: the firmware's variable store, kept in FILE:
@@ -45,6 +48,7 @@ testbed_say() { echo "TESTBED: $*"; }
 testbed_boot() {
     local kernel="$L2_VMLINUZ" initrd="$L2_INITRD" append="console=ttyS0 quiet" mem=512M
     local name=vm0 marker=L2-INIT-REACHED tmo=120 tag="" after="" loaded=0 firmware="" vars=""
+    local restore=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --kernel) kernel="$2"; shift 2 ;;
@@ -53,6 +57,7 @@ testbed_boot() {
             --mem) mem="$2"; shift 2 ;;
             --name) name="$2"; shift 2 ;;
             --loaded) loaded=1; shift ;;
+            --restore) restore="$2"; shift 2 ;;
             --firmware) firmware="$2"; shift 2 ;;
             --vars) vars="$2"; shift 2 ;;
             --marker) marker="$2"; shift 2 ;;
@@ -68,7 +73,9 @@ testbed_boot() {
     # VM name must stay the final argument.
     case "$TESTBED_VMM" in
         qemu)
-            if [ -n "$vars" ]; then
+            if [ -n "$restore" ]; then
+                echo "testbed_boot: --restore is rhyve's (-r)" >&2; return 2
+            elif [ -n "$vars" ]; then
                 set -- "$TESTBED_VMM_BIN" -accel kvm -m "$mem" -nographic -vga none \
                     -no-reboot -nic none \
                     -drive "if=pflash,format=raw,readonly=on,file=$firmware" \
@@ -82,7 +89,10 @@ testbed_boot() {
                     -append "$append" "$@"
             fi ;;
         rhyve)
-            if [ -n "$firmware" ]; then
+            if [ -n "$restore" ]; then
+                set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
+                    -r "$restore" "$@" "$name"
+            elif [ -n "$firmware" ]; then
                 set -- "$TESTBED_VMM_BIN" -m "$mem" -s 0,hostbridge -s 31,lpc -l com1,stdio \
                     -l "bootrom,$firmware${vars:+,$vars}" "$@" "$name"
             elif [ "$loaded" = 1 ]; then
