@@ -250,7 +250,10 @@ fn device_activation(rules: &mut Rules) -> Result<()> {
     use libc::*;
     allow_exact(rules, SYS_ioctl, 1, TUNSETOFFLOAD)?;
     allow_exact(rules, SYS_fcntl, 1, F_DUPFD_CLOEXEC as u64)?;
-    allow(rules, &[SYS_eventfd2, SYS_epoll_create1, SYS_timerfd_create]);
+    allow(
+        rules,
+        &[SYS_eventfd2, SYS_epoll_create1, SYS_timerfd_create],
+    );
     Ok(())
 }
 
@@ -264,6 +267,8 @@ fn snapshot_files(rules: &mut Rules) {
             SYS_openat,
             SYS_write,
             SYS_pwrite64,
+            // /proc/self/pagemap: which pages of a restored VM it wrote.
+            SYS_pread64,
             SYS_ftruncate,
             SYS_fsync,
             SYS_fdatasync,

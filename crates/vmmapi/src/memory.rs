@@ -48,9 +48,11 @@ pub struct GuestRam {
     /// (guest physical address, offset into the file, length) per region.
     regions: Vec<(u64, u64, u64)>,
     huge_pages: bool,
-    /// The shared RAM file (None: a private mapping of a snapshot's image), whose holes a
-    /// snapshot skips without touching them.
-    shared_file: Option<Arc<File>>,
+    /// The file mapped: the shared RAM file, or the image a private mapping was restored
+    /// from. A snapshot skips its holes without touching them.
+    file: Arc<File>,
+    /// Whether the mapping is `MAP_SHARED` (the RAM file) or `MAP_PRIVATE` (an image).
+    shared: bool,
 }
 
 impl GuestRam {
@@ -115,14 +117,10 @@ impl GuestRam {
         });
         // A private image mapping is the page cache of a regular file: 4 KiB pages.
         let huge_pages = shared && hugepages::advise(addr, len, file, options.huge_pages)?;
-        let shared_file = if shared {
-            Some(Arc::new(
-                file.try_clone()
-                    .map_err(|e| Error::Memory(format!("RAM file: {e}")))?,
-            ))
-        } else {
-            None
-        };
+        let file = Arc::new(
+            file.try_clone()
+                .map_err(|e| Error::Memory(format!("RAM file: {e}")))?,
+        );
         let mut guest_regions = Vec::new();
         let mut layout = Vec::new();
         let mut offset = 0u64;
@@ -147,7 +145,8 @@ impl GuestRam {
             memory,
             regions: layout,
             huge_pages,
-            shared_file,
+            file,
+            shared,
         };
         if options.wired {
             ram.wire()?;
@@ -181,19 +180,27 @@ impl GuestRam {
     }
 
     /// Writes all of guest RAM to `out` (a snapshot's memory image, laid out as the RAM
-    /// file): sized to the RAM, zero pages left as holes. Returns the bytes written. Holes of
-    /// the shared RAM file are skipped unread (reading them would allocate them); the guest
-    /// must not run meanwhile.
+    /// file): sized to the RAM, zero pages left as holes. Returns the bytes written. Pages that
+    /// can only be zero are skipped unread: holes of the shared RAM file (reading them would
+    /// allocate them), and of a restored image where the guest has not written (its own
+    /// copies, per /proc/self/pagemap; without that file every page is read). The guest must
+    /// not run meanwhile.
     pub fn write_image(&self, out: &File) -> Result<u64> {
         use std::os::unix::fs::FileExt;
         let total = self.mapping.len as u64;
         let io = |e: std::io::Error| Error::Memory(format!("writing the memory image: {e}"));
         out.set_len(0).map_err(io)?;
         out.set_len(total).map_err(io)?;
-        let ranges = match &self.shared_file {
-            Some(f) => data_ranges(f, total).map_err(io)?,
-            None => vec![(0, total)],
-        };
+        let mut ranges = data_ranges(&self.file, total).map_err(io)?;
+        if !self.shared {
+            match self.private_copies() {
+                Ok(copies) => ranges = merge_ranges(ranges, copies),
+                Err(e) => {
+                    log::debug!("/proc/self/pagemap: {e}: every page of the image is read");
+                    ranges = vec![(0, total)];
+                }
+            }
+        }
         // SAFETY: the mapping is live for &self and `total` bytes long; the guest is paused,
         // and the bytes are only copied out.
         let ram = unsafe { std::slice::from_raw_parts(self.mapping.addr, self.mapping.len) };
@@ -217,6 +224,42 @@ impl GuestRam {
             }
         }
         Ok(written)
+    }
+
+    /// The (start, end) ranges of a private mapping whose pages are the guest's own copies
+    /// (written since the restore: anonymous, present or swapped out).
+    fn private_copies(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE_PAGE: u64 = 1 << 61;
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let pages = self.mapping.len as u64 / PAGE;
+        let first = self.mapping.addr as u64 / PAGE;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut buf = vec![0u8; 8 * 4096];
+        let mut page = 0u64;
+        while page < pages {
+            let n = (pages - page).min(4096);
+            let bytes = &mut buf[..n as usize * 8];
+            pagemap.read_exact_at(bytes, (first + page) * 8)?;
+            for (i, e) in bytes.chunks_exact(8).enumerate() {
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(e);
+                let entry = u64::from_le_bytes(raw);
+                let copied =
+                    (entry & PRESENT != 0 && entry & FILE_PAGE == 0) || entry & SWAPPED != 0;
+                if copied {
+                    let at = (page + i as u64) * PAGE;
+                    match ranges.last_mut() {
+                        Some(last) if last.1 == at => last.1 = at + PAGE,
+                        _ => ranges.push((at, at + PAGE)),
+                    }
+                }
+            }
+            page += n;
+        }
+        Ok(ranges)
     }
 
     /// Wires the RAM (bhyve `-S`): every page allocated and mapped writable now, then locked
@@ -255,6 +298,21 @@ fn total_size(regions: &[(u64, u64)]) -> Result<u64> {
         return Err(Error::Memory("no guest RAM requested".into()));
     }
     Ok(total)
+}
+
+/// The union of two sorted lists of disjoint (start, end) ranges, sorted.
+fn merge_ranges(a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut all = a;
+    all.extend(b);
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (s, e) in all {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -384,6 +442,12 @@ mod tests {
         assert_eq!(m.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 0);
         // The restored guest's writes stay private: the image can be restored again.
         m.write_obj(0xffu32, GuestAddress(0x1234)).unwrap();
+        // A page that is a hole in the image, written after the restore: the guest's own copy.
+        m.write_obj(0xabcdu32, GuestAddress(0x30_0008)).unwrap();
+        assert_eq!(
+            back.private_copies().unwrap(),
+            [(0x1000, 0x2000), (0x30_0000, 0x30_1000)]
+        );
         let again = GuestRam::from_image(&img, &regions, &MemoryOptions::default()).unwrap();
         assert_eq!(
             again
@@ -402,6 +466,11 @@ mod tests {
                 .read_obj::<u32>(GuestAddress(0x1234))
                 .unwrap(),
             0xff
+        );
+        let third_mem = third.memory();
+        assert_eq!(
+            third_mem.read_obj::<u32>(GuestAddress(0x30_0008)).unwrap(),
+            0xabcd
         );
         // An image of another size is refused.
         let wrong = GuestRam::from_image(&img, &regions[..1], &MemoryOptions::default());
