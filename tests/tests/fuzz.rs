@@ -12,6 +12,7 @@ const TARGETS: &[&str] = &[
     "virtio_pci",
     "pci_config",
     "legacy_ports",
+    "device_state",
     "kernel_image",
     "boot_disk",
 ];

@@ -343,6 +343,11 @@ impl crate::lifecycle::Lifecycle for I8042 {
         let (last, ctr, outport) = (r.u8("i8042")?, r.u8("i8042 ctr")?, r.u8("i8042 port")?);
         let last_was_cmd = r.bool("i8042 cmd")?;
         let (dest, cmd) = (r.u8("i8042 dest")?, r.u8("i8042 param")?);
+        if dest != 6 && cmd != 0 {
+            return Err(LifecycleError::BadState(format!(
+                "i8042: a parameter byte {cmd:#x} without a command awaiting it"
+            )));
+        }
         let dest = match dest {
             0 => DataDest::Keyboard,
             1 => DataDest::Ctr,
