@@ -44,6 +44,27 @@ impl Netns {
         ip(&v)
     }
 
+    /// Makes `cmd` start inside the namespace: its network namespace only. Unlike `ip netns
+    /// exec`, which also gives the command a mount namespace of its own, whatever the
+    /// command mounts (rhyve's runtime directory) stays visible to the caller and to
+    /// rhyvectl.
+    pub fn enter_on_exec(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let path = format!("/run/netns/{}", self.name);
+        // Opened here (close-on-exec): the child only calls setns between fork and exec.
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: the closure only makes one system call on a descriptor it owns, which is
+        // async-signal-safe; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// Runs `f` on a thread that has entered the namespace (sockets and taps it opens stay
     /// in the namespace).
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {

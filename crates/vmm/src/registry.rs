@@ -8,6 +8,9 @@ use devices::pci::root::SharedPciDevice;
 use devices::pci::PciDevice;
 use serde_json::{json, Value};
 
+/// A PCI function's saved state, by its (bus, slot, function) address.
+pub type SavedFunction = ((u8, u8, u8), Vec<u8>);
+
 /// One registered device.
 pub struct RegisteredDevice {
     /// Unique in the machine (the resources' id).
@@ -116,7 +119,7 @@ impl DeviceRegistry {
 
     /// Every function's saved state, by address (the VM is paused); a function that cannot
     /// be saved fails the whole snapshot, naming it.
-    pub fn save_all(&self) -> Result<Vec<((u8, u8, u8), Vec<u8>)>, String> {
+    pub fn save_all(&self) -> Result<Vec<SavedFunction>, String> {
         self.devices
             .iter()
             .map(|d| {

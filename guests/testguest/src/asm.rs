@@ -236,6 +236,47 @@ isr_common:
 5:  cli
     hlt
     jmp 5b
+
+    /* Device and timer interrupts (vectors IRQ_FIRST.., see irq.rs), 16 bytes apart: count
+       the vector in IRQ_COUNTS[n], EOI to the local APIC, return. Interrupts are only ever
+       enabled inside irq::wait's `sti; hlt; cli`, so the interrupted code is that asm block
+       (no red zone in use below its RSP).
+       The return avoids iretq, which KVM's instruction emulator cannot do in long mode (and
+       the code after an exit, the EOI here, may run through it): the interrupted RIP and
+       RFLAGS go onto the interrupted stack, then `popfq; ret`. Frame (no error code): RIP at
+       16(%rsp) once RAX and RCX are pushed, CS 24, RFLAGS 32, RSP 40, SS 48. The frame ends
+       at or below the old RSP, so the two words written below it land on the frame's SS and
+       RSP slots (read before) or above the frame. */
+    .balign 16
+    .globl irq_stubs
+irq_stubs:
+    .set n, 0
+    .rept 8
+    .balign 16
+    pushq %rax
+    movl $n, %eax
+    jmp irq_common
+    .set n, n + 1
+    .endr
+irq_common:
+    pushq %rcx
+    leaq IRQ_COUNTS(%rip), %rcx
+    incq (%rcx,%rax,8)
+    movl $0xfee000b0, %ecx
+    movl $0, (%rcx)
+    movq 40(%rsp), %rax
+    movq 16(%rsp), %rcx
+    movq %rcx, -8(%rax)
+    movq 32(%rsp), %rcx
+    movq %rcx, -16(%rax)
+    subq $16, %rax
+    /* The CS slot (never overwritten above) carries the new RSP past the pops. */
+    movq %rax, 24(%rsp)
+    popq %rcx
+    popq %rax
+    movq 8(%rsp), %rsp
+    popfq
+    ret
     .popsection
 
     /* The host target's compiler_builtins leaves these to libc, which we do not have. */

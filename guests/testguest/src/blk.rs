@@ -17,15 +17,15 @@ const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 
 /// Request types and status values (§5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+pub(crate) const T_IN: u32 = 0;
+pub(crate) const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
+pub(crate) const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
-const SECTOR: usize = 512;
+pub(crate) const SECTOR: usize = 512;
 
 /// Device-visible memory: write data, read data, the request header, the status byte.
 #[repr(C)]
@@ -73,10 +73,9 @@ fn mismatch(buf: &[u8], first: u64) -> Option<usize> {
     None
 }
 
-/// One request: header (device-readable), `data`, status byte (device-writable) — the layout
-/// of §5.2.6. Returns the status, or None (after a FAIL) if the device did not complete it or
-/// left the status byte alone.
-fn request(q: &mut Queue, typ: u32, sector: u64, data: &[Buf]) -> Option<u8> {
+/// Posts one request without waiting for it: header (device-readable), `data` (at most 2
+/// buffers), status byte (device-writable) — the layout of §5.2.6.
+pub(crate) fn post(q: &mut Queue, typ: u32, sector: u64, data: &[Buf]) {
     let m = mem();
     m.hdr[..4].copy_from_slice(&typ.to_le_bytes());
     m.hdr[4..8].fill(0);
@@ -86,9 +85,14 @@ fn request(q: &mut Queue, typ: u32, sector: u64, data: &[Buf]) -> Option<u8> {
     chain[0] = Buf(addr(&m.hdr), 16, false);
     chain[1..=data.len()].copy_from_slice(data);
     chain[data.len() + 1] = Buf(addr(&m.status), 1, true);
-    q.run(&chain[..data.len() + 2])?;
+    q.post(&chain[..data.len() + 2]);
+}
+
+/// The status of the request [`post`] sent (of type `typ`), once the device used it; None
+/// (after a FAIL) if the device left the status byte alone.
+pub(crate) fn status(typ: u32) -> Option<u8> {
     // SAFETY: the device wrote it; read it as memory the compiler cannot have cached.
-    let st = unsafe { core::ptr::addr_of!(m.status[0]).read_volatile() };
+    let st = unsafe { core::ptr::addr_of!(mem().status[0]).read_volatile() };
     if st == 0xff {
         fail(&[
             P::S("blk: request type "),
@@ -98,6 +102,14 @@ fn request(q: &mut Queue, typ: u32, sector: u64, data: &[Buf]) -> Option<u8> {
         return None;
     }
     Some(st)
+}
+
+/// One request, [`post`]ed and polled for. Returns the status, or None (after a FAIL) if the
+/// device did not complete it or left the status byte alone.
+fn request(q: &mut Queue, typ: u32, sector: u64, data: &[Buf]) -> Option<u8> {
+    post(q, typ, sector, data);
+    q.poll()?;
+    status(typ)
 }
 
 /// A read or write of `len` bytes at `sector` from/into the write (`OUT`) or read (`IN`)
@@ -177,24 +189,37 @@ fn verify(q: &mut Queue, sector: u64, n: usize, segs: usize) -> bool {
     true
 }
 
-/// `empty_ok`: accept status OK for a write without data (QEMU 7.2 does that: a 0-byte write).
-pub fn test(window: &mut u64, reassign: bool, ro_cmdline: bool, empty_ok: bool, swap: bool) {
-    let Some(mut d) = virtio::probe(&[0x1042, 0x1001], window, reassign) else {
-        return;
-    };
-    if !d.negotiate(F_FLUSH | F_BLK_SIZE | F_SEG_MAX | F_DISCARD | F_WRITE_ZEROES | F_RO) {
-        return;
+/// Finds the virtio-blk function (probe as [`virtio::probe`]), negotiates `wanted`, sets up
+/// request queue 0 and sets DRIVER_OK. None after a FAIL.
+pub(crate) fn open(window: &mut u64, reassign: bool, wanted: u64) -> Option<(virtio::Dev, Queue)> {
+    let mut d = virtio::probe(&[0x1042, 0x1001], window, reassign)?;
+    if !d.negotiate(wanted) {
+        return None;
     }
-    let Some(mut q) = d.queue(0) else { return };
+    let q = d.queue(0)?;
     if !d.driver_ok() {
-        return;
+        return None;
     }
     if d.device == 0 {
         fail(&[P::S("blk: no device configuration capability")]);
-        return;
+        return None;
     }
-    // struct virtio_blk_config (§5.2.4): le64 capacity @0, le32 seg_max @12, le32 blk_size @20.
-    let capacity = u64::from_le_bytes(d.config::<8>(0));
+    Some((d, q))
+}
+
+/// struct virtio_blk_config (§5.2.4): le64 capacity @0, in 512-byte sectors.
+pub(crate) fn capacity(d: &virtio::Dev) -> u64 {
+    u64::from_le_bytes(d.config::<8>(0))
+}
+
+/// `empty_ok`: accept status OK for a write without data (QEMU 7.2 does that: a 0-byte write).
+pub fn test(window: &mut u64, reassign: bool, ro_cmdline: bool, empty_ok: bool, swap: bool) {
+    let wanted = F_FLUSH | F_BLK_SIZE | F_SEG_MAX | F_DISCARD | F_WRITE_ZEROES | F_RO;
+    let Some((d, mut q)) = open(window, reassign, wanted) else {
+        return;
+    };
+    // struct virtio_blk_config (§5.2.4): le32 seg_max @12, le32 blk_size @20.
+    let capacity = capacity(&d);
     let seg_max = u32::from_le_bytes(d.config::<4>(12));
     let blk_size = u32::from_le_bytes(d.config::<4>(20));
     line(&[P::S("blk capacity="), P::D(capacity)]);

@@ -17,6 +17,12 @@
 //! GSI is the one rhyve's ACPI _PRT gives slot S, pin INTA#: 16 + (S mod 8), level-triggered,
 //! active low as ACPI assumes for a _PRT GSI (KVM's I/O APIC takes the asserted line either
 //! way: KVM_IRQ_LINE level 1 is "asserted", the polarity bit is not consulted).
+//!
+//! The second half is for tests that do take interrupts (`rhyve.test=snapshot`): handlers
+//! for vectors [`IRQ_FIRST`].. (asm.rs: count, EOI, return) and [`wait`], the only place
+//! with IF = 1; the local APIC timer as a periodic tick; MSI-X routing of a virtio queue.
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::fail;
 use crate::io::{self, line, P};
@@ -26,6 +32,13 @@ use crate::virtio::{self, Buf, Dev, Dma, Queue};
 const LAPIC: u64 = 0xfee0_0000;
 const LAPIC_SVR: u64 = 0xf0;
 const LAPIC_IRR: u64 = 0x200;
+/// LVT timer, initial count, current count, divide configuration (SDM vol. 3 §11.5.4).
+const LAPIC_LVT_TIMER: u64 = 0x320;
+const LAPIC_TIMER_INIT: u64 = 0x380;
+const LAPIC_TIMER_CUR: u64 = 0x390;
+const LAPIC_TIMER_DIV: u64 = 0x3e0;
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_PERIODIC: u32 = 1 << 17;
 const IOAPIC: u64 = 0xfec0_0000;
 
 const VEC_MSIX: u8 = 0x41;
@@ -111,7 +124,8 @@ fn fire(q: &mut Queue, name: &str, extra: &[P], vector: u8) -> bool {
     seen
 }
 
-fn caps(cfg: Cfg, f: Bdf) -> (u16, u16) {
+/// The offsets of the MSI-X and MSI capabilities (0: none).
+pub fn caps(cfg: Cfg, f: Bdf) -> (u16, u16) {
     let (mut msix, mut msi) = (0u16, 0u16);
     pci::for_each_cap(cfg, f, |id, off| match id {
         CAP_MSIX if msix == 0 => msix = u16::from(off),
@@ -128,30 +142,51 @@ fn msix_table(cfg: Cfg, f: Bdf, cap: u16) -> Option<u64> {
     Some(bar.addr + u64::from(t & !7))
 }
 
-fn msix(cfg: Cfg, f: Bdf, d: &Dev, q: &mut Queue, cap: u16) {
+/// MSI-X table entry `entry` of `f` (capability at `cap`) = a fixed, edge-triggered
+/// `vector` for local APIC 0, unmasked; then MSI-X enabled, the function unmasked. False
+/// (reported, naming `who`) when the table's BAR is unassigned.
+pub fn msix_route(cfg: Cfg, f: Bdf, cap: u16, entry: u16, vector: u8, who: &str) -> bool {
     let Some(table) = msix_table(cfg, f, cap) else {
-        fail(&[P::S("irq msix: table BAR not assigned")]);
-        return;
+        fail(&[P::S(who), P::S(": MSI-X table BAR not assigned")]);
+        return false;
     };
-    // Entry 0: address, data = vector (fixed, edge), vector control = unmasked.
-    io::mmio_write(table, MSI_ADDR as u32);
-    io::mmio_write(table + 4, (MSI_ADDR >> 32) as u32);
-    io::mmio_write(table + 8, u32::from(VEC_MSIX));
-    io::mmio_write(table + 12, 0u32);
+    // Address, data = vector (fixed, edge), vector control = unmasked.
+    let e = table + 16 * u64::from(entry);
+    io::mmio_write(e, MSI_ADDR as u32);
+    io::mmio_write(e + 4, (MSI_ADDR >> 32) as u32);
+    io::mmio_write(e + 8, u32::from(vector));
+    io::mmio_write(e + 12, 0u32);
     // Message control: MSI-X enable (bit 15), function unmasked (bit 14 clear).
     let ctl = cfg.r16(f, cap + 2);
     cfg.w16(f, cap + 2, (ctl | 1 << 15) & !(1 << 14));
-    io::mmio_write(d.common + C_Q_SELECT, 0u16);
-    io::mmio_write(d.common + C_Q_MSIX_VECTOR, 0u16);
+    true
+}
+
+/// virtio 1.2 §4.1.4.3: queue `index` signals MSI-X table entry `entry` (NO_VECTOR 0xffff:
+/// none); the device must read it back. False (reported, naming `who`) otherwise.
+pub fn queue_vector(d: &Dev, index: u16, entry: u16, who: &str) -> bool {
+    io::mmio_write(d.common + C_Q_SELECT, index);
+    io::mmio_write(d.common + C_Q_MSIX_VECTOR, entry);
     let v: u16 = io::mmio_read(d.common + C_Q_MSIX_VECTOR);
-    if v != 0 {
+    if v != entry {
         fail(&[
-            P::S("irq msix: queue_msix_vector reads back "),
+            P::S(who),
+            P::S(": queue_msix_vector reads back "),
             P::X(u64::from(v)),
         ]);
-        return;
     }
-    fire(q, "msix", &[], VEC_MSIX);
+    v == entry
+}
+
+/// No configuration-change interrupts wanted (virtio 1.2 §4.1.5.1.2: NO_VECTOR).
+pub fn no_config_vector(d: &Dev) {
+    io::mmio_write(d.common + C_MSIX_CONFIG, 0xffffu16);
+}
+
+fn msix(cfg: Cfg, f: Bdf, d: &Dev, q: &mut Queue, cap: u16) {
+    if msix_route(cfg, f, cap, 0, VEC_MSIX, "irq msix") && queue_vector(d, 0, 0, "irq msix") {
+        fire(q, "msix", &[], VEC_MSIX);
+    }
 }
 
 fn msi(cfg: Cfg, f: Bdf, q: &mut Queue, msix_cap: u16, cap: u16) {
@@ -219,12 +254,16 @@ fn intx(cfg: Cfg, f: Bdf, d: &Dev, q: &mut Queue, msi_cap: u16) {
     ioapic_write(reg, 1 << 16); // masked again
 }
 
-pub fn test(window: &mut u64) {
-    const IDS: [u16; 2] = [0x1044, 0x1005];
-    // xAPIC software enable (SVR bit 8), spurious vector 0xFF. Accepted fixed interrupts are
-    // discarded while the APIC is software-disabled.
+/// xAPIC software enable (SVR bit 8), spurious vector 0xFF. Accepted fixed interrupts are
+/// discarded while the APIC is software-disabled.
+pub fn lapic_enable() {
     let svr: u32 = io::mmio_read(LAPIC + LAPIC_SVR);
     io::mmio_write(LAPIC + LAPIC_SVR, svr | 0x1ff);
+}
+
+pub fn test(window: &mut u64) {
+    const IDS: [u16; 2] = [0x1044, 0x1005];
+    lapic_enable();
     let Some(mut d) = virtio::probe(&IDS, window, false) else {
         return;
     };
@@ -247,8 +286,7 @@ pub fn test(window: &mut u64) {
         return;
     }
     let Some(mut q) = d.queue(0) else { return };
-    // No configuration-change interrupts wanted (virtio 1.2 §4.1.5.1.2: NO_VECTOR).
-    io::mmio_write(d.common + C_MSIX_CONFIG, 0xffffu16);
+    no_config_vector(&d);
     if !d.driver_ok() {
         return;
     }
@@ -257,4 +295,59 @@ pub fn test(window: &mut u64) {
     intx(cfg, f, &d, &mut q, msi_cap);
     d.reset();
     line(&[P::S("irq done")]);
+}
+
+/// The first vector with a counting handler (asm.rs `irq_stubs`), and how many there are.
+pub const IRQ_FIRST: u8 = 0x40;
+pub const IRQ_VECTORS: usize = 8;
+
+/// Interrupts taken per vector, from IRQ_FIRST (incremented by asm.rs's handlers).
+#[no_mangle]
+static IRQ_COUNTS: [AtomicU64; IRQ_VECTORS] = [const { AtomicU64::new(0) }; IRQ_VECTORS];
+
+/// How many times `vector` (IRQ_FIRST..) has been taken.
+pub fn count(vector: u8) -> u64 {
+    IRQ_COUNTS[usize::from(vector.wrapping_sub(IRQ_FIRST)) % IRQ_VECTORS].load(Ordering::Relaxed)
+}
+
+/// Halts with interrupts enabled until one (any) has been taken: the only window with IF = 1.
+/// `sti` delays interrupts by one instruction, so one pending before is taken in the `hlt`.
+fn sti_hlt() {
+    // SAFETY: the handlers for every vector that can arrive are installed (main.rs), they
+    // preserve all registers and flags, and only write IRQ_COUNTS and the local APIC's EOI.
+    // No `nostack`: the handlers use the stack below ours.
+    unsafe { core::arch::asm!("sti", "hlt", "cli") }
+}
+
+/// Waits until `done()` holds, halting between checks. `ticks`: the most timer ticks
+/// (interrupts of `timer`) to wait; false once they passed.
+pub fn wait(timer: u8, ticks: u64, mut done: impl FnMut() -> bool) -> bool {
+    let start = count(timer);
+    loop {
+        if done() {
+            return true;
+        }
+        if count(timer).wrapping_sub(start) >= ticks {
+            return false;
+        }
+        sti_hlt();
+    }
+}
+
+/// The local APIC timer, periodic at `vector` every `ms` milliseconds, calibrated against the
+/// ACPI PM timer (10 ms of it, one-shot and masked, divide by 16). Returns the initial count.
+pub fn start_timer(vector: u8, ms: u64) -> u32 {
+    io::mmio_write(LAPIC + LAPIC_TIMER_DIV, 0x3u32);
+    io::mmio_write(LAPIC + LAPIC_LVT_TIMER, LVT_MASKED | u32::from(vector));
+    io::mmio_write(LAPIC + LAPIC_TIMER_INIT, u32::MAX);
+    let mut c = crate::net::Clock::new();
+    while c.elapsed() < crate::net::PM_HZ / 100 {
+        io::pause();
+    }
+    let cur: u32 = io::mmio_read(LAPIC + LAPIC_TIMER_CUR);
+    let per_10ms = u64::from(u32::MAX - cur).max(1);
+    let init = (per_10ms * ms / 10).clamp(1, u64::from(u32::MAX)) as u32;
+    io::mmio_write(LAPIC + LAPIC_LVT_TIMER, LVT_PERIODIC | u32::from(vector));
+    io::mmio_write(LAPIC + LAPIC_TIMER_INIT, init);
+    init
 }

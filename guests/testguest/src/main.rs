@@ -15,6 +15,7 @@ mod irq;
 mod net;
 mod pci;
 mod smp;
+mod snapshot;
 mod virtio;
 mod vsock;
 
@@ -58,6 +59,7 @@ const _: () = {
 extern "C" {
     static entry_state: EntryState;
     static isr_stubs: u8;
+    static irq_stubs: u8;
     static stack_bottom: u8;
     static _image_start: u8;
     static _image_end: u8;
@@ -94,23 +96,31 @@ fn fails() -> u64 {
     unsafe { *core::ptr::addr_of!(FAILS) }
 }
 
-#[repr(C, align(16))]
-struct Idt([u64; 64]);
-static mut IDT: Idt = Idt([0; 64]);
+/// Gates up to the last interrupt vector irq.rs handles.
+const IDT_VECTORS: usize = irq::IRQ_FIRST as usize + irq::IRQ_VECTORS;
 
-/// 32 interrupt gates to the stubs in asm.rs, so a guest bug prints its vector and RIP.
+#[repr(C, align(16))]
+struct Idt([u64; 2 * IDT_VECTORS]);
+static mut IDT: Idt = Idt([0; 2 * IDT_VECTORS]);
+
+/// 32 interrupt gates to the exception stubs in asm.rs, so a guest bug prints its vector and
+/// RIP, and gates for the interrupt vectors irq.rs counts (taken only while it waits).
 fn install_idt(cs: u16) {
     let stubs = core::ptr::addr_of!(isr_stubs) as u64;
+    let irqs = core::ptr::addr_of!(irq_stubs) as u64;
     // SAFETY: single CPU, the IDT is written once before any exception can use it.
     let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
-    for v in 0..32 {
-        let h = stubs + 16 * v as u64;
-        // Present, DPL 0, 64-bit interrupt gate (type 0xE), IST 0.
+    let first = irq::IRQ_FIRST as usize;
+    let handlers = (0..32)
+        .map(|v| (v, stubs + 16 * v as u64))
+        .chain((0..irq::IRQ_VECTORS).map(|n| (first + n, irqs + 16 * n as u64)));
+    for (v, h) in handlers {
+        // Present, DPL 0, 64-bit interrupt gate (type 0xE: IF cleared on entry), IST 0.
         idt.0[2 * v] = (h & 0xffff) | (cs as u64) << 16 | 0x8e00 << 32 | ((h >> 16) & 0xffff) << 48;
         idt.0[2 * v + 1] = h >> 32;
     }
     let desc = DescPtr {
-        limit: (64 * 8 - 1) as u16,
+        limit: (IDT_VECTORS * 16 - 1) as u16,
         base: idt.0.as_ptr() as u64,
     };
     // SAFETY: the IDT is static, complete, and its gates point at valid handlers.
@@ -604,7 +614,7 @@ extern "C" fn rhyve_main() -> ! {
             exit(args.exit)
         }
         b"pci" | b"virtio-blk" | b"virtio-rng" | b"blk-bench" | b"irq" | b"virtio-net"
-        | b"net-bench" | b"hostile" | b"vsock" => {
+        | b"net-bench" | b"hostile" | b"vsock" | b"snapshot" => {
             let mut window = args.mmio;
             match args.test {
                 b"pci" => pci::test(args.ecam),
@@ -621,6 +631,8 @@ extern "C" fn rhyve_main() -> ! {
                 b"net-bench" => net::bench(&mut window, bi.cmdline),
                 b"hostile" => hostile::test(&mut window),
                 b"vsock" => vsock::test(&mut window, bi.cmdline),
+                // Ticks forever; returns only when the setup failed.
+                b"snapshot" => snapshot::test(&mut window, bi.cmdline),
                 _ => virtio::rng_test(&mut window, args.reassign),
             }
             line(&[P::S("checks fail="), P::D(fails())]);

@@ -34,7 +34,7 @@ const F_EVENT_IDX: u64 = 1 << 29;
 pub const ETHERTYPE: u16 = 0x88b5;
 pub const KIND_DATA: u8 = 1;
 pub const KIND_STOP: u8 = 2;
-const HDR: u64 = 12;
+pub(crate) const HDR: u64 = 12;
 
 /// Frame sizes sent by `virtio-net` (those above MTU + 14 are skipped; MTU + 14 is added).
 pub const SIZES: [u64; 9] = [60, 61, 64, 100, 128, 256, 511, 1024, 1500];
@@ -45,7 +45,7 @@ const TX_RING: u64 = BASE + 0x1000;
 /// A zeroed vnet header and the malformed-chain scratch.
 const TX_HDR: u64 = BASE + 0x2000;
 /// Transmit frames: up to 64 slots of 0x2400 (9216) bytes.
-const TX_BUF: u64 = BASE + 0x10_0000;
+pub(crate) const TX_BUF: u64 = BASE + 0x10_0000;
 const TX_SLOT: u64 = 0x2400;
 /// Receive buffers.
 const RX_BUF: u64 = BASE + 0x20_0000;
@@ -124,10 +124,14 @@ impl Ring {
         }
     }
 
+    /// Has the device used an element we have not taken yet?
+    pub(crate) fn has_used(&self) -> bool {
+        io::mmio_read::<u16>(self.base + R_USED + 2) != self.next_used
+    }
+
     /// The next used element (id, len), if any.
     pub(crate) fn used(&mut self) -> Option<(u16, u32)> {
-        let idx: u16 = io::mmio_read(self.base + R_USED + 2);
-        if idx == self.next_used {
+        if !self.has_used() {
             return None;
         }
         compiler_fence(Ordering::SeqCst);
@@ -172,32 +176,32 @@ impl Clock {
     }
 }
 
-fn w8(a: u64, v: u8) {
+pub(crate) fn w8(a: u64, v: u8) {
     io::mmio_write(a, v)
 }
-fn r8(a: u64) -> u8 {
+pub(crate) fn r8(a: u64) -> u8 {
     io::mmio_read(a)
 }
-fn w16be(a: u64, v: u16) {
+pub(crate) fn w16be(a: u64, v: u16) {
     io::mmio_write(a, v.to_be())
 }
-fn r16be(a: u64) -> u16 {
+pub(crate) fn r16be(a: u64) -> u16 {
     u16::from_be(io::mmio_read(a))
 }
 
 /// The device, its two rings and what was negotiated.
-struct Nic {
-    dev: Dev,
-    rx: Ring,
-    tx: Ring,
-    mac: [u8; 6],
+pub(crate) struct Nic {
+    pub(crate) dev: Dev,
+    pub(crate) rx: Ring,
+    pub(crate) tx: Ring,
+    pub(crate) mac: [u8; 6],
     mrg: bool,
     /// Receive buffer size and count.
     rx_slot: u64,
     rx_count: u16,
 }
 
-fn arg<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+pub(crate) fn arg<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     cmdline
         .split(|c| c.is_ascii_whitespace())
         .find(|w| w.len() > key.len() && w.starts_with(key) && w[key.len()] == b'=')
@@ -214,7 +218,7 @@ pub(crate) fn num_arg(cmdline: &[u8], key: &[u8], default: u64) -> u64 {
     }
 }
 
-fn parse_ip(v: &[u8]) -> Option<[u8; 4]> {
+pub(crate) fn parse_ip(v: &[u8]) -> Option<[u8; 4]> {
     let mut ip = [0u8; 4];
     let mut parts = v.split(|&c| c == b'.');
     for b in ip.iter_mut() {
@@ -236,7 +240,7 @@ fn hex_mac(mac: &[u8; 6], out: &mut [u8; 17]) {
 }
 
 impl Nic {
-    fn open(window: &mut u64, want_mrg: bool, post: bool, evidx: bool) -> Option<Nic> {
+    pub(crate) fn open(window: &mut u64, want_mrg: bool, post: bool, evidx: bool) -> Option<Nic> {
         extern "C" {
             static _image_end: u8;
         }
@@ -317,7 +321,7 @@ impl Nic {
         self.rx.publish(true);
     }
 
-    fn rx_addr(&self, i: u16) -> u64 {
+    pub(crate) fn rx_addr(&self, i: u16) -> u64 {
         RX_BUF + i as u64 * self.rx_slot
     }
 
@@ -327,14 +331,19 @@ impl Nic {
         self.rx.offer(i);
     }
 
-    /// Sends the chain `bufs` (address, length) from descriptor 0 and waits for it.
-    fn send(&mut self, bufs: &[(u64, u32, u16)]) -> bool {
+    /// Offers the chain `bufs` (address, length, flags) from descriptor 0 for transmission.
+    pub(crate) fn post_tx(&mut self, bufs: &[(u64, u32, u16)]) {
         for (i, &(a, l, f)) in bufs.iter().enumerate() {
             let next = if i + 1 < bufs.len() { 1 } else { 0 };
             self.tx.desc(i as u16, a, l, f | next);
         }
         self.tx.offer(0);
         self.tx.publish(false);
+    }
+
+    /// Sends the chain `bufs` (address, length, flags) from descriptor 0 and waits for it.
+    fn send(&mut self, bufs: &[(u64, u32, u16)]) -> bool {
+        self.post_tx(bufs);
         match self.tx.wait_used(5) {
             Some(_) => true,
             None => {
@@ -374,7 +383,7 @@ impl Nic {
     }
 
     /// Gives the buffers of a handled frame back.
-    fn repost(&mut self, got: &[(u16, u32)]) {
+    pub(crate) fn repost(&mut self, got: &[(u16, u32)]) {
         for &(id, _) in got {
             if id < self.rx_count {
                 self.post_rx(id);
@@ -406,12 +415,12 @@ fn build_frame(at: u64, mac: &[u8; 6], seq: u16, len: u64, pattern: bool) {
     }
 }
 
-fn zero_hdr(at: u64) {
+pub(crate) fn zero_hdr(at: u64) {
     io::mmio_write(at, 0u64);
     io::mmio_write(at + 8, 0u32);
 }
 
-fn checksum(mut sum: u32, at: u64, len: u64) -> u16 {
+pub(crate) fn checksum(mut sum: u32, at: u64, len: u64) -> u16 {
     let mut i = 0;
     while i + 1 < len {
         sum += r16be(at + i) as u32;
@@ -435,7 +444,7 @@ fn swap(a: u64, b: u64, n: u64) {
 }
 
 /// What a received frame asks for.
-enum Reply {
+pub(crate) enum Reply {
     None,
     Echo,
     Arp,
@@ -445,7 +454,7 @@ enum Reply {
 
 /// Classifies the frame at `f` (`len` bytes, contiguous within the first buffer) and turns
 /// it into its reply in place.
-fn answer(f: u64, len: u64, mac: &[u8; 6], ip: Option<[u8; 4]>) -> Reply {
+pub(crate) fn answer(f: u64, len: u64, mac: &[u8; 6], ip: Option<[u8; 4]>) -> Reply {
     if len < 14 {
         return Reply::None;
     }

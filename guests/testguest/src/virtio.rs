@@ -422,9 +422,9 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Posts one descriptor chain (descriptors 0..n: one request in flight at a time), notifies
-    /// the device, and polls the used ring. Returns the used element's (id, len).
-    pub fn run(&mut self, chain: &[Buf]) -> Option<(u32, u32)> {
+    /// Posts one descriptor chain (descriptors 0..n: one request in flight at a time) and
+    /// notifies the device.
+    pub fn post(&mut self, chain: &[Buf]) {
         for (i, b) in chain.iter().enumerate() {
             // struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; } (§2.7.5)
             let d = self.desc + 16 * i as u64;
@@ -447,14 +447,18 @@ impl Queue {
         compiler_fence(Ordering::SeqCst);
         // §4.1.5.2: without VIRTIO_F_NOTIFICATION_DATA, write the queue index.
         io::mmio_write(self.notify, self.index);
+    }
+
+    /// Has the device used a buffer we have not taken yet?
+    pub fn has_used(&self) -> bool {
         // struct virtq_used { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[]; }
-        let t0 = io::rdtsc();
-        while io::mmio_read::<u16>(self.used + 2) == self.next_used {
-            if io::rdtsc() - t0 > TIMEOUT_TSC {
-                fail(&[P::S("virtio: no used buffer (timeout)")]);
-                return None;
-            }
-            io::pause();
+        io::mmio_read::<u16>(self.used + 2) != self.next_used
+    }
+
+    /// Takes the next used element: (id, len); None if there is none.
+    pub fn used(&mut self) -> Option<(u32, u32)> {
+        if !self.has_used() {
+            return None;
         }
         compiler_fence(Ordering::SeqCst);
         let e = self.used + 4 + 8 * (self.next_used % self.size) as u64;
@@ -468,6 +472,26 @@ impl Queue {
             ]);
         }
         Some((id, len))
+    }
+
+    /// [`post`](Self::post)s the chain and [`poll`](Self::poll)s for it.
+    pub fn run(&mut self, chain: &[Buf]) -> Option<(u32, u32)> {
+        self.post(chain);
+        self.poll()
+    }
+
+    /// Polls the used ring (at most [`TIMEOUT_TSC`]) and takes the next used element:
+    /// (id, len).
+    pub fn poll(&mut self) -> Option<(u32, u32)> {
+        let t0 = io::rdtsc();
+        while !self.has_used() {
+            if io::rdtsc() - t0 > TIMEOUT_TSC {
+                fail(&[P::S("virtio: no used buffer (timeout)")]);
+                return None;
+            }
+            io::pause();
+        }
+        self.used()
     }
 }
 
