@@ -857,13 +857,17 @@ fn put_vsock_connects_both_ways() {
     assert_eq!(fc.terminate(), 0, "{}", fc.rhyve.stderr());
 }
 
-/// The last `tick N` the guest printed.
-fn last_tick(out: &str) -> u64 {
+/// Every `tick N` the guest printed, in order.
+fn tick_numbers(out: &str) -> Vec<u64> {
     out.lines()
         .filter_map(|l| l.split("rhyve-guest: tick ").nth(1))
         .filter_map(|n| n.trim().parse().ok())
-        .next_back()
-        .unwrap_or(0)
+        .collect()
+}
+
+/// The last `tick N` the guest printed (0: none).
+fn last_tick(out: &str) -> u64 {
+    tick_numbers(out).last().copied().unwrap_or(0)
 }
 
 #[test]
@@ -947,12 +951,7 @@ fn snapshot_create_then_load_in_a_new_process_continues_the_guest() {
     fc2.rhyve
         .wait_for(&format!("rhyve-guest: tick {}", before + 2));
     let after = fc2.rhyve.stdout();
-    let first = after
-        .lines()
-        .find_map(|l| l.split("rhyve-guest: tick ").nth(1))
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .expect("a tick after the load");
-    assert_eq!(first, before + 1, "{after}");
+    assert_eq!(tick_numbers(&after).first(), Some(&(before + 1)), "{after}");
     // Its keyboard works: Ctrl-Alt-Del resets it and Firecracker's process exits 0.
     ok(
         &s2,
