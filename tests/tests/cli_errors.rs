@@ -159,3 +159,59 @@ fn help_lists_emulations() {
         assert!(out.stdout.contains(needle), "{args:?}: {}", out.stdout);
     }
 }
+
+/// `-s N,passthru,...` on this host: a bad address, a function that does not exist, and a
+/// real one that cannot be passed through (no IOMMU group here; on a host with an IOMMU, one
+/// bound to another driver than vfio-pci) are each one line naming what to do, exit 4.
+#[test]
+fn passthru_refusals_name_the_cause() {
+    let run = |spec: &str, needle: &str| {
+        let slot = format!("4,passthru,{spec}");
+        rhyve_fails(
+            &[
+                "-s",
+                "0,hostbridge",
+                "-s",
+                &slot,
+                "--kernel",
+                TESTGUEST_BZIMAGE,
+                "vm0",
+            ],
+            &[],
+            needle,
+        );
+    };
+    run("zz", "expected the host function as bus/slot/function");
+    run("0/5", "expected the host function");
+    let devices: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let absent = (0..32u8)
+        .map(|s| format!("0000:00:{s:02x}.7"))
+        .find(|n| !devices.contains(n))
+        .expect("a free address on bus 0");
+    run(&absent, "no such PCI function on this host");
+    let dev = |n: &str| std::path::Path::new("/sys/bus/pci/devices").join(n);
+    let driver = |n: &str| {
+        std::fs::read_link(dev(n).join("driver"))
+            .ok()
+            .and_then(|l| l.file_name().map(|f| f.to_string_lossy().into_owned()))
+    };
+    if let Some(n) = devices
+        .iter()
+        .find(|n| !dev(n).join("iommu_group").exists())
+    {
+        run(n, "has no IOMMU group: the host has no IOMMU");
+    } else if let Some(n) = devices
+        .iter()
+        .find(|n| driver(n).is_some_and(|d| d != "vfio-pci"))
+    {
+        run(n, "not vfio-pci: echo vfio-pci > ");
+    } else {
+        panic!("no PCI function on this host to refuse: {devices:?}");
+    }
+}

@@ -205,6 +205,21 @@ static VIRTIO_VSOCK: Emulation = Emulation {
     },
 };
 
+static PASSTHRU: Emulation = Emulation {
+    name: "passthru",
+    description: "a host PCI function through VFIO: B/S/F or DDDD:BB:SS.F (bound to vfio-pci; \
+                  guest RAM is mapped in the host IOMMU for its DMA)",
+    keys: &["path"],
+    build: |ctx| {
+        let spec = ctx.opts.get("path").ok_or_else(|| {
+            anyhow::anyhow!("passthru: give the host function (e.g. -s 4,passthru,0/5/0)")
+        })?;
+        let name = crate::passthru::host_function(spec)?;
+        let dev = crate::passthru::Passthru::open(ctx.vm, &name, ctx.irq.clone())?;
+        Ok(Arc::new(Mutex::new(dev)))
+    },
+};
+
 /// Every emulation, in `-s help` order.
 pub static EMULATIONS: &[&Emulation] = &[
     &HOSTBRIDGE,
@@ -213,6 +228,7 @@ pub static EMULATIONS: &[&Emulation] = &[
     &VIRTIO_BLK,
     &VIRTIO_NET,
     &VIRTIO_RND,
+    &PASSTHRU,
     &VIRTIO_VSOCK,
 ];
 

@@ -26,6 +26,7 @@ pub mod host_output;
 pub mod irq_lines;
 pub mod machine;
 pub mod memsize;
+pub mod passthru;
 pub mod registry;
 pub mod runtime;
 pub mod sandbox;

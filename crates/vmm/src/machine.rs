@@ -382,6 +382,15 @@ impl InterruptSink for VmInterrupts {
         }
     }
 
+    fn msix_irqfd(&self, vector: u16) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let vectors = self.vectors.lock().unwrap_or_else(|p| p.into_inner());
+        match vectors.get(usize::from(vector)) {
+            Some(Some(irqfd)) if irqfd.msg.is_some() => Some(irqfd.fd.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// One eventfd write when the vector's route carries this message; else KVM_SIGNAL_MSI.
     fn msix(&self, vector: u16, addr: u64, data: u32) {
         {

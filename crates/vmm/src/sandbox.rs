@@ -296,6 +296,8 @@ fn rules_for(profile: Profile) -> Result<Rules> {
             event_loop(&mut r);
             allow_kvm_ioctls(&mut r)?;
             device_activation(&mut r)?;
+            // A passed-through function's MSI-X table written: its vectors' eventfds.
+            allow_exact(&mut r, SYS_ioctl, 1, vmmapi::vfio::DEVICE_SET_IRQS)?;
             // -p vcpu:hostcpu, for this thread only.
             allow_when(&mut r, SYS_sched_setaffinity, &[(0, 0)])?;
             allow(
@@ -394,6 +396,8 @@ fn rules_for(profile: Profile) -> Result<Rules> {
             // Teardown closes the VM, its vCPUs and irqfds; a device reset may set offloads.
             allow_kvm_ioctls(&mut r)?;
             allow_exact(&mut r, SYS_ioctl, 1, TUNSETOFFLOAD)?;
+            // Teardown turns a passed-through function's MSI-X off.
+            allow_exact(&mut r, SYS_ioctl, 1, vmmapi::vfio::DEVICE_SET_IRQS)?;
             // Kicks vCPUs (halt probes, the stop).
             allow_own_signals(&mut r, pid)?;
             allow(

@@ -30,6 +30,7 @@ mod object;
 mod rundir;
 mod state;
 mod vcpu;
+pub mod vfio;
 mod vm;
 
 pub use cpuid::Topology;
@@ -100,6 +101,9 @@ pub enum Error {
     /// saved state that this KVM does not accept
     #[error("{0}")]
     State(String),
+    /// a host PCI function cannot be passed through (the message says why and what to do)
+    #[error("{0}")]
+    Vfio(String),
     /// bad VM name
     #[error("invalid VM name {0:?}: use letters, digits, '-', '_' and '.', at most 64 characters")]
     BadName(String),

@@ -169,6 +169,15 @@ impl GuestRam {
         &self.regions
     }
 
+    /// (guest physical address, host address, length) of each region: what a device's
+    /// IOMMU maps for DMA (passthrough).
+    pub fn host_regions(&self) -> Vec<(u64, u64, u64)> {
+        self.regions
+            .iter()
+            .map(|&(gpa, off, len)| (gpa, self.host_addr(off), len))
+            .collect()
+    }
+
     /// Host address of a region's first byte, for KVM memory slots.
     pub(crate) fn host_addr(&self, file_offset: u64) -> u64 {
         self.mapping.addr as u64 + file_offset

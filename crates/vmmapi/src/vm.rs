@@ -37,6 +37,8 @@ pub struct Vm {
     flash: Vec<Arc<FlashMemory>>,
     /// Memory slots by number: RAM's first, then ROMs, flash and device memory as they come.
     slots: Mutex<Vec<Slot>>,
+    /// KVM's VFIO pseudo-device (one per VM), once a passed-through function's group joined.
+    kvm_vfio: Mutex<Option<kvm_ioctls::DeviceFd>>,
     supported_cpuid: CpuId,
     /// The MSRs KVM can save and restore (KVM_GET_MSR_INDEX_LIST), for snapshots.
     msr_indices: Vec<u32>,
@@ -173,6 +175,7 @@ impl Vm {
             roms: Vec::new(),
             flash: Vec::new(),
             slots,
+            kvm_vfio: Mutex::new(None),
             supported_cpuid,
             msr_indices,
             routing,
@@ -388,6 +391,35 @@ impl Vm {
         vcpu.setup_lapic()?;
         vcpu.set_boot_msrs()?;
         Ok(vcpu)
+    }
+
+    /// Tells KVM that the VFIO group `group` (an open /dev/vfio/N) belongs to this VM, so it
+    /// handles the device's DMA coherency (KVM_DEV_TYPE_VFIO, created with the first group).
+    pub fn add_vfio_group(&self, group: std::os::fd::RawFd) -> Result<()> {
+        let mut dev = self.kvm_vfio.lock().unwrap_or_else(|p| p.into_inner());
+        if dev.is_none() {
+            let mut create = kvm_bindings::kvm_create_device {
+                type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+                fd: 0,
+                flags: 0,
+            };
+            *dev = Some(
+                self.fd
+                    .create_device(&mut create)
+                    .map_err(kvm_err("KVM_CREATE_DEVICE (VFIO)"))?,
+            );
+        }
+        let attr = kvm_bindings::kvm_device_attr {
+            flags: 0,
+            group: kvm_bindings::KVM_DEV_VFIO_GROUP,
+            attr: u64::from(kvm_bindings::KVM_DEV_VFIO_GROUP_ADD),
+            addr: &group as *const std::os::fd::RawFd as u64,
+        };
+        if let Some(d) = dev.as_ref() {
+            d.set_device_attr(&attr)
+                .map_err(kvm_err("KVM_SET_DEVICE_ATTR (VFIO group)"))?;
+        }
+        Ok(())
     }
 
     /// The MSRs a vCPU snapshot holds.

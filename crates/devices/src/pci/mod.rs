@@ -86,6 +86,12 @@ pub trait InterruptSink: Send + Sync {
         let _ = vector;
         self.msi(addr, data);
     }
+    /// The eventfd whose write raises `vector` with its announced message, if the sink has
+    /// one (a passed-through device's interrupts are handed to it, so they skip rhyve).
+    fn msix_irqfd(&self, vector: u16) -> Option<std::os::fd::RawFd> {
+        let _ = vector;
+        None
+    }
 }
 
 /// A PCI function; its [`Lifecycle`] is how the VMM pauses it and reads its counters.
