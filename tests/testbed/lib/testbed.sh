@@ -4,6 +4,8 @@
 #   TESTBED_VMM        rhyve | qemu
 #   TESTBED_VMM_BIN    the VMM binary inside L1
 #   TESTBED_SCENARIO   scenario name
+#   TESTBED_PT_BDF TESTBED_PT_BSF PT_IMAGE   with l1-iommu: the passthrough disk (0000:00:05.0,
+#                      0/5/0, its image path on the host)
 #   L2_VMLINUZ L2_VMLINUX L2_INITRD L2_KERNEL_VERSION
 #
 # Lines starting with "TESTBED: " are results the harness and bench/ read; L2's serial output
@@ -160,4 +162,51 @@ testbed__reader() {
         fi
         echo "L2| $line"
     done
+}
+
+# testbed_vfio_bind BDF   (a scenario with `l1-iommu`: L1 is q35 with an Intel IOMMU)
+# Loads vfio's modules from /lib/modules/testbed (vfio_iommu_type1 with
+# allow_unsafe_interrupts=1: the IOMMU has no interrupt remapping), unbinds BDF from any driver
+# and binds it to vfio-pci (driver_override + drivers_probe). Prints
+#   TESTBED: vfio-bind=ok group=N        (then the group's members and ls -l /dev/vfio), or
+#   TESTBED: vfio-bind=fail reason=...
+# Returns 0 when /dev/vfio/N exists and BDF's driver is vfio-pci.
+testbed_vfio_bind() {
+    local bdf="$1" dev="/sys/bus/pci/devices/$1" m f group drv
+    for m in vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci; do
+        f="/lib/modules/testbed/$m.ko"
+        [ -e "$f" ] || continue  # vfio_virqfd: not a module of its own in every kernel
+        [ -d "/sys/module/$(echo "$m" | tr - _)" ] && continue
+        case "$m" in
+            vfio_iommu_type1) insmod "$f" allow_unsafe_interrupts=1 ;;
+            *) insmod "$f" ;;
+        esac || { testbed_say "vfio-bind=fail reason=insmod-$m"; return 1; }
+    done
+    if [ ! -d "$dev" ]; then
+        testbed_say "vfio-bind=fail reason=no-device bdf=$bdf"
+        ls /sys/bus/pci/devices
+        return 1
+    fi
+    testbed_say "vfio-dev=$bdf id=$(cat "$dev/vendor"):$(cat "$dev/device") class=$(cat "$dev/class")"
+    if [ ! -e "$dev/iommu_group" ]; then
+        testbed_say "vfio-bind=fail reason=no-iommu-group bdf=$bdf"
+        dmesg | grep -iE 'dmar|iommu' | tail -n 20
+        return 1
+    fi
+    group=$(basename "$(readlink "$dev/iommu_group")")
+    if [ -e "$dev/driver" ]; then
+        drv=$(basename "$(readlink "$dev/driver")")
+        [ "$drv" = vfio-pci ] || echo "$bdf" >"$dev/driver/unbind"
+    fi
+    echo vfio-pci >"$dev/driver_override"
+    echo "$bdf" >/sys/bus/pci/drivers_probe 2>/dev/null
+    drv=$( [ -e "$dev/driver" ] && basename "$(readlink "$dev/driver")")
+    if [ "$drv" != vfio-pci ] || [ ! -c "/dev/vfio/$group" ]; then
+        testbed_say "vfio-bind=fail reason=probe driver=${drv:-none} group=$group"
+        dmesg | grep -iE 'vfio|iommu|dmar' | tail -n 20
+        return 1
+    fi
+    testbed_say "vfio-bind=ok group=$group"
+    testbed_say "vfio-group-devices=$(ls "$dev/iommu_group/devices" | tr '\n' ' ')"
+    ls -l /dev/vfio
 }
