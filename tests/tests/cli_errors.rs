@@ -210,7 +210,7 @@ fn passthru_refusals_name_the_cause() {
         .iter()
         .find(|n| driver(n).is_some_and(|d| d != "vfio-pci"))
     {
-        run(n, "not vfio-pci: echo vfio-pci > ");
+        run(n, "not vfio-pci: modprobe vfio-pci; echo vfio-pci > ");
     } else {
         panic!("no PCI function on this host to refuse: {devices:?}");
     }

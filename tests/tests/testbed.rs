@@ -108,3 +108,14 @@ fn stock_linux_talks_vsock_both_ways() {
 fn stock_linux_survives_suspend_restore_checkpoint_kill_restore() {
     scenario("snapshot");
 }
+
+/// PCI passthrough in the bed with an IOMMU (q35 + intel-iommu L1): L1's virtio-blk function,
+/// bound to vfio-pci, is given to L2 with `-s 4,passthru,0/5/0`; stock Linux's virtio_blk
+/// writes and reads it with O_DIRECT (DMA into L2's RAM through the IOMMU, MSI-X vectors as
+/// irqfds, its virtio BAR a KVM slot), then again with pci=nomsi over its INTx; the image file
+/// on the host holds the pattern. rhyve's refusals (not vfio-pci's, group in use) are checked
+/// first.
+#[test]
+fn stock_linux_drives_a_passed_through_virtio_blk_function() {
+    scenario("passthru-blk");
+}

@@ -382,6 +382,20 @@ impl InterruptSink for VmInterrupts {
         }
     }
 
+    fn intx_irqfd(&self, trigger: &EventFd, resample: &EventFd) -> bool {
+        let gsi = self.gsi.load(Ordering::Relaxed);
+        if gsi == u32::MAX {
+            return false;
+        }
+        match self.vm.register_irqfd_with_resample(trigger, resample, gsi) {
+            Ok(()) => true,
+            Err(e) => {
+                self.warn_once("INTx irqfd", e);
+                false
+            }
+        }
+    }
+
     fn msix_irqfd(&self, vector: u16) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         let vectors = self.vectors.lock().unwrap_or_else(|p| p.into_inner());

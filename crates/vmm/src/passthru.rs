@@ -10,9 +10,13 @@
 //! MSI-X vectors the guest unmasks become VFIO eventfds that are KVM irqfds on GSIs routed to
 //! the guest's messages: an interrupt goes from the device to the guest without rhyve.
 //!
-//! Not yet: INTx and plain MSI (the guest sees neither: pin 0, the MSI capability unlinked),
-//! masking an MSI-X vector while its interrupt stays routed, extended (PCIe) config space,
-//! the expansion ROM, snapshots.
+//! INTx goes the same way: VFIO's trigger eventfd is a level-triggered KVM irqfd on the
+//! slot's GSI, and KVM's resample eventfd (the guest's EOI) is VFIO's unmask. VFIO allows one
+//! of INTx and MSI-X at a time: INTx is off while the guest has MSI-X enabled.
+//!
+//! Not yet: plain MSI (the MSI capability is unlinked: the guest uses MSI-X or INTx), masking
+//! an MSI-X vector while its interrupt stays routed, extended (PCIe) config space, the
+//! expansion ROM, snapshots.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -23,7 +27,10 @@ use devices::pci::config::{
     CAPABILITIES_PTR, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_VENDOR, COMMAND, NUM_BARS,
 };
 use devices::pci::{BarKind, BarSpec, InterruptSink, MsixTable, PciConfig, PciDevice};
-use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+};
+use vmm_sys_util::eventfd::EventFd;
 use vmmapi::vfio::{RegionMapping, VfioDevice};
 use vmmapi::{MemorySlot, Vm};
 
@@ -68,6 +75,8 @@ struct Bar {
     /// Mapped into the guest when it decodes (None: it traps, forwarded or emulated).
     mapping: Option<Arc<RegionMapping>>,
     slot: Option<MemorySlot>,
+    /// Its first mapping was logged (the guest turns decoding off and on while sizing BARs).
+    logged: bool,
 }
 
 /// Where the MSI-X table and PBA live, and the VFIO eventfds last handed over.
@@ -81,6 +90,21 @@ struct Msix {
     given: Option<Vec<RawFd>>,
 }
 
+/// The function's INTx: VFIO's trigger and unmask eventfds, once KVM has them.
+struct Intx {
+    trigger: EventFd,
+    resample: EventFd,
+    /// KVM asserts the slot's GSI on `trigger` (set up at the first config write: the slot's
+    /// GSI is known once the machine is built).
+    routed: bool,
+    /// VFIO signals `trigger` (off while MSI-X is on).
+    on: bool,
+}
+
+/// Command register bits the guest controls on the device: I/O and memory decode, bus
+/// mastering, INTx disable (which VFIO virtualises).
+const COMMAND_GUEST: u16 = 0x7 | (1 << 10);
+
 /// A passed-through host function.
 pub struct Passthru {
     config: PciConfig,
@@ -89,6 +113,7 @@ pub struct Passthru {
     sink: Arc<dyn InterruptSink>,
     bars: [Option<Bar>; NUM_BARS],
     msix: Option<Msix>,
+    intx: Option<Intx>,
     /// The real command register's bits rhyve keeps (not the guest's to change).
     command_fixed: u16,
 }
@@ -130,8 +155,19 @@ impl Passthru {
         }
         let mut config = PciConfig::new(vendor, cfg_u16(&raw, 2), class, cfg_u8(&raw, 8));
         config.set_subsystem(cfg_u16(&raw, 0x2c), cfg_u16(&raw, 0x2e));
-        // No INTx yet: the guest uses MSI-X.
-        config.set_interrupt_pin(0);
+        let pin = cfg_u8(&raw, 0x3d).min(4);
+        let intx = if pin != 0 && dev.irq_count(VFIO_PCI_INTX_IRQ_INDEX) > 0 {
+            let fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| anyhow!("eventfd: {e}"));
+            Some(Intx {
+                trigger: fd()?,
+                resample: fd()?,
+                routed: false,
+                on: false,
+            })
+        } else {
+            None
+        };
+        config.set_interrupt_pin(if intx.is_some() { pin } else { 0 });
         let mut bars: [Option<Bar>; NUM_BARS] = Default::default();
         let mut i = 0;
         while i < NUM_BARS {
@@ -164,6 +200,7 @@ impl Passthru {
                 region: i as u32,
                 mapping: None,
                 slot: None,
+                logged: false,
             });
             i += if kind == BarKind::Mem64 { 2 } else { 1 };
         }
@@ -194,8 +231,8 @@ impl Passthru {
                 );
             }
         }
-        // Decoding and bus mastering are the guest's to turn on; the rest stays the device's.
-        let command_fixed = cfg_u16(&raw, COMMAND as usize) & !0x7;
+        // Decoding, bus mastering and INTx disable are the guest's; the rest stays the device's.
+        let command_fixed = cfg_u16(&raw, COMMAND as usize) & !COMMAND_GUEST;
         log::info!(
             "passthru {name}: {vendor:04x}:{:04x} class {:02x}{:02x}{:02x}, MSI-X {}",
             cfg_u16(&raw, 2),
@@ -214,8 +251,33 @@ impl Passthru {
             sink,
             bars,
             msix,
+            intx,
             command_fixed,
         })
+    }
+
+    /// INTx on at the device unless MSI-X is: routed to KVM on first use.
+    fn sync_intx(&mut self) {
+        let msix_on = self.msix.as_ref().is_some_and(|m| m.given.is_some());
+        let Some(i) = &mut self.intx else { return };
+        if !i.routed {
+            i.routed = self.sink.intx_irqfd(&i.trigger, &i.resample);
+        }
+        if !i.routed || i.on || msix_on {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        let on = self
+            .dev
+            .set_irq_eventfds(VFIO_PCI_INTX_IRQ_INDEX, 0, &[i.trigger.as_raw_fd()])
+            .and_then(|()| {
+                self.dev
+                    .set_irq_unmask_eventfd(VFIO_PCI_INTX_IRQ_INDEX, i.resample.as_raw_fd())
+            });
+        match on {
+            Ok(()) => i.on = true,
+            Err(e) => log::warn!("passthru: {e}"),
+        }
     }
 
     /// Hands VFIO the irqfd of every vector the table has routed (-1: not yet), or turns
@@ -227,9 +289,18 @@ impl Passthru {
                 if let Err(e) = self.dev.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX) {
                     log::warn!("passthru: {e}");
                 }
+                self.sync_intx();
             }
             return;
         }
+        // VFIO has one of INTx and MSI-X at a time.
+        if let Some(i) = self.intx.as_mut().filter(|i| i.on) {
+            if let Err(e) = self.dev.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX) {
+                log::warn!("passthru: {e}");
+            }
+            i.on = false;
+        }
+        let Some(m) = &mut self.msix else { return };
         let fds: Vec<RawFd> = (0..m.table.vectors() as u16)
             .map(|v| self.sink.msix_irqfd(v).unwrap_or(-1))
             .collect();
@@ -244,7 +315,7 @@ impl Passthru {
 
     /// The guest's command register, with rhyve's fixed bits, written to the device.
     fn sync_command(&self) {
-        let guest = self.config.command() & 0x7;
+        let guest = self.config.command() & COMMAND_GUEST;
         let value = (self.command_fixed | guest).to_le_bytes();
         if !self
             .dev
@@ -330,6 +401,9 @@ impl Drop for Passthru {
         if self.msix.as_ref().is_some_and(|m| m.given.is_some()) {
             let _ = self.dev.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX);
         }
+        if self.intx.as_ref().is_some_and(|i| i.on) {
+            let _ = self.dev.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX);
+        }
     }
 }
 
@@ -396,7 +470,21 @@ impl PciDevice for Passthru {
         if let (Some(addr), Some(map)) = (addr, &b.mapping) {
             let memory: Arc<dyn vmmapi::HostMemory> = map.clone();
             match self.vm.map_device_memory(addr, memory, false) {
-                Ok(slot) => b.slot = Some(slot),
+                Ok(slot) => {
+                    let level = if b.logged {
+                        log::Level::Debug
+                    } else {
+                        log::Level::Info
+                    };
+                    log::log!(
+                        level,
+                        "passthru {}: BAR {bar} mapped into the guest at {addr:#x} ({} KiB)",
+                        self.dev.name(),
+                        vmmapi::HostMemory::len(&**map) >> 10
+                    );
+                    b.logged = true;
+                    b.slot = Some(slot);
+                }
                 // Accesses then exit and are forwarded: slower, still right.
                 Err(e) => log::warn!("passthru {}: BAR {bar}: {e}", self.dev.name()),
             }
@@ -408,6 +496,7 @@ impl PciDevice for Passthru {
         if offset < COMMAND + 2 && end > COMMAND {
             self.sync_command();
         }
+        self.sync_intx();
         let Some(cap) = self.config.msix() else {
             return;
         };

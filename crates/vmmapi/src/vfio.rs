@@ -66,12 +66,17 @@ fn driver_of(dev: &Path) -> Option<String> {
     Some(link.file_name()?.to_string_lossy().into_owned())
 }
 
-/// How to give `name` to vfio-pci, for the error that says it is not.
-fn bind_hint(name: &str) -> String {
+/// How to give `name` to vfio-pci, for the error that says it is not (`bound`: another
+/// driver has it, to unbind first).
+fn bind_hint(name: &str, bound: bool) -> String {
+    let unbind = if bound {
+        format!("echo {name} > {SYSFS_PCI}/{name}/driver/unbind; ")
+    } else {
+        String::new()
+    };
     format!(
-        "echo vfio-pci > {SYSFS_PCI}/{name}/driver_override; \
-         echo {name} > {SYSFS_PCI}/{name}/driver/unbind; echo {name} > /sys/bus/pci/drivers_probe \
-         (modprobe vfio-pci first)"
+        "modprobe vfio-pci; echo vfio-pci > {SYSFS_PCI}/{name}/driver_override; {unbind}\
+         echo {name} > /sys/bus/pci/drivers_probe"
     )
 }
 
@@ -131,13 +136,13 @@ impl VfioDevice {
             Some(d) => {
                 return Err(fail(format!(
                     "is bound to {d}, not vfio-pci: {}",
-                    bind_hint(name)
+                    bind_hint(name, true)
                 )))
             }
             None => {
                 return Err(fail(format!(
                     "is bound to no driver, not vfio-pci: {}",
-                    bind_hint(name)
+                    bind_hint(name, false)
                 )))
             }
         }
@@ -413,6 +418,34 @@ impl VfioDevice {
         .map_err(|e| Error::Vfio(format!("{}: VFIO_DEVICE_SET_IRQS: {e}", self.name)))
     }
 
+    /// `fd` is signalled to unmask interrupt `index` (INTx: VFIO masks the line when it
+    /// fires, the guest's EOI — KVM's resample eventfd — unmasks it).
+    pub fn set_irq_unmask_eventfd(&self, index: u32, fd: RawFd) -> Result<()> {
+        let head = std::mem::size_of::<vfio_irq_set>();
+        let mut buf = vec![0u8; head + 4];
+        let fields = [
+            buf.len() as u32,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
+            index,
+            0,
+            1,
+        ];
+        for (i, v) in fields.iter().enumerate() {
+            buf[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+        }
+        buf[head..head + 4].copy_from_slice(&fd.to_ne_bytes());
+        // SAFETY: DEVICE_SET_IRQS reads argsz bytes: the header and one descriptor.
+        unsafe {
+            ioctl(
+                self.device.as_raw_fd(),
+                DEVICE_SET_IRQS,
+                buf.as_ptr() as libc::c_ulong,
+            )
+        }
+        .map(drop)
+        .map_err(|e| Error::Vfio(format!("{}: VFIO_DEVICE_SET_IRQS (unmask): {e}", self.name)))
+    }
+
     /// Turns every interrupt of `index` off.
     pub fn disable_irqs(&self, index: u32) -> Result<()> {
         let set = vfio_irq_set {
@@ -564,7 +597,7 @@ mod tests {
         let r = fake("bound", n, Some("7"), Some("virtio-pci"));
         let e = err(&r, n);
         assert!(
-            e.contains("is bound to virtio-pci, not vfio-pci: echo vfio-pci > ")
+            e.contains("is bound to virtio-pci, not vfio-pci: modprobe vfio-pci; echo vfio-pci > ")
                 && e.contains("driver_override"),
             "{e}"
         );
@@ -573,5 +606,30 @@ mod tests {
         let r = fake("nodev", n, Some("7"), Some("vfio-pci"));
         assert!(err(&r, n).contains("dev-vfio/7"), "{}", err(&r, n));
         assert_eq!(sysfs_name(0, 0x3a, 0x1f, 7), "0000:3a:1f.7");
+    }
+
+    #[test]
+    fn a_group_that_is_not_viable_names_its_other_functions() {
+        let n = "0000:00:05.0";
+        let r = fake("members", n, Some("9"), Some("vfio-pci"));
+        let devices = r.join("devices");
+        let group = r.join("groups").join("9");
+        for (other, driver) in [("0000:00:05.1", Some("e1000e")), ("0000:00:05.2", None)] {
+            std::fs::create_dir_all(devices.join(other)).unwrap();
+            if let Some(d) = driver {
+                let ddir = r.join("drivers").join(d);
+                std::fs::create_dir_all(&ddir).unwrap();
+                std::os::unix::fs::symlink(&ddir, devices.join(other).join("driver")).unwrap();
+            }
+        }
+        for member in [n, "0000:00:05.1", "0000:00:05.2"] {
+            std::os::unix::fs::symlink(devices.join(member), group.join("devices").join(member))
+                .unwrap();
+        }
+        let link = std::fs::read_link(devices.join(n).join("iommu_group")).unwrap();
+        assert_eq!(
+            group_members(&devices, &link, n),
+            ["0000:00:05.1 (e1000e)", "0000:00:05.2 (no driver)"]
+        );
     }
 }

@@ -445,6 +445,19 @@ impl Vm {
             .map_err(kvm_err("KVM_IRQFD"))
     }
 
+    /// A level-triggered irqfd: a write to `fd` asserts `gsi` until the guest's EOI, which
+    /// deasserts it and signals `resample` (a passed-through function's INTx).
+    pub fn register_irqfd_with_resample(
+        &self,
+        fd: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<()> {
+        self.fd
+            .register_irqfd_with_resample(fd, resample, gsi)
+            .map_err(kvm_err("KVM_IRQFD (resample)"))
+    }
+
     /// Undoes [`Vm::register_irqfd`] (same fd and GSI).
     pub fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
         self.fd

@@ -92,6 +92,17 @@ pub trait InterruptSink: Send + Sync {
         let _ = vector;
         None
     }
+    /// Makes `trigger` assert the function's INTx line until the guest's EOI, which
+    /// deasserts it and signals `resample` (a passed-through device's INTx, without rhyve
+    /// in the path). False: the sink cannot.
+    fn intx_irqfd(
+        &self,
+        trigger: &vmm_sys_util::eventfd::EventFd,
+        resample: &vmm_sys_util::eventfd::EventFd,
+    ) -> bool {
+        let _ = (trigger, resample);
+        false
+    }
 }
 
 /// A PCI function; its [`Lifecycle`] is how the VMM pauses it and reads its counters.

@@ -44,6 +44,8 @@ echo "L2-PT-READ-MD5=$got"
 echo "L2-PT-IRQ-MODE=$(cat "$dev"/msi_irqs/* 2>/dev/null | sort -u | tr '\n' ' ')"
 grep virtio /proc/interrupts | sed 's/^ */L2-IRQ /'
 echo "L2-PT-REQ-IRQS=$(grep -E 'virtio[0-9]+-req' /proc/interrupts | awk '{ s += $2 } END { print s + 0 }')"
+# With pci=nomsi: one INTx line (IO-APIC, level) shared by config changes and the queue.
+echo "L2-PT-INTX-IRQS=$(grep -E 'IO-APIC.*virtio[0-9]+$' /proc/interrupts | awk '{ s += $2 } END { print s + 0 }')"
 echo "L2-INIT-REACHED"
 reboot -f
 sleep 10
