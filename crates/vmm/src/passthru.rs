@@ -14,9 +14,12 @@
 //! slot's GSI, and KVM's resample eventfd (the guest's EOI) is VFIO's unmask. VFIO allows one
 //! of INTx and MSI-X at a time: INTx is off while the guest has MSI-X enabled.
 //!
-//! Not yet: plain MSI (the MSI capability is unlinked: the guest uses MSI-X or INTx), masking
-//! an MSI-X vector while its interrupt stays routed, extended (PCIe) config space, the
-//! expansion ROM, snapshots.
+//! Plain MSI is rhyve's one-vector capability (in the device's place in the list): once the
+//! guest enables it, its message gets a GSI and irqfd as an MSI-X vector would, and that
+//! eventfd is VFIO's MSI trigger. VFIO has one of INTx, MSI and MSI-X on at a time.
+//!
+//! Not yet: multi-message MSI, masking a vector while its interrupt stays routed, extended
+//! (PCIe) config space, the expansion ROM, snapshots.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -24,11 +27,13 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use devices::lifecycle::Lifecycle;
 use devices::pci::config::{
-    CAPABILITIES_PTR, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_VENDOR, COMMAND, NUM_BARS,
+    CAPABILITIES_PTR, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_VENDOR, COMMAND, MSI_CAP_LEN, NUM_BARS,
 };
+use devices::pci::msi::MsiRegs;
 use devices::pci::{BarKind, BarSpec, InterruptSink, MsixTable, PciConfig, PciDevice};
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmmapi::vfio::{RegionMapping, VfioDevice};
@@ -113,6 +118,8 @@ pub struct Passthru {
     sink: Arc<dyn InterruptSink>,
     bars: [Option<Bar>; NUM_BARS],
     msix: Option<Msix>,
+    /// The message VFIO's MSI trigger raises (None: MSI off at the device).
+    msi_given: Option<(u64, u32)>,
     intx: Option<Intx>,
     /// The real command register's bits rhyve keeps (not the guest's to change).
     command_fixed: u16,
@@ -204,7 +211,12 @@ impl Passthru {
             });
             i += if kind == BarKind::Mem64 { 2 } else { 1 };
         }
-        let msix = copy_capabilities(&raw, &mut config, name)?;
+        let msix = copy_capabilities(
+            &raw,
+            &mut config,
+            name,
+            dev.irq_count(VFIO_PCI_MSI_IRQ_INDEX),
+        )?;
         // BARs that can be mapped straight into the guest: memory, mmap-able, not the MSI-X
         // table's or PBA's.
         for (i, bar) in bars.iter_mut().enumerate() {
@@ -251,6 +263,7 @@ impl Passthru {
             sink,
             bars,
             msix,
+            msi_given: None,
             intx,
             command_fixed,
         })
@@ -258,7 +271,8 @@ impl Passthru {
 
     /// INTx on at the device unless MSI-X is: routed to KVM on first use.
     fn sync_intx(&mut self) {
-        let msix_on = self.msix.as_ref().is_some_and(|m| m.given.is_some());
+        let msix_on =
+            self.msix.as_ref().is_some_and(|m| m.given.is_some()) || self.msi_given.is_some();
         let Some(i) = &mut self.intx else { return };
         if !i.routed {
             i.routed = self.sink.intx_irqfd(&i.trigger, &i.resample);
@@ -293,7 +307,10 @@ impl Passthru {
             }
             return;
         }
-        // VFIO has one of INTx and MSI-X at a time.
+        // VFIO has one of INTx, MSI and MSI-X at a time (the guest enables one).
+        if self.msi_given.take().is_some() {
+            let _ = self.dev.disable_irqs(VFIO_PCI_MSI_IRQ_INDEX);
+        }
         if let Some(i) = self.intx.as_mut().filter(|i| i.on) {
             if let Err(e) = self.dev.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX) {
                 log::warn!("passthru: {e}");
@@ -309,6 +326,40 @@ impl Passthru {
         }
         match self.dev.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 0, &fds) {
             Ok(()) => m.given = Some(fds),
+            Err(e) => log::warn!("passthru: {e}"),
+        }
+    }
+
+    /// MSI as the guest has it: on (with its message routed to a GSI whose irqfd is VFIO's
+    /// trigger) or off.
+    fn sync_msi(&mut self) {
+        let Some(cap) = self.config.msi() else { return };
+        let regs = MsiRegs::read(&self.config, cap);
+        let msix_on = self.msix.as_ref().is_some_and(|m| m.given.is_some());
+        if !regs.enabled || msix_on {
+            if self.msi_given.take().is_some() {
+                if let Err(e) = self.dev.disable_irqs(VFIO_PCI_MSI_IRQ_INDEX) {
+                    log::warn!("passthru: {e}");
+                }
+            }
+            return;
+        }
+        let msg = (regs.addr, regs.data);
+        if self.msi_given == Some(msg) {
+            return;
+        }
+        // The sink's vector 0: MSI and MSI-X are never on together.
+        self.sink.msix_route(0, msg.0, msg.1);
+        let Some(fd) = self.sink.msix_irqfd(0) else {
+            log::warn!("passthru {}: no irqfd for its MSI message", self.dev.name());
+            return;
+        };
+        if let Some(i) = self.intx.as_mut().filter(|i| i.on) {
+            let _ = self.dev.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX);
+            i.on = false;
+        }
+        match self.dev.set_irq_eventfds(VFIO_PCI_MSI_IRQ_INDEX, 0, &[fd]) {
+            Ok(()) => self.msi_given = Some(msg),
             Err(e) => log::warn!("passthru: {e}"),
         }
     }
@@ -330,9 +381,15 @@ impl Passthru {
 }
 
 /// Copies the device's capability list into `config` in its order: MSI-X emulated (with
-/// the device's table and PBA places), MSI left out, every other capability as read-only
-/// bytes. Returns the MSI-X state if the device has it.
-fn copy_capabilities(raw: &[u8], config: &mut PciConfig, name: &str) -> Result<Option<Msix>> {
+/// the device's table and PBA places), MSI as rhyve's one-vector capability (when VFIO has
+/// an MSI vector), every other capability as read-only bytes. Returns the MSI-X state if the
+/// device has it.
+fn copy_capabilities(
+    raw: &[u8],
+    config: &mut PciConfig,
+    name: &str,
+    msi_vectors: u32,
+) -> Result<Option<Msix>> {
     // Offsets in list order, guarding against loops.
     let mut offsets = Vec::new();
     let mut at = usize::from(cfg_u8(raw, CAPABILITIES_PTR as usize) & !3);
@@ -356,7 +413,14 @@ fn copy_capabilities(raw: &[u8], config: &mut PciConfig, name: &str) -> Result<O
         }
         .min(room);
         match id {
-            CAP_ID_MSI => log::info!("passthru {name}: MSI is not offered to the guest (MSI-X is)"),
+            CAP_ID_MSI if msi_vectors == 0 => {
+                log::info!("passthru {name}: MSI left out (VFIO offers no MSI vector)");
+            }
+            CAP_ID_MSI => {
+                if config.add_msi_capability().is_none() {
+                    log::warn!("passthru {name}: MSI left out (no room)");
+                }
+            }
             CAP_ID_MSIX => {
                 let vectors = (cfg_u16(raw, off + 2) & 0x7ff) + 1;
                 let table = cfg_u32(raw, off + 4);
@@ -403,6 +467,9 @@ impl Drop for Passthru {
         }
         if self.intx.as_ref().is_some_and(|i| i.on) {
             let _ = self.dev.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX);
+        }
+        if self.msi_given.is_some() {
+            let _ = self.dev.disable_irqs(VFIO_PCI_MSI_IRQ_INDEX);
         }
     }
 }
@@ -496,6 +563,11 @@ impl PciDevice for Passthru {
         if offset < COMMAND + 2 && end > COMMAND {
             self.sync_command();
         }
+        if let Some(cap) = self.config.msi() {
+            if offset < cap.offset + MSI_CAP_LEN && end > cap.offset {
+                self.sync_msi();
+            }
+        }
         self.sync_intx();
         let Some(cap) = self.config.msix() else {
             return;
@@ -534,7 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn capabilities_are_copied_with_msix_emulated_and_msi_left_out() {
+    fn capabilities_are_copied_with_msi_and_msix_emulated() {
         let mut raw = [0u8; 256];
         raw[0x34] = 0x40;
         // PM at 0x40 → MSI at 0x48 → vendor (len 16) at 0x60 → MSI-X at 0x70 → end.
@@ -553,29 +625,44 @@ mod tests {
             prefetchable: false,
         };
         assert!(config.add_bar(1, spec));
-        let m = copy_capabilities(&raw, &mut config, "t").unwrap().unwrap();
+        let mut without_msi = config.clone();
+        let m = copy_capabilities(&raw, &mut config, "t", 1)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (m.table_bar, m.table_offset, m.pba_bar, m.pba_offset),
             (1, 0x1000, 1, 0x1800)
         );
         assert_eq!(m.table.vectors(), 4);
-        // The guest's list: PM, vendor (its 16 bytes), MSI-X; no MSI.
-        let mut ids = Vec::new();
-        let mut at = config.read_u8(CAPABILITIES_PTR);
-        while at != 0 {
-            ids.push(config.read_u8(u16::from(at)));
-            if config.read_u8(u16::from(at)) == CAP_ID_VENDOR {
-                assert_eq!(config.read_u8(u16::from(at) + 2), 16);
-                assert_eq!(config.read_u8(u16::from(at) + 15), 7);
+        // The guest's list: PM, rhyve's MSI, vendor (its 16 bytes), MSI-X.
+        let ids = |config: &PciConfig| {
+            let mut ids = Vec::new();
+            let mut at = config.read_u8(CAPABILITIES_PTR);
+            while at != 0 {
+                ids.push(config.read_u8(u16::from(at)));
+                if config.read_u8(u16::from(at)) == CAP_ID_VENDOR {
+                    assert_eq!(config.read_u8(u16::from(at) + 2), 16);
+                    assert_eq!(config.read_u8(u16::from(at) + 15), 7);
+                }
+                at = config.read_u8(u16::from(at) + 1);
             }
-            at = config.read_u8(u16::from(at) + 1);
-        }
-        assert_eq!(ids, [CAP_ID_PM, CAP_ID_VENDOR, CAP_ID_MSIX]);
+            ids
+        };
+        assert_eq!(
+            ids(&config),
+            [CAP_ID_PM, CAP_ID_MSI, CAP_ID_VENDOR, CAP_ID_MSIX]
+        );
+        assert!(config.msi().is_some());
+        // Without an MSI vector at VFIO, no MSI for the guest.
+        copy_capabilities(&raw, &mut without_msi, "t", 0).unwrap();
+        assert_eq!(ids(&without_msi), [CAP_ID_PM, CAP_ID_VENDOR, CAP_ID_MSIX]);
         // A looping list ends.
         let mut looping = [0u8; 256];
         looping[0x34] = 0x40;
         looping[0x40..0x42].copy_from_slice(&[CAP_ID_PM, 0x40]);
         let mut c = PciConfig::new(1, 2, (0, 0, 0), 0);
-        assert!(copy_capabilities(&looping, &mut c, "t").unwrap().is_none());
+        assert!(copy_capabilities(&looping, &mut c, "t", 0)
+            .unwrap()
+            .is_none());
     }
 }
