@@ -13,8 +13,12 @@
 # loop moves 1 KiB per system call: under TCG that, not the VMM, would be measured); the
 # receiver times from accept to EOF and prints `NET-BENCH <name> us=N bytes=N rc=N`.
 # Results: TESTBED: net-* lines (L1), L2-* lines (L2), NET-BENCH (both).
+# scenarios/passthru-net uses the same exchange without a tap: L1's own NIC (NET_TAP=its
+# interface), 10.0.3.1 and 10.0.3.2 (set NET_TAP, NET_L1, NET_L2 before sourcing this file,
+# then call net_run; L2 learns the addresses from its command line, net_l1= and net_l2=).
 
-NET_TAP=tap0 NET_L1=10.0.2.1 NET_L2=10.0.2.2
+: "${NET_TAP:=tap0}" "${NET_L1:=10.0.2.1}" "${NET_L2:=10.0.2.2}"
+export NET_TAP NET_L1 NET_L2
 
 # net_enter_netns SCRIPT: re-run SCRIPT (sourced, as the harness does) in a new network
 # namespace; returns only inside it.
@@ -127,18 +131,27 @@ net_peer() {
     testbed_say "net-peer=done"
 }
 
-# net_scenario MODE MIB TIMEOUT: the whole L1 side: tap, peer in the background (own process
-# group), the VMM booting L2 with init.sh's parameters, then the peer is waited for (10 s) or
-# killed.
+# net_scenario MODE MIB TIMEOUT: the whole L1 side: tap, then net_run with one virtio-net
+# device on it.
 net_scenario() {
-    local mode="$1" mib="$2" tmo="$3" peer i
     net_tap || return 1
+    # shellcheck disable=SC2046
+    net_run "$1" "$2" "$3" $(net_vmm_args)
+}
+
+# net_run MODE MIB TIMEOUT [VMM args...]: peer in the background (own process group), the VMM
+# booting L2 with init.sh's parameters (and the VMM args), then the peer is waited for (10 s)
+# or killed. Returns the VMM's exit status.
+net_run() {
+    local mode="$1" mib="$2" tmo="$3" peer i rc
+    shift 3
     setsid sh -c '. /testbed/testbed.sh; . /testbed/net.sh; net_peer "$@"' peer "$mode" "$mib" \
         </dev/null &
     peer=$!
-    # shellcheck disable=SC2046
-    testbed_boot --kernel "$L2_VMLINUX" --append "console=ttyS0 quiet net_mode=$mode net_mib=$mib" \
-        --marker L2-INIT-REACHED --timeout "$tmo" -- $(net_vmm_args)
+    testbed_boot --kernel "$L2_VMLINUX" \
+        --append "console=ttyS0 quiet net_mode=$mode net_mib=$mib net_l1=$NET_L1 net_l2=$NET_L2" \
+        --marker L2-INIT-REACHED --timeout "$tmo" -- "$@"
+    rc=$?
     i=0
     while kill -0 "$peer" 2>/dev/null && [ $i -lt 40 ]; do
         sleep 0.25; i=$((i + 1))
@@ -149,4 +162,5 @@ net_scenario() {
     fi
     wait "$peer" 2>/dev/null
     net_stats .end
+    return "$rc"
 }

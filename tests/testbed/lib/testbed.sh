@@ -4,8 +4,11 @@
 #   TESTBED_VMM        rhyve | qemu
 #   TESTBED_VMM_BIN    the VMM binary inside L1
 #   TESTBED_SCENARIO   scenario name
-#   TESTBED_PT_BDF TESTBED_PT_BSF PT_IMAGE   with l1-iommu: the passthrough disk (0000:00:05.0,
-#                      0/5/0, its image path on the host)
+#   TESTBED_PT_BDF TESTBED_PT_BSF TESTBED_PT_DEVICE   with l1-iommu: the function to pass
+#                      through (0000:00:05.0, 0/5/0, virtio-blk|virtio-net)
+#   PT_IMAGE           virtio-blk: its image path on the host
+#   TESTBED_PT_MAC TESTBED_L1_NIC_BDF TESTBED_L1_NIC_MAC   virtio-net: its MAC, and L1's own
+#                      NIC on the same QEMU hub (0000:00:06.0; see testbed_l1_nic)
 #   L2_VMLINUZ L2_VMLINUX L2_INITRD L2_KERNEL_VERSION
 #
 # Lines starting with "TESTBED: " are results the harness and bench/ read; L2's serial output
@@ -209,4 +212,48 @@ testbed_vfio_bind() {
     testbed_say "vfio-bind=ok group=$group"
     testbed_say "vfio-group-devices=$(ls "$dev/iommu_group/devices" | tr '\n' ' ')"
     ls -l /dev/vfio
+}
+
+# testbed_l1_nic ADDR/PREFIX   (l1-iommu with pt-device=virtio-net)
+# L1's own NIC, TESTBED_L1_NIC_BDF: a virtio-net-pci on the same QEMU hub as the function to
+# pass through (TESTBED_PT_BDF) and nothing else. Claims the pass-through function for vfio-pci
+# first (driver_override, so that virtio_pci never binds it), loads virtio's modules from
+# /lib/modules/testbed, gives the NIC's interface ADDR/PREFIX, brings it up and waits for its
+# carrier. Sets TESTBED_L1_NIC (the interface name) and prints
+#   TESTBED: l1-nic=IF bdf=BDF mac=MAC driver=DRV addr=ADDR/PREFIX carrier=N
+#   TESTBED: l1-nic-pt-driver=DRV   (the pass-through function's: vfio-pci, or none)
+# Returns 0 when the interface is up with carrier and virtio_pci did not take the function.
+testbed_l1_nic() {
+    local addr="$1" nic="/sys/bus/pci/devices/$TESTBED_L1_NIC_BDF" pt m i ifdir drv ptdrv
+    pt="/sys/bus/pci/devices/$TESTBED_PT_BDF"
+    [ -e "$pt/driver_override" ] && [ ! -e "$pt/driver" ] && echo vfio-pci >"$pt/driver_override"
+    for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
+             failover net_failover virtio_net; do
+        [ -d "/sys/module/$m" ] && continue
+        insmod "/lib/modules/testbed/$m.ko" ||
+            { testbed_say "l1-nic=fail reason=insmod-$m"; return 1; }
+    done
+    ptdrv=$( [ -e "$pt/driver" ] && basename "$(readlink "$pt/driver")")
+    testbed_say "l1-nic-pt-driver=${ptdrv:-none}"
+    i=0
+    while ! ifdir=$(ls -d "$nic"/virtio*/net/* 2>/dev/null) && [ $i -lt 50 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    if [ -z "$ifdir" ]; then
+        testbed_say "l1-nic=fail reason=no-interface bdf=$TESTBED_L1_NIC_BDF"
+        ls /sys/class/net
+        dmesg | grep -iE 'virtio|eth' | tail -n 20
+        return 1
+    fi
+    TESTBED_L1_NIC=${ifdir##*/}
+    drv=$( [ -e "$nic/driver" ] && basename "$(readlink "$nic/driver")")
+    ip link set lo up
+    ip addr add "$addr" dev "$TESTBED_L1_NIC"
+    ip link set "$TESTBED_L1_NIC" up
+    i=0
+    while [ "$(cat "$ifdir/carrier" 2>/dev/null)" != 1 ] && [ $i -lt 50 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    testbed_say "l1-nic=$TESTBED_L1_NIC bdf=$TESTBED_L1_NIC_BDF mac=$(cat "$ifdir/address") driver=${drv:-none} addr=$addr carrier=$(cat "$ifdir/carrier" 2>/dev/null)"
+    [ "$(cat "$ifdir/carrier" 2>/dev/null)" = 1 ] && [ "$ptdrv" != virtio-pci ]
 }

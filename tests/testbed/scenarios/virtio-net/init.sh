@@ -7,7 +7,8 @@
 # Kernel command line: net_mode=check (default; NET_MIB MiB of a known pattern each way, md5
 # compared by the receiver against the pattern it regenerates) or net_mode=bench (zeros through
 # `nc -e dd`, 64 KiB per system call, timed by the receiver from accept to EOF:
-# `NET-BENCH <name> us=N bytes=N rc=0`); net_mib=N (default 8).
+# `NET-BENCH <name> us=N bytes=N rc=0`); net_mib=N (default 8); net_l1=ADDR, net_l2=ADDR
+# (defaults 10.0.2.1 and 10.0.2.2, /24; passthru-net, which links this file, uses 10.0.3.x).
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -15,15 +16,16 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
          failover net_failover virtio_net; do
     insmod /lib/modules/$m.ko || echo "L2-INSMOD-FAILED $m"
 done
-mode=check mib=8
+mode=check mib=8 L1=10.0.2.1 L2=10.0.2.2
 for w in $(cat /proc/cmdline); do
     case "$w" in
         net_mode=*) mode=${w#net_mode=} ;;
         net_mib=*) mib=${w#net_mib=} ;;
+        net_l1=*) L1=${w#net_l1=} ;;
+        net_l2=*) L2=${w#net_l2=} ;;
     esac
 done
 bytes=$((mib << 20)) failed=""
-L1=10.0.2.1
 # ns clock (/proc/timer_list "now at"), /proc/uptime (10 ms) if that is missing
 now_us() {
     ns=$(sed -n 's/^now at \([0-9]*\) nsecs.*/\1/p' /proc/timer_list 2>/dev/null | head -n 1)
@@ -65,8 +67,18 @@ if [ ! -d /sys/class/net/eth0 ]; then
 fi
 echo "L2-ETH0 driver=$(basename "$(readlink /sys/class/net/eth0/device/driver)") mac=$(cat /sys/class/net/eth0/address) mtu=$(cat /sys/class/net/eth0/mtu)"
 echo "L2-ETH0-FEATURES $(cat /sys/class/net/eth0/device/features)"
+# The PCI function under the virtio device, and how it interrupts (msix per vector, or none:
+# INTx); the vectors' names are virtioN-input.0, virtioN-output.0, virtioN-config.
+vdev=$(basename "$(readlink -f /sys/class/net/eth0/device)")
+pci=$(dirname "$(readlink -f /sys/class/net/eth0/device)")
+echo "L2-ETH0-PCI=${pci##*/} id=$(sed 's/^0x//' "$pci/vendor"):$(sed 's/^0x//' "$pci/device") irq-mode=$(cat "$pci"/msi_irqs/* 2>/dev/null | sort -u | tr '\n' ' ')"
+# interrupt count of one of the device's vectors (all CPUs)
+irqs() {
+    grep -E " $vdev-$1\$" /proc/interrupts |
+        awk '{ for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } END { print s + 0 }'
+}
 ip link set lo up
-ip addr add 10.0.2.2/24 dev eth0
+ip addr add "$L2/24" dev eth0
 ip link set eth0 up
 # The link is up once virtio_net reports carrier (VIRTIO_NET_S_LINK_UP, or no STATUS feature)
 # and the stack took note (operstate, set asynchronously).
@@ -156,5 +168,6 @@ else
 fi
 stats
 grep -i virtio /proc/interrupts | sed 's/^/L2-IRQS /'
+echo "L2-NET-IRQS input=$(irqs input.0) output=$(irqs output.0) config=$(irqs config)"
 echo "L2-NET-DONE"
 finish
