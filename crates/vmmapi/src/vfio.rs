@@ -387,20 +387,36 @@ impl VfioDevice {
 
     /// Points interrupts `start..start + fds.len()` of `index` at these eventfds (-1: none).
     pub fn set_irq_eventfds(&self, index: u32, start: u32, fds: &[RawFd]) -> Result<()> {
+        let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        self.set_irqs(flags, index, start, fds, "")
+    }
+
+    /// `fd` is signalled to unmask interrupt `index` (INTx: VFIO masks the line when it
+    /// fires, the guest's EOI — KVM's resample eventfd — unmasks it).
+    pub fn set_irq_unmask_eventfd(&self, index: u32, fd: RawFd) -> Result<()> {
+        let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK;
+        self.set_irqs(flags, index, 0, &[fd], " (unmask)")
+    }
+
+    /// Turns every interrupt of `index` off.
+    pub fn disable_irqs(&self, index: u32) -> Result<()> {
+        let flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
+        self.set_irqs(flags, index, 0, &[], " (off)")
+    }
+
+    /// VFIO_DEVICE_SET_IRQS: a vfio_irq_set header, then one descriptor per interrupt.
+    fn set_irqs(
+        &self,
+        flags: u32,
+        index: u32,
+        start: u32,
+        fds: &[RawFd],
+        what: &str,
+    ) -> Result<()> {
         let head = std::mem::size_of::<vfio_irq_set>();
         let mut buf = vec![0u8; head + 4 * fds.len()];
-        let set = vfio_irq_set {
-            argsz: buf.len() as u32,
-            flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            start,
-            count: fds.len() as u32,
-            data: Default::default(),
-        };
-        for (i, v) in [set.argsz, set.flags, set.index, set.start, set.count]
-            .iter()
-            .enumerate()
-        {
+        let fields = [buf.len() as u32, flags, index, start, fds.len() as u32];
+        for (i, v) in fields.iter().enumerate() {
             buf[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
         }
         for (i, fd) in fds.iter().enumerate() {
@@ -415,57 +431,7 @@ impl VfioDevice {
             )
         }
         .map(drop)
-        .map_err(|e| Error::Vfio(format!("{}: VFIO_DEVICE_SET_IRQS: {e}", self.name)))
-    }
-
-    /// `fd` is signalled to unmask interrupt `index` (INTx: VFIO masks the line when it
-    /// fires, the guest's EOI — KVM's resample eventfd — unmasks it).
-    pub fn set_irq_unmask_eventfd(&self, index: u32, fd: RawFd) -> Result<()> {
-        let head = std::mem::size_of::<vfio_irq_set>();
-        let mut buf = vec![0u8; head + 4];
-        let fields = [
-            buf.len() as u32,
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
-            index,
-            0,
-            1,
-        ];
-        for (i, v) in fields.iter().enumerate() {
-            buf[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
-        }
-        buf[head..head + 4].copy_from_slice(&fd.to_ne_bytes());
-        // SAFETY: DEVICE_SET_IRQS reads argsz bytes: the header and one descriptor.
-        unsafe {
-            ioctl(
-                self.device.as_raw_fd(),
-                DEVICE_SET_IRQS,
-                buf.as_ptr() as libc::c_ulong,
-            )
-        }
-        .map(drop)
-        .map_err(|e| Error::Vfio(format!("{}: VFIO_DEVICE_SET_IRQS (unmask): {e}", self.name)))
-    }
-
-    /// Turns every interrupt of `index` off.
-    pub fn disable_irqs(&self, index: u32) -> Result<()> {
-        let set = vfio_irq_set {
-            argsz: std::mem::size_of::<vfio_irq_set>() as u32,
-            flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            start: 0,
-            count: 0,
-            data: Default::default(),
-        };
-        // SAFETY: DEVICE_SET_IRQS reads the header (count 0: no data).
-        unsafe {
-            ioctl(
-                self.device.as_raw_fd(),
-                DEVICE_SET_IRQS,
-                &set as *const _ as libc::c_ulong,
-            )
-        }
-        .map(drop)
-        .map_err(|e| Error::Vfio(format!("{}: VFIO_DEVICE_SET_IRQS: {e}", self.name)))
+        .map_err(|e| Error::Vfio(format!("{}: VFIO_DEVICE_SET_IRQS{what}: {e}", self.name)))
     }
 
     /// Resets the function (FLR or what VFIO has for it); false if it cannot be reset.
