@@ -119,3 +119,11 @@ fn stock_linux_survives_suspend_restore_checkpoint_kill_restore() {
 fn stock_linux_drives_a_passed_through_virtio_blk_function() {
     scenario("passthru-blk");
 }
+
+/// A passed-through NIC: L1's virtio-net function (on a QEMU hub shared only with L1's own
+/// NIC) given to L2 with `-s 4,passthru,0/5/0`; stock Linux's virtio_net pings L1 both ways and
+/// moves 4 MiB each way over TCP, md5-checked at both ends, over MSI-X.
+#[test]
+fn stock_linux_drives_a_passed_through_virtio_net_function() {
+    scenario("passthru-net");
+}
