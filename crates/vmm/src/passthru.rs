@@ -318,6 +318,10 @@ impl Passthru {
             i.on = false;
         }
         let Some(m) = &mut self.msix else { return };
+        if m.given.is_none() {
+            // MSI may have used the sink's vector 0 meanwhile.
+            m.table.reannounce(self.sink.as_ref());
+        }
         let fds: Vec<RawFd> = (0..m.table.vectors() as u16)
             .map(|v| self.sink.msix_irqfd(v).unwrap_or(-1))
             .collect();

@@ -181,6 +181,13 @@ impl MsixTable {
         self.deliver_unmasked_pending(sink);
     }
 
+    /// Announces every vector that can fire again, whatever the sink was told before (its
+    /// routes were reused meanwhile, e.g. for a passed-through function's MSI).
+    pub fn reannounce(&mut self, sink: &dyn InterruptSink) {
+        self.routed.iter_mut().for_each(|r| *r = None);
+        self.sync_routes(0..self.vectors(), sink);
+    }
+
     /// Guest read of the table at `offset` (relative to the table start).
     pub fn table_read(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
@@ -385,6 +392,22 @@ pub(crate) mod tests {
     fn control(c: &mut PciConfig, cap: u16, t: &mut MsixTable, ctl: u16, s: &Recorder) {
         c.write(u64::from(cap + 2), &ctl.to_le_bytes());
         t.control_written(c, s);
+    }
+
+    #[test]
+    fn reannounce_routes_every_vector_that_can_fire_again() {
+        use Event::Route;
+        let s = Recorder::default();
+        let (mut c, mut t, cap) = setup();
+        program(&mut t, 0, 0xfee0_0000, 0x41, &s);
+        program(&mut t, 1, 0xfee0_0000, 0x51, &s);
+        t.table_write(12, &[0, 0, 0, 0], &s); // vector 0 unmasked, vector 1 stays masked
+        control(&mut c, cap, &mut t, MSIX_ENABLE, &s);
+        assert_eq!(s.take_events(), [Route(0, 0xfee0_0000, 0x41)]);
+        control(&mut c, cap, &mut t, MSIX_ENABLE, &s);
+        assert_eq!(s.take_events(), [], "announced once");
+        t.reannounce(&s);
+        assert_eq!(s.take_events(), [Route(0, 0xfee0_0000, 0x41)]);
     }
 
     #[test]
