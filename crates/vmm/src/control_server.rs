@@ -469,13 +469,6 @@ fn checkpoint(req: &Map<String, Value>, vm: &VmHandles) -> Reply {
             Vec::new(),
         )
         .map_err(|e| e.to_string())?;
-    log::info!(
-        "snapshot {}: {} MiB of memory data, {} KiB of state, in {:.1} ms",
-        file.display(),
-        report.memory_bytes >> 20,
-        report.state_bytes >> 10,
-        report.duration.as_secs_f64() * 1e3
-    );
     let fields = obj(json!({
         "file": file.display().to_string(),
         "memory_bytes": report.memory_bytes,

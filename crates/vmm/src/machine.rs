@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use devices::pci::{root as pci_root, InterruptSink, PciRoot};
 use devices::threads::ThreadKind;
 use devices::{acpi_pm, i8042, pc_testdev, post, rtc, uart, Bus, BusDevice, StopReason, VmControl};
@@ -589,6 +589,14 @@ pub struct Machine {
     start: Instant,
 }
 
+/// Where a machine's guest comes from.
+enum StartFrom {
+    /// A kernel, what rhyveload loaded, or a boot ROM.
+    Boot(adopt::Boot),
+    /// A snapshot (`-r`), read and checked.
+    Snapshot(Box<Restore>),
+}
+
 /// What a snapshot of this machine must match.
 fn machine_info(
     vm: &Vm,
@@ -647,31 +655,21 @@ impl Machine {
         // Direct boot (--kernel) or what rhyveload loaded into the VM object: see adopt.rs.
         let phase = |what: &str| log::debug!("boot: {what} at {:.1} ms", ms_since(start));
         // A restore (-r): the snapshot is read and checked before anything is built.
-        let restore = cfg.restore.as_ref().map(Restore::open).transpose()?;
-        let mut boot = match restore {
-            Some(_) => None,
-            None => Some(adopt::Boot::prepare(&cfg)?),
+        let mut start_from = match &cfg.restore {
+            Some(files) => StartFrom::Snapshot(Box::new(Restore::open(files)?)),
+            None => StartFrom::Boot(adopt::Boot::prepare(&cfg)?),
         };
         let hv = Hypervisor::open()?;
-        let mut vm = match (&mut boot, &restore) {
-            (Some(boot), _) => boot.create_vm(&hv, &cfg)?,
-            (None, Some(r)) => {
-                if r.machine.regions != loader::layout::ram_regions(cfg.memory) {
-                    let m = r.machine.regions.iter().map(|r| r.1).sum();
-                    bail!(
-                        "-r {}: -m {}: the snapshot has {} of memory",
-                        r.file.display(),
-                        crate::memsize::show(cfg.memory),
-                        crate::memsize::show(m)
-                    );
-                }
+        let mut vm = match &mut start_from {
+            StartFrom::Boot(boot) => boot.create_vm(&hv, &cfg)?,
+            StartFrom::Snapshot(r) => {
+                r.check_memory(&loader::layout::ram_regions(cfg.memory))?;
                 let memory = vmmapi::MemoryOptions {
                     huge_pages: cfg.huge_pages,
                     wired: cfg.wired,
                 };
                 Vm::create_from_image(&hv, &cfg.name, &r.machine.regions, &memory, &r.image)?
             }
-            (None, None) => unreachable!("a boot or a restore"),
         };
         phase("VM and guest RAM created");
         let rom = match &cfg.bootrom {
@@ -712,22 +710,22 @@ impl Machine {
         // Devices first: the ACPI tables describe the devices that exist.
         let buses = build_buses(&vm, &cfg, rom.as_ref(), &control, start)?;
         phase("devices built");
-        if let Some(r) = &restore {
-            let vcpus = restore_devices(r, &vm, &cfg, &buses)?;
-            phase("state restored");
-            return Ok(Machine {
-                cfg,
-                vm,
-                _rom: rom,
-                buses,
-                entry: None,
-                restored_vcpus: Some(vcpus),
-                control,
-                start,
-            });
-        }
-        let Some(boot) = boot else {
-            bail!("nothing to boot");
+        let boot = match start_from {
+            StartFrom::Boot(boot) => boot,
+            StartFrom::Snapshot(r) => {
+                let vcpus = restore_devices(&r, &vm, &cfg, &buses)?;
+                phase("state restored");
+                return Ok(Machine {
+                    cfg,
+                    vm,
+                    _rom: rom,
+                    buses,
+                    entry: None,
+                    restored_vcpus: Some(vcpus),
+                    control,
+                    start,
+                });
+            }
         };
         // With a boot ROM the firmware builds the tables (ACPI from fw_cfg) and the vCPU
         // starts at the reset vector. Otherwise boot tables first: the loader hands the RSDP
@@ -791,13 +789,11 @@ impl Machine {
             control,
             start,
         } = self;
-        let snapshots = _rom.is_none();
         let result = run_vcpus(
             &vm,
             &cfg,
             entry.as_ref(),
             restored_vcpus,
-            snapshots,
             buses,
             &control,
             start,
@@ -895,7 +891,6 @@ fn run_vcpus(
     cfg: &VmConfig,
     entry: Option<&loader::EntryState>,
     restored_vcpus: Option<Vec<vmmapi::VcpuState>>,
-    snapshots: bool,
     buses: Buses,
     control: &Arc<VmControl>,
     start: Instant,
@@ -933,7 +928,7 @@ fn run_vcpus(
         .collect();
     let mut controller = VmController::new(ctls.clone(), Arc::new(buses.registry), control.clone());
     // A firmware boot's ROM, flash and fw_cfg are not saved yet: such a VM refuses.
-    if snapshots {
+    if cfg.bootrom.is_none() {
         controller = controller.with_snapshots(SnapshotParts {
             vm: vm.clone(),
             machine: info,

@@ -151,8 +151,7 @@ impl VmController {
         let result = crate::snapshot::checkpoint(parts, &self.vcpus, &self.devices, files, extra)
             .map_err(|e| ActionError::Snapshot(format!("{e:#}")));
         if was_running && !(suspend && result.is_ok()) {
-            self.devices.resume_all();
-            self.vcpus.iter().for_each(|v| v.resume());
+            self.resume_all();
             *state = VmState::Running;
         }
         result
@@ -174,12 +173,12 @@ impl VmController {
         }
     }
 
-    /// The vCPU threads exist but were asked to park before running guest code, and the
-    /// devices were left paused (a restore that waits for a resume).
+    /// The vCPU threads exist but were asked to park before running guest code
+    /// ([`VcpuCtl::request_pause`] before they started), and the devices were left paused
+    /// (a restore that waits for a resume).
     pub fn started_paused(&self) {
         let mut s = self.lock();
         if *s == VmState::Configured {
-            self.vcpus.iter().for_each(|v| v.request_pause());
             *s = VmState::Paused;
         }
     }
@@ -203,8 +202,7 @@ impl VmController {
                 *state = VmState::Paused;
             }
             Step::ResumeAll => {
-                self.devices.resume_all();
-                self.vcpus.iter().for_each(|v| v.resume());
+                self.resume_all();
                 *state = VmState::Running;
             }
             Step::Stop(reason) => return Ok((*state, Some(reason))),
@@ -225,6 +223,12 @@ impl VmController {
             VmState::Stopped => Err(ActionError::Stopping),
             _ => Err(ActionError::NotPaused),
         }
+    }
+
+    /// Devices first, then vCPUs (the reverse of a pause).
+    fn resume_all(&self) {
+        self.devices.resume_all();
+        self.vcpus.iter().for_each(|v| v.resume());
     }
 
     /// vCPUs first, then devices; on any failure everything runs again.

@@ -250,13 +250,8 @@ impl MachineInfo {
                 self.cpus, saved.cpus
             ));
         }
-        if saved.regions != self.regions {
-            let size = |r: &[(u64, u64)]| crate::memsize::show(r.iter().map(|r| r.1).sum());
-            return Some(format!(
-                "-m {}: the snapshot has {} of memory",
-                size(&self.regions),
-                size(&saved.regions)
-            ));
+        if let Some(why) = memory_mismatch(&self.regions, &saved.regions) {
+            return Some(why);
         }
         if saved.pci != self.pci {
             return Some(format!(
@@ -300,6 +295,19 @@ impl MachineInfo {
         }
         None
     }
+}
+
+/// Why RAM laid out as `here` cannot take a snapshot of `saved`'s (None: it can).
+fn memory_mismatch(here: &[(u64, u64)], saved: &[(u64, u64)]) -> Option<String> {
+    if here == saved {
+        return None;
+    }
+    let size = |r: &[(u64, u64)]| crate::memsize::show(r.iter().map(|r| r.1).sum());
+    Some(format!(
+        "-m {}: the snapshot has {} of memory",
+        size(here),
+        size(saved)
+    ))
 }
 
 /// A device outside PCI whose state a snapshot holds.
@@ -390,11 +398,22 @@ pub fn checkpoint(
         Ok(memory_bytes)
     };
     match write() {
-        Ok(memory_bytes) => Ok(CheckpointReport {
-            memory_bytes,
-            state_bytes: state.len() as u64,
-            duration: started.elapsed(),
-        }),
+        Ok(memory_bytes) => {
+            let report = CheckpointReport {
+                memory_bytes,
+                state_bytes: state.len() as u64,
+                duration: started.elapsed(),
+            };
+            log::info!(
+                "snapshot {} + {}: {} MiB of memory data, {} KiB of state, in {:.1} ms",
+                file.display(),
+                kern.display(),
+                report.memory_bytes >> 20,
+                report.state_bytes >> 10,
+                report.duration.as_secs_f64() * 1e3
+            );
+            Ok(report)
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&mem_tmp);
             let _ = std::fs::remove_file(&kern_tmp);
@@ -458,6 +477,15 @@ impl Restore {
             .section(name)
             .map_err(|e| anyhow!("{}: {e}", kern.display()))?;
         decode(bytes).map_err(|e| anyhow!("{}: {name}: {e}", kern.display()))
+    }
+
+    /// Refuses guest RAM laid out as `regions` when the snapshot's is another (checked before
+    /// the image is mapped).
+    pub fn check_memory(&self, regions: &[(u64, u64)]) -> Result<()> {
+        match memory_mismatch(regions, &self.machine.regions) {
+            Some(why) => bail!("-r {}: {why}", self.file.display()),
+            None => Ok(()),
+        }
     }
 
     /// Refuses a machine the snapshot does not fit.
