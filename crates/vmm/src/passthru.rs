@@ -110,6 +110,31 @@ struct Intx {
 /// mastering, INTx disable (which VFIO virtualises).
 const COMMAND_GUEST: u16 = 0x7 | (1 << 10);
 
+/// Where an access inside the MSI-X table's or PBA's BAR lands.
+enum MsixPart {
+    /// At this offset in the table.
+    Table(u64),
+    /// At this offset in the PBA.
+    Pba(u64),
+}
+
+impl Msix {
+    /// The table or PBA an access of `len` bytes at `offset` in BAR `bar` falls in wholly.
+    fn part(&self, bar: usize, offset: u64, len: usize) -> Option<MsixPart> {
+        let end = offset.checked_add(len as u64)?;
+        let inside = |b: usize, start: u64, size: u64| {
+            bar == b && offset >= start && end <= start.saturating_add(size)
+        };
+        if inside(self.table_bar, self.table_offset, self.table.table_len()) {
+            Some(MsixPart::Table(offset - self.table_offset))
+        } else if inside(self.pba_bar, self.pba_offset, self.table.pba_len()) {
+            Some(MsixPart::Pba(offset - self.pba_offset))
+        } else {
+            None
+        }
+    }
+}
+
 /// A passed-through host function.
 pub struct Passthru {
     config: PciConfig,
@@ -492,14 +517,10 @@ impl PciDevice for Passthru {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         if let Some(m) = &self.msix {
-            let len = data.len() as u64;
-            let table_end = m.table_offset + m.table.table_len();
-            if bar == m.table_bar && offset >= m.table_offset && offset + len <= table_end {
-                return m.table.table_read(offset - m.table_offset, data);
-            }
-            let pba_end = m.pba_offset + m.table.pba_len();
-            if bar == m.pba_bar && offset >= m.pba_offset && offset + len <= pba_end {
-                return m.table.pba_read(offset - m.pba_offset, data);
+            match m.part(bar, offset, data.len()) {
+                Some(MsixPart::Table(o)) => return m.table.table_read(o, data),
+                Some(MsixPart::Pba(o)) => return m.table.pba_read(o, data),
+                None => {}
             }
         }
         let Some(b) = self.bars.get(bar).and_then(|b| b.as_ref()) else {
@@ -512,16 +533,13 @@ impl PciDevice for Passthru {
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         if let Some(m) = &mut self.msix {
-            let len = data.len() as u64;
-            let table_end = m.table_offset + m.table.table_len();
-            if bar == m.table_bar && offset >= m.table_offset && offset + len <= table_end {
-                m.table
-                    .table_write(offset - m.table_offset, data, self.sink.as_ref());
-                return self.sync_msix();
-            }
-            let pba_end = m.pba_offset + m.table.pba_len();
-            if bar == m.pba_bar && offset >= m.pba_offset && offset + len <= pba_end {
-                return; // read-only
+            match m.part(bar, offset, data.len()) {
+                Some(MsixPart::Table(o)) => {
+                    m.table.table_write(o, data, self.sink.as_ref());
+                    return self.sync_msix();
+                }
+                Some(MsixPart::Pba(_)) => return, // read-only
+                None => {}
             }
         }
         if let Some(b) = self.bars.get(bar).and_then(|b| b.as_ref()) {
@@ -607,6 +625,25 @@ mod tests {
         ] {
             assert!(host_function(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn accesses_land_in_the_msix_table_or_pba_only_when_wholly_inside() {
+        let m = Msix {
+            table: MsixTable::new(4),
+            table_bar: 1,
+            table_offset: 0x1000,
+            pba_bar: 1,
+            pba_offset: 0x1800,
+            given: None,
+        };
+        assert!(matches!(m.part(1, 0x1000, 4), Some(MsixPart::Table(0))));
+        assert!(matches!(m.part(1, 0x103c, 4), Some(MsixPart::Table(0x3c))));
+        assert!(m.part(1, 0x103e, 4).is_none(), "straddles the table's end");
+        assert!(matches!(m.part(1, 0x1800, 8), Some(MsixPart::Pba(0))));
+        assert!(m.part(0, 0x1000, 4).is_none(), "another BAR");
+        assert!(m.part(1, 0x0ffc, 4).is_none());
+        assert!(m.part(1, u64::MAX - 1, 4).is_none());
     }
 
     #[test]
